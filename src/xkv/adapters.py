@@ -1,0 +1,93 @@
+"""What xkv needs to know about a model's attention, per architecture: layer count, KV shape and RoPE module.
+
+Architectures are listed by ``config.model_type``. Each one listed here applies RoPE to keys before
+``Cache.update`` (so keys are un-rotated for factoring and rotated again when rebuilt) and uses full attention in
+every layer. Architectures with sliding-window layers (Gemma 2/3), a fused latent (DeepSeek MLA) or no entry here
+raise :class:`NotImplementedError` until they have an adapter (ROADMAP, item 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: model_type -> attribute path of the rotary module from the model's base (``model.model``).
+_ROTARY_PATHS: dict[str, str] = {
+    "llama": "rotary_emb",
+    "mistral": "rotary_emb",
+    "qwen2": "rotary_emb",
+    "qwen3": "rotary_emb",
+}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ROTARY_PATHS))
+
+
+@dataclass
+class ModelSpec:
+    """The attention geometry of a decoder-only model.
+
+    Attributes:
+        model_type: ``config.model_type``.
+        num_layers: decoder layers.
+        num_kv_heads: key/value heads per layer.
+        head_dim: features per head.
+        rotary_emb: the module producing RoPE cos/sin from ``(x, position_ids)``; ``None`` if keys carry no RoPE.
+    """
+
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_emb: nn.Module | None
+
+    @property
+    def kv_dim(self) -> int:
+        """D, features of one layer's keys (or values) per token: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+
+def describe_model(model: nn.Module) -> ModelSpec:
+    """Read a transformers causal LM's attention geometry.
+
+    Args:
+        model: e.g. a ``LlamaForCausalLM``.
+
+    Raises:
+        NotImplementedError: for an architecture without an adapter; the message lists the supported ones.
+        ValueError: if the model lacks the attributes its architecture should have.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"expected a transformers model with a `config`, got {type(model).__name__}")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in _ROTARY_PATHS:
+        raise NotImplementedError(
+            f"xkv has no adapter for model_type {model_type!r} yet; supported: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
+        layer_types = getattr(text_config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(
+                f"{model_type} with sliding-window layers is not supported yet: layer_types={sorted(set(layer_types))}"
+            )
+    base = getattr(model, "model", model)
+    rotary = getattr(base, _ROTARY_PATHS[model_type], None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no rotary module at `.model.{_ROTARY_PATHS[model_type]}`")
+    num_heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    return ModelSpec(
+        model_type=model_type,
+        num_layers=text_config.num_hidden_layers,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rotary_emb=rotary,
+    )
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's parameters (the dtype of its KV-cache)."""
+    return next(model.parameters()).dtype

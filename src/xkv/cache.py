@@ -1,0 +1,569 @@
+"""``XKVCache``: a transformers ``Cache`` that stores the cross-layer SVD factors of the context (xKV).
+
+Life of a compressed layer group (G layers):
+
+* **Prefill** (the first ``update`` of each layer): the layer's keys are un-rotated to pre-RoPE and held with its
+  values until the last layer of the group has run; the exact states are returned, so the prefill attention itself is
+  exact (as in the paper). Then the group is factored (:func:`xkv.factorization.cross_layer_svd`) and the dense
+  tensors are dropped: with contiguous groups at most one group is dense at a time.
+* **Decode / later turns** (every later ``update``): new tokens go to an exact tail per layer; attention gets the
+  prefix rebuilt from the factors (RoPE re-applied) followed by the tail. The rebuilt prefix is a transient of one
+  layer, never kept between calls. The tail is never folded back into the factors; a long generation grows it.
+
+Layers outside ``[first_layer, last_layer]`` use transformers' ``DynamicLayer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+from xkv.adapters import ModelSpec, describe_model
+from xkv.compat import UpdateInputs, query_length, read_update_inputs
+from xkv.config import XKVConfig
+from xkv.factorization import LowRankFactors, cross_layer_svd, full_rank, resolve_rank
+from xkv.groups import LayerGroup, build_groups
+from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
+from xkv.rope import RotaryAngles, apply_rope, unapply_rope
+
+
+class XKVGroupStore:
+    """State shared by the layers of one group: pending prefill tensors, then the factors of the prefix.
+
+    Args:
+        group: the layers of the group.
+        config: the cache's configuration.
+        num_groups: groups in the cache (to resolve per-group rank lists).
+        spec: the model's attention geometry.
+        angles: RoPE cos/sin at given positions (``None`` for a model without RoPE).
+    """
+
+    def __init__(
+        self, group: LayerGroup, config: XKVConfig, num_groups: int, spec: ModelSpec, angles: RotaryAngles | None
+    ):
+        self.group = group
+        self.config = config
+        self.spec = spec
+        self.angles = angles
+        self.setting_k = config.rank_setting("k", group.index, num_groups)
+        self.setting_v = config.rank_setting("v", group.index, num_groups)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        # Prefill: slot -> (batch, tokens, D) pre-RoPE keys / values when compressed, else exact (batch, H, T, hd).
+        self.pending_keys: dict[int, torch.Tensor] = {}
+        self.pending_values: dict[int, torch.Tensor] = {}
+        self.key_factors: LowRankFactors | None = None
+        self.value_factors: LowRankFactors | None = None
+        # Exact prefix per slot, when a side is not compressed: (batch, H, T, hd), keys post-RoPE.
+        self.exact_keys: list[torch.Tensor] | None = None
+        self.exact_values: list[torch.Tensor] | None = None
+        self.prefix_len = 0
+        self.rank_k: int | None = None
+        self.rank_v: int | None = None
+
+    # ------------------------------------------------------------------ prefill
+    def check_ranks(self, tokens: int) -> tuple[int | None, int | None]:
+        """Resolve both ranks for a prefill of ``tokens`` tokens without changing any state.
+
+        Raises:
+            ValueError: if a rank does not fit the data; the message names the field and the group.
+        """
+        dim = self.spec.kv_dim
+        size = self.group.size
+        rank_k = rank_v = None
+        if self.config.compress_keys:
+            rank_k = resolve_rank(self.setting_k, tokens, size, dim, field_name=f"rank_k for group {self.group.index}")
+        if self.config.compress_values:
+            rank_v = resolve_rank(self.setting_v, tokens, size, dim, field_name=f"rank_v for group {self.group.index}")
+        return rank_k, rank_v
+
+    @property
+    def is_factored(self) -> bool:
+        """Whether the group's prefix has been compressed."""
+        return self.prefix_len > 0 and not self.pending_keys
+
+    def add_prefill(self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor, inputs: UpdateInputs):
+        """Hold one layer's prefill states; factor the group once its last layer has arrived.
+
+        Args:
+            slot: position of the layer in the group.
+            key_states: ``(batch, kv_heads, tokens, head_dim)``, post-RoPE (as attention hands them over).
+            value_states: ``(batch, kv_heads, tokens, head_dim)``.
+            inputs: RoPE angles the model used, when the transformers version passes them.
+        """
+        batch, heads, tokens, head_dim = key_states.shape
+        if self.pending_keys and tokens != self.prefix_len:
+            raise RuntimeError(
+                f"layer {self.group.layers[slot]} prefilled {tokens} tokens, its group started with {self.prefix_len}"
+            )
+        self.prefix_len = tokens
+        if self.config.compress_keys:
+            keys = key_states
+            if self.angles is not None:
+                cos, sin = inputs.cos, inputs.sin
+                if cos is None or sin is None:
+                    cos, sin = self.angles(self.positions(batch, key_states.device))
+                keys = unapply_rope(key_states, cos, sin)
+            self.pending_keys[slot] = keys.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        else:
+            self.pending_keys[slot] = key_states
+        if self.config.compress_values:
+            self.pending_values[slot] = value_states.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        else:
+            self.pending_values[slot] = value_states
+        if len(self.pending_keys) == self.group.size:
+            self._factor()
+
+    def _factor(self) -> None:
+        self.rank_k, self.rank_v = self.check_ranks(self.prefix_len)
+        keys = [self.pending_keys[s] for s in range(self.group.size)]
+        values = [self.pending_values[s] for s in range(self.group.size)]
+        svd_options = {
+            "method": self.config.svd,
+            "oversample": self.config.svd_oversample,
+            "niter": self.config.svd_niter,
+            "seed": self.config.svd_seed,
+        }
+        if self.rank_k is not None:
+            self.key_factors = cross_layer_svd(keys, self.rank_k, **svd_options)
+        else:
+            self.exact_keys = keys
+        if self.rank_v is not None:
+            self.value_factors = cross_layer_svd(values, self.rank_v, **svd_options)
+        else:
+            self.exact_values = values
+        self.pending_keys.clear()
+        self.pending_values.clear()
+
+    # ------------------------------------------------------------------ rebuild
+    def positions(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``(batch, prefix_len)`` RoPE positions of the prefix (0..T-1: the cache checks this at prefill)."""
+        return torch.arange(self.prefix_len, device=device).unsqueeze(0).expand(batch, -1)
+
+    def rebuild_keys(self, slot: int) -> torch.Tensor:
+        """``(batch, kv_heads, prefix_len, head_dim)`` post-RoPE keys of one layer, rebuilt from the factors."""
+        if self.key_factors is None:
+            assert self.exact_keys is not None, "rebuild before the group was factored"
+            return self.exact_keys[slot]
+        flat = self.key_factors.layer(slot)  # (batch, T, D), pre-RoPE
+        batch, tokens, _ = flat.shape
+        keys = flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
+        if self.angles is None:
+            return keys
+        cos, sin = self.angles(self.positions(batch, keys.device))
+        return apply_rope(keys, cos, sin)
+
+    def rebuild_values(self, slot: int) -> torch.Tensor:
+        """``(batch, kv_heads, prefix_len, head_dim)`` values of one layer, rebuilt from the factors."""
+        if self.value_factors is None:
+            assert self.exact_values is not None, "rebuild before the group was factored"
+            return self.exact_values[slot]
+        flat = self.value_factors.layer(slot)
+        batch, tokens, _ = flat.shape
+        return flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def prefix_tensors(self) -> list[torch.Tensor]:
+        """Every tensor held for the factored prefix (factors, or exact sides)."""
+        tensors: list[torch.Tensor] = []
+        for factors in (self.key_factors, self.value_factors):
+            if factors is not None:
+                tensors += [factors.token_basis, factors.reconstruction]
+        for exact in (self.exact_keys, self.exact_values):
+            if exact is not None:
+                tensors += exact
+        return tensors
+
+    def pending_tensors(self) -> list[torch.Tensor]:
+        """Prefill tensors held until the group is complete."""
+        return list(self.pending_keys.values()) + list(self.pending_values.values())
+
+    def map_tensors(self, fn: Any) -> None:
+        """Apply ``fn`` to every held tensor (batch-dimension edits: beam reorder, select, repeat)."""
+        for factors in (self.key_factors, self.value_factors):
+            if factors is not None:
+                factors.token_basis = fn(factors.token_basis)
+                factors.reconstruction = fn(factors.reconstruction)
+        for name in ("exact_keys", "exact_values"):
+            exact = getattr(self, name)
+            if exact is not None:
+                setattr(self, name, [fn(t) for t in exact])
+        for pending in (self.pending_keys, self.pending_values):
+            for slot in pending:
+                pending[slot] = fn(pending[slot])
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` prefix tokens (rows of the token basis; the reconstruction is unchanged)."""
+        if length >= self.prefix_len:
+            return
+        if length <= 0:
+            self._reset_state()
+            return
+        for factors in (self.key_factors, self.value_factors):
+            if factors is not None:
+                factors.token_basis = factors.token_basis[:, :length].contiguous()
+        for name in ("exact_keys", "exact_values"):
+            exact = getattr(self, name)
+            if exact is not None:
+                setattr(self, name, [t[:, :, :length].contiguous() for t in exact])
+        self.prefix_len = length
+
+    def reset(self) -> None:
+        """Drop everything held."""
+        self._reset_state()
+
+
+class XKVLayer(CacheLayerMixin):
+    """One compressed layer: a view on its group's store plus an exact tail.
+
+    ``keys``/``values`` hold the tail only: ``(batch, kv_heads, tail_len, head_dim)``, keys post-RoPE.
+
+    Args:
+        store: the group's shared store.
+        slot: position of this layer within the group.
+    """
+
+    is_sliding = False
+
+    def __init__(self, store: XKVGroupStore, slot: int):
+        super().__init__()
+        self.store = store
+        self.slot = slot
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Empty tails with the model's dtype and device."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_empty((batch, heads, 0, head_dim))
+        self.values = value_states.new_empty((batch, value_states.shape[1], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new tokens and return what attention needs.
+
+        Args:
+            key_states: ``(batch, kv_heads, new_tokens, head_dim)``, post-RoPE.
+            value_states: ``(batch, kv_heads, new_tokens, head_dim)``.
+            cache_kwargs: the update's extra arguments (RoPE angles or positions, by transformers version).
+
+        Returns:
+            Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``: on the layer's first call (prefill) the
+            exact inputs; later, the rebuilt prefix followed by the exact tail.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.cumulative_length == 0:
+            self.cumulative_length = key_states.shape[-2]
+            self.store.add_prefill(self.slot, key_states, value_states, read_update_inputs(cache_kwargs, {}))
+            return key_states, value_states
+        if not self.store.is_factored:
+            raise RuntimeError(
+                f"layer {self.store.group.layers[self.slot]} got new tokens before every layer of its group "
+                f"{list(self.store.group.layers)} finished the prefill"
+            )
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys = torch.cat([self.store.rebuild_keys(self.slot), self.keys], dim=-2)
+        values = torch.cat([self.store.rebuild_values(self.slot), self.values], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen by this layer (compressed prefix plus tail)."""
+        return self.cumulative_length
+
+    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the attention mask: every seen token plus the query, no offset."""
+        return self.cumulative_length + query_length(cache_position), 0
+
+    def get_max_cache_shape(self) -> int:
+        """No maximum length."""
+        return -1
+
+    def get_max_length(self) -> int:
+        """No maximum length (transformers >= 5.23 name)."""
+        return -1
+
+    def crop_tail(self, length: int) -> None:
+        """Keep ``length`` tail tokens."""
+        self.keys = self.keys[:, :, :length]
+        self.values = self.values[:, :, :length]
+
+    def reset(self) -> None:
+        """Empty the tail and the length counter."""
+        if self.is_initialized:
+            self.keys = self.keys[:, :, :0]
+            self.values = self.values[:, :, :0]
+        self.cumulative_length = 0
+
+
+class XKVCache(Cache):
+    """KV-cache that keeps the context as cross-layer SVD factors (xKV, arXiv 2503.18893).
+
+    Use it anywhere a transformers ``Cache`` goes: ``model.generate(ids, past_key_values=XKVCache(model))`` or a
+    manual forward loop. Data type and device follow the model's activations.
+
+    Args:
+        model: the transformers causal LM whose cache this is (its geometry and RoPE module are read from it).
+        config: compression settings; defaults to ``XKVConfig()``.
+
+    Raises:
+        NotImplementedError: for an architecture without an adapter (see :mod:`xkv.adapters`).
+        ValueError: for a config that does not fit the model (layer range, rank larger than ``G * D``, per-group list
+            of the wrong length); the message names the field.
+    """
+
+    def __init__(self, model: nn.Module, config: XKVConfig | None = None):
+        self.config = config or XKVConfig()
+        self.spec = describe_model(model)
+        self.groups = build_groups(
+            self.spec.num_layers,
+            self.config.group_size,
+            self.config.grouping,
+            self.config.first_layer,
+            self.config.last_layer,
+        )
+        self.angles = RotaryAngles(self.spec.rotary_emb) if self.spec.rotary_emb is not None else None
+        self.stores = [
+            XKVGroupStore(group, self.config, len(self.groups), self.spec, self.angles) for group in self.groups
+        ]
+        for store in self.stores:
+            self._check_static_ranks(store)
+        layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(self.spec.num_layers)]
+        for store in self.stores:
+            for slot, layer_idx in enumerate(store.group.layers):
+                layers[layer_idx] = XKVLayer(store, slot)
+        super().__init__(layers=layers)
+
+    def _check_static_ranks(self, store: XKVGroupStore) -> None:
+        # Integer ranks can be checked against G*D now; the token bound is checked at the first prefill.
+        bound = self.spec.kv_dim * store.group.size
+        for side, setting in (("k", store.setting_k), ("v", store.setting_v)):
+            if setting.kind == "rank" and setting.value > bound:
+                raise ValueError(
+                    f"`rank_{side}` for group {store.group.index} must be in [1, {bound}] "
+                    f"(group_size * kv_heads * head_dim) but got {int(setting.value)}"
+                )
+
+    # ------------------------------------------------------------------ the Cache contract
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys/values and return the keys/values attention uses.
+
+        Args:
+            key_states: ``(batch, kv_heads, new_tokens, head_dim)``, post-RoPE.
+            value_states: ``(batch, kv_heads, new_tokens, head_dim)``.
+            layer_idx: the model layer.
+            cache_kwargs: transformers 5.2's ``{"sin", "cos", "cache_position"}``.
+            **kwargs: later versions' keyword arguments (``kwargs={"position_ids": ...}``).
+
+        Returns:
+            Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``.
+
+        Raises:
+            ValueError: at the first prefill, if a rank does not fit the number of tokens, or the model's RoPE
+                positions are not ``0..T-1`` (left-padded batches and custom ``position_ids`` are not supported yet).
+        """
+        merged = dict(cache_kwargs or {})
+        inputs = read_update_inputs(cache_kwargs, kwargs)
+        merged.update({"position_ids": inputs.position_ids} if inputs.position_ids is not None else {})
+        if layer_idx == 0 and self.get_seq_length() == 0:
+            self._begin_prefill(key_states, inputs)
+        return self.layers[layer_idx].update(key_states, value_states, merged)
+
+    def _begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
+        """Check ranks and positions before anything is stored (nothing is half-written on error)."""
+        batch, _, tokens, _ = key_states.shape
+        for store in self.stores:
+            store.check_ranks(tokens)
+        expected = torch.arange(tokens, device=key_states.device).unsqueeze(0).expand(batch, -1)
+        if inputs.position_ids is not None and not torch.equal(inputs.position_ids.to(expected.device), expected):
+            raise ValueError(
+                "XKVCache needs RoPE positions 0..T-1 for every sequence of the first prefill; got other "
+                "`position_ids` (left-padded batches and custom positions are not supported yet)"
+            )
+        if inputs.cos is not None and self.angles is not None:
+            cos, sin = self.angles(expected)
+            tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
+            given_cos, given_sin = inputs.cos.float(), inputs.sin.float()
+            if given_cos.shape[-2:] != cos.shape[-2:] or not (
+                torch.allclose(given_cos, cos, atol=tol) and torch.allclose(given_sin, sin, atol=tol)
+            ):
+                raise ValueError(
+                    "XKVCache needs RoPE positions 0..T-1 for every sequence of the first prefill; the model "
+                    "rotated keys at other positions (left-padded batches and custom position_ids are not "
+                    "supported yet)"
+                )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen by ``layer_idx`` (compressed prefix plus exact tail)."""
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, cache_position: torch.Tensor | int, layer_idx: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for ``layer_idx``; ``cache_position`` or a query length (by version)."""
+        if isinstance(self.layers[layer_idx], DynamicLayer) and not isinstance(cache_position, torch.Tensor):
+            return self.layers[layer_idx].get_seq_length() + int(cache_position), 0
+        return self.layers[layer_idx].get_mask_sizes(cache_position)
+
+    def get_max_length(self) -> int:
+        """No maximum length (transformers >= 5.23 name)."""
+        return -1
+
+    def reset(self) -> None:
+        """Drop every stored token; the cache can be reused for a new prompt."""
+        for layer in self.layers:
+            layer.reset()
+            if isinstance(layer, DynamicLayer) and layer.is_initialized:
+                layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+        for store in self.stores:
+            store.reset()
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop that many).
+
+        Cropping into the compressed prefix drops rows of the token basis, so it is exact with respect to the factors.
+        """
+        seen = self.get_seq_length()
+        if max_length < 0:
+            max_length = seen + max_length
+        if max_length >= seen:
+            return
+        for store in self.stores:
+            store.crop(max_length)
+        for layer in self.layers:
+            if isinstance(layer, XKVLayer):
+                prefix = layer.store.prefix_len
+                layer.crop_tail(max(0, max_length - prefix))
+                layer.cumulative_length = min(layer.cumulative_length, max_length)
+            else:
+                layer.crop(max_length)
+
+    def _map_batch(self, fn: Any) -> None:
+        for store in self.stores:
+            store.map_tensors(fn)
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None:
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only ``indices`` of the batch."""
+        self._map_batch(lambda t: t[indices.to(t.device)].contiguous())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence ``repeats`` times along the batch."""
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    # ------------------------------------------------------------------ xkv's own API
+    def memory_report(self) -> MemoryReport:
+        """Bytes held, measured from the stored tensors, against a dense cache of the same tokens and dtype.
+
+        Returns:
+            A :class:`~xkv.memory.MemoryReport` with one entry per factored group.
+        """
+        report = MemoryReport()
+        dtype, batch = self._dtype_and_batch()
+        if dtype is None:
+            return report
+        dim = self.spec.kv_dim
+        tail: list[torch.Tensor] = []
+        dense: list[torch.Tensor] = []
+        for store in self.stores:
+            tail += store.pending_tensors()
+            if store.is_factored:
+                report.groups.append(
+                    GroupMemory(
+                        group_idx=store.group.index,
+                        layers=store.group.layers,
+                        tokens=store.prefix_len,
+                        rank_k=store.rank_k,
+                        rank_v=store.rank_v,
+                        held_bytes=tensor_bytes(store.prefix_tensors()),
+                        dense_bytes=dense_kv_bytes(batch, store.prefix_len, store.group.size, dim, dtype),
+                    )
+                )
+        for layer in self.layers:
+            if layer.is_initialized:
+                (tail if isinstance(layer, XKVLayer) else dense).extend([layer.keys, layer.values])
+        report.tail_bytes = tensor_bytes(tail)
+        report.dense_layer_bytes = tensor_bytes(dense)
+        report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
+        report.dense_bytes = sum(dense_kv_bytes(batch, layer.get_seq_length(), 1, dim, dtype) for layer in self.layers)
+        return report
+
+    def _dtype_and_batch(self) -> tuple[torch.dtype | None, int]:
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None:
+                return layer.keys.dtype, layer.keys.shape[0]
+        return None, 0
+
+    def materialize(self) -> DynamicCache:
+        """A ``DynamicCache`` holding exactly the keys/values this cache gives attention (rebuilt prefix + tail).
+
+        For evaluation and debugging: decoding through it equals decoding through this cache, at dense speed, but it
+        holds a full-size cache. Take byte figures from :meth:`memory_report`, never from the result.
+        """
+        dense = DynamicCache()
+        for layer_idx, layer in enumerate(self.layers):
+            if isinstance(layer, XKVLayer):
+                if not layer.store.is_factored:
+                    raise RuntimeError("materialize() needs a finished prefill")
+                keys = torch.cat([layer.store.rebuild_keys(layer.slot), layer.keys], dim=-2)
+                values = torch.cat([layer.store.rebuild_values(layer.slot), layer.values], dim=-2)
+            else:
+                keys, values = layer.keys, layer.values
+            dense.update(keys, values, layer_idx)
+        return dense
+
+    @classmethod
+    def from_dense(
+        cls, model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], config: XKVConfig | None = None
+    ) -> XKVCache:
+        """Compress a finished dense cache, e.g. a ``DynamicCache`` after the context's forward pass.
+
+        Gives the same factors as compressing during that forward pass (keys are un-rotated with the model's own
+        RoPE at positions ``0..T-1``), so one prefill can serve several configurations.
+
+        Args:
+            model: the model that produced the cache.
+            keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
+                e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``.
+            config: compression settings.
+
+        Raises:
+            ValueError: if the number of layers does not match the model.
+        """
+        cache = cls(model, config)
+        if len(keys_values) != cache.spec.num_layers:
+            raise ValueError(f"`keys_values` has {len(keys_values)} layers but the model has {cache.spec.num_layers}")
+        for layer_idx, (keys, values) in enumerate(keys_values):
+            cache.update(keys, values, layer_idx)
+        return cache
+
+    @property
+    def group_stores(self) -> list[XKVGroupStore]:
+        """Per group: the token factor, the per-layer reconstruction matrices and the prefix length.
+
+        Exposed for fast decode and analysis, which work on the factors rather than on rebuilt tensors.
+        """
+        return self.stores
+
+    def full_ranks(self) -> list[int]:
+        """Full rank ``min(T, G * D)`` of each factored group at its current prefix length."""
+        return [full_rank(s.prefix_len, s.group.size, self.spec.kv_dim) for s in self.stores]

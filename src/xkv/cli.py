@@ -1,0 +1,173 @@
+"""The ``xkv`` command line: ``xkv demo``, ``xkv config``. The only module that prints or draws progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from xkv.config import XKVConfig
+
+
+def _load_config(path: str | None) -> XKVConfig:
+    return XKVConfig.load(path) if path else XKVConfig()
+
+
+def _human_bytes(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num) < 1024 or unit == "GiB":
+            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
+        num /= 1024
+    return f"{num:.1f} GiB"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Compress a long haystack with one hidden fact; answer with a full cache and with XKVCache."""
+    import torch
+    import transformers
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+    from transformers import DynamicCache
+
+    from xkv.cache import XKVCache
+    from xkv.generation import greedy_generate, prefill
+    from xkv.memory import tensor_bytes
+    from xkv.models import load, stop_token_ids
+    from xkv.prompts import is_correct, needle_sample
+
+    config = _load_config(args.config)
+    console = Console()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=args.quiet) as progress:
+        task = progress.add_task(f"loading {args.model} (the first load converts it once, ~15 s)")
+        model, tokenizer = load(args.model)
+        progress.update(task, description=f"building a {args.context_tokens}-token haystack")
+        sample = needle_sample(tokenizer, args.context_tokens, seed=args.seed)
+        context = torch.tensor([sample.context_ids], device=model.device)
+        question = torch.tensor([sample.question_ids], device=model.device)
+        stops = stop_token_ids(tokenizer, args.model)
+        rows = []
+        for name, cache in (("full cache", DynamicCache()), ("xKV", XKVCache(model, config))):
+            progress.update(task, description=f"{name}: prefill of {context.shape[1]} context tokens")
+            start = time.perf_counter()
+            prefill(model, context, cache)
+            prefill_s = time.perf_counter() - start
+            if isinstance(cache, XKVCache):
+                report = cache.memory_report()
+                context_bytes, context_factor = report.held_bytes, report.compression_factor
+            else:
+                context_bytes = tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+                context_factor = 1.0
+            progress.update(task, description=f"{name}: question and answer")
+            generation = greedy_generate(model, question, cache, args.max_new_tokens, stops)
+            answer = tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
+            rows.append(
+                {
+                    "method": name,
+                    "answer": answer,
+                    "correct": is_correct(answer, sample.answer),
+                    "context_kv_bytes": context_bytes,
+                    "context_compression_factor": context_factor,
+                    "prefill_s": prefill_s,
+                    "decode_s": generation.decode_s,
+                    "decode_steps": generation.steps,
+                }
+            )
+    console.print(
+        f"[bold]Needle[/bold]: the special magic number for {sample.key} is {sample.answer} "
+        f"(at {sample.depth:.0%} of a {len(sample.context_ids)}-token context; question of "
+        f"{len(sample.question_ids)} tokens appended uncompressed)"
+    )
+    console.print(f"[bold]xKV config[/bold]: {json.dumps(config.to_dict())}")
+    table = Table(title=f"{args.model}: full cache vs xKV")
+    for column in ("method", "answer", "correct", "context KV bytes", "compression", "prefill s", "decode s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["method"],
+            row["answer"],
+            "yes" if row["correct"] else "NO",
+            _human_bytes(row["context_kv_bytes"]),
+            f"{row['context_compression_factor']:.2f}x",
+            f"{row['prefill_s']:.1f}",
+            f"{row['decode_s']:.1f} ({row['decode_steps']} steps)",
+        )
+    console.print(table)
+    saved = rows[0]["context_kv_bytes"] - rows[1]["context_kv_bytes"]
+    console.print(
+        f"KV bytes measured from the tensors held after the context: {_human_bytes(rows[0]['context_kv_bytes'])} "
+        f"-> {_human_bytes(rows[1]['context_kv_bytes'])} ({_human_bytes(saved)} saved, "
+        f"{rows[1]['context_compression_factor']:.2f}x)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sample_seed": sample.seed, "rows": rows}, indent=2) + "\n")
+    return 0 if all(row["correct"] for row in rows) else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the default config, or check and print a config file."""
+    config = _load_config(args.file)
+    if args.write:
+        config.save(args.write)
+        print(f"wrote {args.write}")
+    else:
+        print(json.dumps(config.to_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``xkv`` argument parser with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="xkv", description="Cross-layer SVD KV-cache compression (xKV) for Hugging Face transformers."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="answer a question about a long document with a full cache and with xKV; print bytes and times",
+        description="Build a ~4k-token haystack with one hidden fact, compress the context with XKVCache, append "
+        "the question uncompressed, and compare the answer, KV bytes and wall time with a full cache. "
+        "Exit code 1 if either answer is wrong.",
+    )
+    demo.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path (default: %(default)s)")
+    demo.add_argument("--config", help="XKVConfig file (.yaml/.json); default: the built-in defaults")
+    demo.add_argument("--context-tokens", type=int, default=4000, help="context length (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="haystack/needle seed (default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="answer length cap (default: %(default)s)")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--json", help="also write the results to this JSON file")
+    demo.add_argument("--quiet", action="store_true", help="no progress display")
+    demo.set_defaults(func=cmd_demo)
+
+    config = commands.add_parser(
+        "config",
+        help="print the default config, or validate a config file",
+        description="Print the default XKVConfig as JSON, or load FILE (YAML/JSON), validate it and print it.",
+    )
+    config.add_argument("file", nargs="?", help="config file to check")
+    config.add_argument("--write", metavar="PATH", help="write the config to PATH (.yaml/.yml/.json)")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xkv`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"xkv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

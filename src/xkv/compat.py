@@ -1,0 +1,72 @@
+"""Every difference between transformers versions that xkv depends on, in one place.
+
+The rest of the package never tests versions. Research notes, section 4:
+
+* 5.2: attention calls ``cache.update(k, v, layer_idx, {"sin", "cos", "cache_position"})`` (RoPE's cos/sin of the
+  current tokens passed in); ``get_mask_sizes(cache_position, layer_idx)``; ``generate(past_key_values=...)``.
+* 5.23: ``update(k, v, layer_idx)`` with nothing else; ``get_mask_sizes(query_length, layer_idx)``.
+* 5.24: ``update(k, v, layer_idx, kwargs={"position_ids": ..., ...})``; ``generate(cache=...)`` preferred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+#: Lines the test suite runs on. Others may work; xkv warns nowhere and checks the contract at run time instead.
+TESTED_TRANSFORMERS = ">=5.2,<5.3"
+
+
+@dataclass
+class UpdateInputs:
+    """What one ``Cache.update`` call tells about the incoming tokens, whatever the transformers version.
+
+    Attributes:
+        position_ids: ``(batch, tokens)`` positions RoPE used, if the call says so, else ``None``.
+        cos: ``(batch, tokens, rot_dim)`` RoPE cos the model applied, if passed (5.2), else ``None``.
+        sin: like ``cos``.
+    """
+
+    position_ids: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+def read_update_inputs(cache_kwargs: dict[str, Any] | None, extra: dict[str, Any]) -> UpdateInputs:
+    """Collect positions and RoPE angles from the arguments of ``Cache.update``.
+
+    Args:
+        cache_kwargs: the positional dict of 5.2 (``sin``, ``cos``, ``cache_position``), or ``None``.
+        extra: keyword arguments (5.24 passes ``kwargs={"position_ids": ...}``).
+    """
+    inputs = UpdateInputs()
+    kwargs = dict(cache_kwargs or {})
+    nested = extra.get("kwargs")
+    if isinstance(nested, dict):
+        kwargs.update(nested)
+    kwargs.update({k: v for k, v in extra.items() if k != "kwargs"})
+    if isinstance(kwargs.get("position_ids"), torch.Tensor):
+        inputs.position_ids = kwargs["position_ids"]
+    if isinstance(kwargs.get("cos"), torch.Tensor) and isinstance(kwargs.get("sin"), torch.Tensor):
+        inputs.cos, inputs.sin = kwargs["cos"], kwargs["sin"]
+    return inputs
+
+
+def query_length(arg: torch.Tensor | int) -> int:
+    """Query length from ``get_mask_sizes``' first argument: ``cache_position`` (5.2) or ``query_length`` (5.23+)."""
+    if isinstance(arg, torch.Tensor):
+        return int(arg.shape[0])
+    return int(arg)
+
+
+def generate_cache_kwargs(cache: Any) -> dict[str, Any]:
+    """Keyword that hands a cache to ``model.generate``: ``past_key_values`` up to 5.23, ``cache`` from 5.24."""
+    if Version("5.24") <= TRANSFORMERS_VERSION:
+        return {"cache": cache}
+    return {"past_key_values": cache}

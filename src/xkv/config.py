@@ -1,0 +1,256 @@
+"""Configuration of an xKV cache: which layers are grouped, and how hard keys and values are compressed.
+
+A rank is given in one of four forms (per side, keys and values separately):
+
+* an ``int`` ``r >= 1``: that many singular vectors are kept for every group;
+* a ``float`` in ``(0, 1]``: that fraction of the group's full rank ``min(tokens, group_size * dim)``;
+* a string ``"<factor>x"`` such as ``"8x"``: the rank that gives this compression factor
+  ``G*T*D / (T*r + r*G*D)`` for the group, derived from the number of tokens ``T`` when the group is factored;
+* a list of the above, one entry per layer group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RankValue = int | float | str
+RankSpec = RankValue | list[RankValue]
+
+_FACTOR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$")
+
+
+@dataclass(frozen=True)
+class ResolvedRank:
+    """A single rank setting in parsed form.
+
+    Attributes:
+        kind: ``"rank"`` (absolute), ``"fraction"`` (of the full rank) or ``"factor"`` (target compression factor).
+        value: the number given.
+    """
+
+    kind: Literal["rank", "fraction", "factor"]
+    value: float
+
+    def __str__(self) -> str:
+        if self.kind == "rank":
+            return str(int(self.value))
+        if self.kind == "factor":
+            return f"{self.value:g}x"
+        return f"{self.value:g}"
+
+
+def parse_rank(value: Any, field_name: str) -> ResolvedRank:
+    """Parse one rank setting (not a list).
+
+    Args:
+        value: an int rank, a float fraction in (0, 1], or a string such as ``"8x"``.
+        field_name: the config field, used in error messages (e.g. ``"rank_k[2]"``).
+
+    Returns:
+        The parsed setting.
+
+    Raises:
+        ValueError: if the value is out of range or not one of the accepted forms; the message names the field.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"`{field_name}` must be an int, a float in (0, 1] or a string like '8x', but got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"`{field_name}` as a rank must be >= 1 but got {value}")
+        return ResolvedRank("rank", float(value))
+    if isinstance(value, float):
+        if not math.isfinite(value) or not 0.0 < value <= 1.0:
+            raise ValueError(f"`{field_name}` as a fraction of the full rank must be in (0, 1] but got {value}")
+        return ResolvedRank("fraction", value)
+    if isinstance(value, str):
+        match = _FACTOR_RE.match(value)
+        if match is None:
+            raise ValueError(
+                f"`{field_name}` must be an int rank, a float fraction in (0, 1] or a compression factor "
+                f"such as '8x', but got {value!r}"
+            )
+        factor = float(match.group(1))
+        if factor <= 1.0:
+            raise ValueError(f"`{field_name}` as a compression factor must be > 1 but got {value!r}")
+        return ResolvedRank("factor", factor)
+    raise ValueError(
+        f"`{field_name}` must be an int, a float in (0, 1] or a string like '8x', but got {type(value).__name__} "
+        f"{value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class XKVConfig:
+    """Settings of an :class:`~xkv.cache.XKVCache`.
+
+    Defaults come from the needle benchmark in ``benchmarks/defaults`` (README, "Why these defaults"): on the
+    embedded SmolLM2-135M at 4k tokens, groups of 8 layers with keys at 8x and values at 2.67x (4x overall) kept the
+    full cache's accuracy, while equal key/value ranks and smaller groups lost samples. Keys tolerate much more
+    compression than values because pre-RoPE keys are far more redundant across layers (research notes, section 3).
+
+    Attributes:
+        group_size: G, layers whose caches share one token basis. The last group may be shorter.
+        grouping: ``"contiguous"`` groups adjacent layers; ``"stride"`` groups layers ``j, j+n, j+2n, ...``
+            (n = number of groups). Stride groups finish only near the last layer, so more layers are held dense
+            during prefill.
+        first_layer: first compressed layer (0-based). Layers before it keep a dense cache.
+        last_layer: last compressed layer (inclusive); ``None`` means the model's last layer.
+        rank_k: rank of the keys (module docstring lists the accepted forms).
+        rank_v: rank of the values.
+        compress_keys: if ``False``, keys of compressed layers are kept exact.
+        compress_values: if ``False``, values of compressed layers are kept exact.
+        svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (seeded randomized range finder, Halko et al.).
+        svd_oversample: extra random directions of the randomized SVD.
+        svd_niter: power iterations of the randomized SVD.
+        svd_seed: seed of the randomized SVD's test matrix, so factors are reproducible.
+    """
+
+    # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
+    group_size: int = 8
+    grouping: Literal["contiguous", "stride"] = "contiguous"
+    first_layer: int = 0
+    last_layer: int | None = None
+    # Keys at 8x, values at 2.67x: 4x overall (2 / (1/8 + 1/2.67) = 4.0); benchmarks/defaults.
+    rank_k: RankSpec = "8x"
+    rank_v: RankSpec = "2.67x"
+    compress_keys: bool = True
+    compress_values: bool = True
+    svd: Literal["exact", "randomized"] = "exact"
+    svd_oversample: int = 10
+    svd_niter: int = 2
+    svd_seed: int = 0
+    _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
+    _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"`{name}` must be an int but got {value!r}")
+        if self.group_size < 1:
+            raise ValueError(f"`group_size` must be >= 1 but got {self.group_size}")
+        if self.grouping not in ("contiguous", "stride"):
+            raise ValueError(f"`grouping` must be one of ['contiguous', 'stride'] but got {self.grouping!r}")
+        if self.first_layer < 0:
+            raise ValueError(f"`first_layer` must be >= 0 but got {self.first_layer}")
+        if self.last_layer is not None:
+            if isinstance(self.last_layer, bool) or not isinstance(self.last_layer, int):
+                raise ValueError(f"`last_layer` must be an int or None but got {self.last_layer!r}")
+            if self.last_layer < self.first_layer:
+                raise ValueError(
+                    f"`last_layer` must be >= `first_layer` ({self.first_layer}) but got {self.last_layer}"
+                )
+        for name in ("compress_keys", "compress_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false but got {getattr(self, name)!r}")
+        if self.svd not in ("exact", "randomized"):
+            raise ValueError(f"`svd` must be one of ['exact', 'randomized'] but got {self.svd!r}")
+        if self.svd_oversample < 0:
+            raise ValueError(f"`svd_oversample` must be >= 0 but got {self.svd_oversample}")
+        if self.svd_niter < 0:
+            raise ValueError(f"`svd_niter` must be >= 0 but got {self.svd_niter}")
+        # Frozen dataclass: the parsed forms are set once here (`dataclasses.replace` builds and checks anew).
+        object.__setattr__(self, "_parsed_k", self._parse_side("rank_k", self.rank_k))
+        object.__setattr__(self, "_parsed_v", self._parse_side("rank_v", self.rank_v))
+
+    @staticmethod
+    def _parse_side(name: str, spec: Any) -> list[ResolvedRank] | ResolvedRank:
+        if isinstance(spec, tuple):
+            spec = list(spec)
+        if isinstance(spec, list):
+            if not spec:
+                raise ValueError(f"`{name}` as a per-group list must not be empty")
+            return [parse_rank(item, f"{name}[{i}]") for i, item in enumerate(spec)]
+        return parse_rank(spec, name)
+
+    def rank_setting(self, side: Literal["k", "v"], group_idx: int, num_groups: int) -> ResolvedRank:
+        """The rank setting of one side for one group.
+
+        Args:
+            side: ``"k"`` for keys, ``"v"`` for values.
+            group_idx: index of the group.
+            num_groups: number of groups the model has under this config (to check per-group lists).
+
+        Raises:
+            ValueError: if a per-group list does not have one entry per group.
+        """
+        parsed = self._parsed_k if side == "k" else self._parsed_v
+        if isinstance(parsed, list):
+            if len(parsed) != num_groups:
+                raise ValueError(
+                    f"`rank_{side}` lists {len(parsed)} ranks but this model has {num_groups} layer groups "
+                    "under this config: give one rank per group"
+                )
+            return parsed[group_idx]
+        return parsed
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        """The user-facing fields as plain data (what :meth:`from_dict` reads back)."""
+        data = asdict(self)
+        return {f.name: data[f.name] for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XKVConfig:
+        """Build a config from plain data, rejecting unknown keys.
+
+        Raises:
+            ValueError: for an unknown key (named in the message) or an invalid value.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"an xkv config must be a mapping of field names to values but got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (``.yaml``/``.yml``) or JSON (``.json``), chosen by the file suffix.
+
+        Raises:
+            ValueError: for any other suffix.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        elif suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        else:
+            raise ValueError(f"config file must end in .yaml, .yml or .json but got {str(path)!r}")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # atomic: a reader never sees half a file
+
+    @classmethod
+    def load(cls, path: str | Path) -> XKVConfig:
+        """Read a config written by :meth:`save` (or by hand) from YAML or JSON.
+
+        Raises:
+            FileNotFoundError: if the file does not exist.
+            ValueError: for a bad suffix, unparsable content, unknown keys or invalid values; the message names the
+                file.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".yaml", ".yml", ".json"):
+            raise ValueError(f"config file must end in .yaml, .yml or .json but got {str(path)!r}")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot parse config file {str(path)!r}: {err}") from err
+        if data is None:
+            data = {}
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"invalid config file {str(path)!r}: {err}") from err

@@ -1,0 +1,188 @@
+"""Cross-layer low-rank factorization (xKV, arXiv 2503.18893, section 3): pure tensor functions, no transformers.
+
+The caches of the G layers of a group are concatenated along the feature axis, ``A = [X_1 | ... | X_G]`` of shape
+``(tokens, G * D)``, and one truncated SVD ``A ~ U_r S_r V_r^T`` gives a token basis shared by the group plus one
+small reconstruction matrix per layer: ``X_l ~ U_r @ B_l`` with ``B_l = S_r V_r^T[:, l*D:(l+1)*D]`` of shape
+``(r, D)``. Storing ``U_r`` once and the ``B_l`` costs ``T*r + r*G*D`` numbers instead of ``G*T*D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from xkv.config import ResolvedRank
+
+
+@dataclass
+class LowRankFactors:
+    """The factors of one group and one side (keys or values).
+
+    Attributes:
+        token_basis: ``(batch, tokens, rank)``, ``U_r``, shared by the group's layers.
+        reconstruction: ``(batch, group_size, rank, dim)``, ``B_l = S_r V_r^T`` restricted to layer ``l``'s columns.
+    """
+
+    token_basis: torch.Tensor
+    reconstruction: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """Number of singular vectors kept."""
+        return self.token_basis.shape[-1]
+
+    def layer(self, slot: int) -> torch.Tensor:
+        """Rebuild the ``slot``-th layer of the group.
+
+        Returns:
+            ``(batch, tokens, dim)`` in the factors' dtype.
+        """
+        return torch.matmul(self.token_basis, self.reconstruction[:, slot])
+
+
+def full_rank(tokens: int, group_size: int, dim: int) -> int:
+    """Largest useful rank of a ``(tokens, group_size * dim)`` matrix."""
+    return min(tokens, group_size * dim)
+
+
+def rank_for_compression_factor(tokens: int, group_size: int, dim: int, factor: float) -> int:
+    """Largest rank whose storage is at most ``1 / factor`` of the dense group.
+
+    Inverse of :func:`xkv.memory.compression_factor`: ``G*T*D / (T*r + r*G*D) >= factor``.
+    Returns 0 when even rank 1 cannot reach ``factor``.
+    """
+    return int(math.floor(group_size * tokens * dim / (factor * (tokens + group_size * dim)) + 1e-9))
+
+
+def resolve_rank(setting: ResolvedRank, tokens: int, group_size: int, dim: int, *, field_name: str) -> int:
+    """Turn a rank setting into a number of singular vectors for a group of known shape.
+
+    Args:
+        setting: the parsed config value.
+        tokens: T, tokens being factored.
+        group_size: G, layers in the group.
+        dim: D, features per layer (``kv_heads * head_dim``).
+        field_name: named in error messages (e.g. ``"rank_k for group 3"``).
+
+    Returns:
+        ``r`` with ``1 <= r <= min(T, G*D)``.
+
+    Raises:
+        ValueError: if the rank is larger than the data allows, or a compression factor cannot be reached.
+    """
+    bound = full_rank(tokens, group_size, dim)
+    if setting.kind == "rank":
+        rank = int(setting.value)
+        if rank > bound:
+            raise ValueError(
+                f"`{field_name}` must be in [1, {bound}] (min(tokens={tokens}, group_size*dim={group_size * dim})) "
+                f"but got {rank}"
+            )
+        return rank
+    if setting.kind == "fraction":
+        return max(1, min(bound, round(setting.value * bound)))
+    rank = min(bound, rank_for_compression_factor(tokens, group_size, dim, setting.value))
+    if rank < 1:
+        raise ValueError(
+            f"`{field_name}` asks for {setting.value:g}x, which {tokens} tokens of a {group_size}-layer group "
+            f"cannot reach even at rank 1 (at most "
+            f"{group_size * tokens * dim / (tokens + group_size * dim):.2f}x): use a longer context, a lower factor "
+            "or a larger group"
+        )
+    return rank
+
+
+def _randomized_svd(
+    matrix: torch.Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized range finder with power iterations (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
+
+    ``torch.svd_lowrank`` draws its test matrix from the global RNG; this takes an explicit generator so factors are
+    reproducible without touching global state.
+    """
+    batch, rows, cols = matrix.shape
+    width = min(rank + oversample, rows, cols)
+    test = torch.randn(batch, cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
+    basis = torch.linalg.qr(matrix @ test).Q  # (batch, rows, width)
+    for _ in range(niter):
+        basis = torch.linalg.qr(matrix.mT @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    small = basis.mT @ matrix  # (batch, width, cols)
+    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return basis @ u_small, s, vh
+
+
+def cross_layer_svd(
+    layers: list[torch.Tensor],
+    rank: int,
+    *,
+    method: Literal["exact", "randomized"] = "exact",
+    oversample: int = 10,
+    niter: int = 2,
+    seed: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> LowRankFactors:
+    """Factor the caches of one layer group with a shared token basis.
+
+    Args:
+        layers: G tensors of shape ``(batch, tokens, dim)`` (keys pre-RoPE, or values). Upcast to float32 for the
+            SVD (float64 stays float64).
+        rank: singular vectors kept, ``1 <= rank <= min(tokens, G * dim)``.
+        method: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"``.
+        oversample: extra random directions (randomized only).
+        niter: power iterations (randomized only).
+        seed: seed of the random test matrix (randomized only).
+        out_dtype: dtype of the stored factors; defaults to the input dtype.
+
+    Returns:
+        Factors with ``token_basis`` ``(batch, tokens, rank)`` and ``reconstruction``
+        ``(batch, G, rank, dim)``, both contiguous, each in a storage of its own size.
+
+    Raises:
+        ValueError: if the layers disagree in shape or the rank is out of range.
+    """
+    if not layers:
+        raise ValueError("`layers` must hold at least one tensor")
+    shape = layers[0].shape
+    if len(shape) != 3:
+        raise ValueError(f"each layer must be (batch, tokens, dim) but got shape {tuple(shape)}")
+    for i, layer in enumerate(layers):
+        if layer.shape != shape:
+            raise ValueError(f"layer {i} of the group has shape {tuple(layer.shape)}, layer 0 has {tuple(shape)}")
+    batch, tokens, dim = shape
+    group_size = len(layers)
+    bound = full_rank(tokens, group_size, dim)
+    if not 1 <= rank <= bound:
+        raise ValueError(f"`rank` must be in [1, {bound}] for a ({tokens}, {group_size * dim}) group but got {rank}")
+    out_dtype = out_dtype or layers[0].dtype
+    compute_dtype = torch.float64 if layers[0].dtype == torch.float64 else torch.float32
+    stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    elif method == "randomized":
+        generator = torch.Generator().manual_seed(seed)
+        u, s, vh = _randomized_svd(stacked, rank, oversample, niter, generator)
+    else:
+        raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    reconstruction = (s.unsqueeze(-1) * vh).reshape(batch, rank, group_size, dim).transpose(1, 2)
+    # clone(): a slice of the SVD output would keep the discarded directions' storage alive (memory.tensor_bytes
+    # charges for it), and LAPACK returns U column-major, where even a "contiguous" slice shares that storage.
+    return LowRankFactors(
+        token_basis=u.to(out_dtype).clone(memory_format=torch.contiguous_format),
+        reconstruction=reconstruction.to(out_dtype).clone(memory_format=torch.contiguous_format),
+    )
+
+
+def relative_error(original: list[torch.Tensor], factors: LowRankFactors) -> float:
+    """Relative Frobenius error ``||A - U B|| / ||A||`` over the whole group (float64)."""
+    num = 0.0
+    den = 0.0
+    for slot, layer in enumerate(original):
+        rebuilt = factors.layer(slot).to(torch.float64)
+        num += float((layer.to(torch.float64) - rebuilt).pow(2).sum())
+        den += float(layer.to(torch.float64).pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0

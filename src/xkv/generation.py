@@ -1,0 +1,103 @@
+"""Greedy generation split by phase (prefill, then one token at a time), for any transformers causal LM and cache.
+
+Compression happens inside the cache at the prefill -> decode boundary; nothing here knows which cache it drives.
+``model.generate(..., **xkv.compat.generate_cache_kwargs(cache))`` works too; these loops exist so the demo, tests
+and benchmarks can time each phase and append an uncompressed question after a compressed context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Run ``input_ids`` through the model into ``cache``.
+
+    Args:
+        model: a causal LM.
+        input_ids: ``(batch, tokens)``, appended after whatever ``cache`` already holds.
+        cache: any transformers cache (``XKVCache`` compresses during its first prefill).
+
+    Returns:
+        Logits of the last position, ``(batch, vocab)``.
+    """
+    past = cache.get_seq_length()
+    positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, cache_position=positions)
+    return out.logits[:, -1, :]
+
+
+@torch.no_grad()
+def decode_one_token(model: nn.Module, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """One decode step: ``token`` ``(batch, 1)`` in, last logits ``(batch, vocab)`` out."""
+    return prefill(model, token, cache)
+
+
+@dataclass
+class Generation:
+    """Result of :func:`greedy_generate`.
+
+    Attributes:
+        tokens: generated token ids (batch 1), stop token excluded.
+        prefill_s: wall time of the prefill.
+        decode_s: wall time of all decode steps.
+        steps: decode steps run.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    cache: Cache,
+    max_new_tokens: int,
+    stop_ids: list[int] | None = None,
+) -> Generation:
+    """Greedy decoding of one sequence through ``cache``.
+
+    Args:
+        model: a causal LM.
+        input_ids: ``(1, tokens)``: the tokens not yet in ``cache`` (a whole prompt, or a question appended after a
+            context already prefilled).
+        cache: the cache to prefill and decode through.
+        max_new_tokens: at most this many tokens are generated.
+        stop_ids: token ids that end generation.
+
+    Returns:
+        The generated tokens and the time of each phase.
+
+    Raises:
+        ValueError: for a batch other than 1 or ``max_new_tokens < 1``.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"`input_ids` must have shape (1, tokens) but got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1 but got {max_new_tokens}")
+    stops = set(stop_ids or [])
+    result = Generation()
+    start = time.perf_counter()
+    logits = prefill(model, input_ids, cache)
+    result.prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        token = int(logits.argmax(dim=-1)[0])
+        if token in stops:
+            break
+        result.tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
+        logits = decode_one_token(model, torch.tensor([[token]], device=input_ids.device), cache)
+        result.steps += 1
+    result.decode_s = time.perf_counter() - start
+    return result

@@ -1,0 +1,73 @@
+"""Split a model's layers into the groups whose caches share one token basis."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers whose caches are factored together.
+
+    Attributes:
+        index: position of the group in the cache's list of groups.
+        layers: model layer indices, in the order their reconstruction matrices are stored.
+    """
+
+    index: int
+    layers: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of layers in the group (G)."""
+        return len(self.layers)
+
+    @property
+    def last_layer(self) -> int:
+        """The layer whose prefill completes the group (the highest index, since layers run in order)."""
+        return max(self.layers)
+
+
+def build_groups(
+    num_layers: int,
+    group_size: int,
+    grouping: Literal["contiguous", "stride"] = "contiguous",
+    first_layer: int = 0,
+    last_layer: int | None = None,
+) -> list[LayerGroup]:
+    """Split the compressed layer range into groups.
+
+    Args:
+        num_layers: layers of the model.
+        group_size: G, at most this many layers per group.
+        grouping: ``"contiguous"``: ``[first, first+G)``, ``[first+G, first+2G)``, ..., the last group takes the
+            remainder. ``"stride"``: ``n = ceil(N / G)`` groups, group ``j`` holds layers ``first+j, first+j+n, ...``.
+        first_layer: first compressed layer.
+        last_layer: last compressed layer (inclusive), ``None`` for the model's last layer.
+
+    Returns:
+        Groups in order of their index; every layer of the range is in exactly one group.
+
+    Raises:
+        ValueError: if the layer range does not fit the model or the group size is below 1.
+    """
+    if num_layers < 1:
+        raise ValueError(f"`num_layers` must be >= 1 but got {num_layers}")
+    if group_size < 1:
+        raise ValueError(f"`group_size` must be >= 1 but got {group_size}")
+    last = num_layers - 1 if last_layer is None else last_layer
+    if not 0 <= first_layer < num_layers:
+        raise ValueError(f"`first_layer` must be in [0, {num_layers - 1}] for this model but got {first_layer}")
+    if not first_layer <= last < num_layers:
+        raise ValueError(f"`last_layer` must be in [{first_layer}, {num_layers - 1}] for this model but got {last}")
+    layers = list(range(first_layer, last + 1))
+    if grouping == "contiguous":
+        chunks = [layers[i : i + group_size] for i in range(0, len(layers), group_size)]
+    elif grouping == "stride":
+        num_groups = math.ceil(len(layers) / group_size)
+        chunks = [layers[j::num_groups] for j in range(num_groups)]
+    else:
+        raise ValueError(f"`grouping` must be one of ['contiguous', 'stride'] but got {grouping!r}")
+    return [LayerGroup(index=i, layers=tuple(chunk)) for i, chunk in enumerate(chunks)]

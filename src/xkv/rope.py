@@ -1,0 +1,73 @@
+"""Rotary position embedding (RoPE) applied and removed, so keys can be factored before RoPE (xKV, section 3).
+
+Conventions follow transformers' ``apply_rotary_pos_emb``: ``rotate_half`` pairs dimension ``i`` with
+``i + rot_dim/2``, and a partial rotary embedding (Phi-3) rotates only the first ``cos.shape[-1]`` dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` by the angles behind ``cos``/``sin``.
+
+    Args:
+        x: ``(batch, heads, tokens, head_dim)``.
+        cos: ``(batch, tokens, rot_dim)``, ``rot_dim <= head_dim``, broadcast over heads.
+        sin: like ``cos``.
+
+    Returns:
+        ``(batch, heads, tokens, head_dim)`` in the dtype of ``x``; the math runs in the dtype of ``cos``.
+    """
+    rot_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x_rot, x_pass = x[..., :rot_dim].to(cos.dtype), x[..., rot_dim:]
+    rotated = (x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype)
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of :func:`apply_rope` for the same ``cos``/``sin``.
+
+    Each dimension pair is multiplied by ``[[c, -s], [s, c]]``; its inverse is ``[[c, s], [-s, c]] / (c^2 + s^2)``
+    (the denominator is the square of RoPE's attention scaling, 1 for plain RoPE).
+
+    Args:
+        x: post-RoPE keys ``(batch, heads, tokens, head_dim)``.
+        cos: ``(batch, tokens, rot_dim)``.
+        sin: like ``cos``.
+
+    Returns:
+        Pre-RoPE keys, same shape and dtype as ``x``.
+    """
+    rot_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x_rot, x_pass = x[..., :rot_dim].to(cos.dtype), x[..., rot_dim:]
+    unrotated = ((x_rot * cos - rotate_half(x_rot) * sin) / (cos * cos + sin * sin)).to(x.dtype)
+    return torch.cat((unrotated, x_pass), dim=-1) if x_pass.shape[-1] else unrotated
+
+
+class RotaryAngles:
+    """cos/sin of the model's own rotary module at given positions, always in float32.
+
+    Args:
+        rotary_emb: the model's rotary module (``model.model.rotary_emb``), called as ``rotary_emb(x, position_ids)``.
+    """
+
+    def __init__(self, rotary_emb: nn.Module):
+        self.rotary_emb = rotary_emb
+
+    @torch.no_grad()
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin, each ``(batch, tokens, rot_dim)`` float32, for ``position_ids`` ``(batch, tokens)``."""
+        probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
+        cos, sin = self.rotary_emb(probe, position_ids)
+        return cos.float(), sin.float()

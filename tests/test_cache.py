@@ -1,0 +1,207 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tests.conftest import TINY_FAMILIES, build_tiny
+from xkv import XKVCache, XKVConfig
+from xkv.compat import generate_cache_kwargs
+
+FULL = {"rank_k": 1.0, "rank_v": 1.0}
+
+
+def ids(batch, tokens, seed=0):
+    return torch.randint(0, 99, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+@pytest.mark.parametrize("grouping", ["contiguous", "stride"])
+def test_full_rank_matches_dynamic_cache(family, grouping):
+    model = build_tiny(family)
+    prompt, turn, step = ids(2, 40), ids(2, 6, seed=1), ids(2, 1, seed=2)
+    dense, xkv = DynamicCache(), XKVCache(model, XKVConfig(group_size=2, grouping=grouping, **FULL))
+    with torch.no_grad():
+        for chunk in (prompt, turn, step):
+            expected = model(chunk, past_key_values=dense).logits
+            got = model(chunk, past_key_values=xkv).logits
+            assert (expected - got).abs().max() < 1e-4
+    assert xkv.get_seq_length() == dense.get_seq_length() == 47
+
+
+def test_generate_with_full_rank_gives_the_same_tokens(tiny_llama):
+    prompt = ids(1, 60)
+    with torch.no_grad():
+        expected = tiny_llama.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        cache = XKVCache(tiny_llama, XKVConfig(group_size=4, **FULL))
+        got = tiny_llama.generate(
+            prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **generate_cache_kwargs(cache)
+        )
+    assert torch.equal(expected, got)
+    assert cache.get_seq_length() == 60 + 11
+
+
+def test_generate_continues_a_prefilled_cache(tiny_llama):
+    # The context is compressed first; generate() then appends only the new tokens.
+    prompt, question = ids(1, 50), ids(1, 5, seed=3)
+    with torch.no_grad():
+        cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=6, rank_v=6))
+        tiny_llama(prompt, past_key_values=cache)
+        out = tiny_llama.generate(
+            torch.cat([prompt, question], dim=1),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            **generate_cache_kwargs(cache),
+        )
+    assert out.shape[1] == 59
+    assert all(store.prefix_len == 50 for store in cache.group_stores)
+    assert cache.layers[0].keys.shape[-2] == 5 + 3  # question and decoded tokens stay exact in the tail
+
+
+def test_compression_changes_logits_and_tail_is_exact(tiny_llama):
+    prompt, turn = ids(1, 64), ids(1, 5, seed=1)
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=3, rank_v=3))
+    dense = DynamicCache()
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=cache)
+        tiny_llama(prompt, past_key_values=dense)
+        tiny_llama(turn, past_key_values=cache)
+        tiny_llama(turn, past_key_values=dense)
+    # Layer 0 sees the same inputs in both runs, so its tail must be bit-exact (later layers see compressed context).
+    assert torch.equal(cache.layers[0].keys, dense.layers[0].keys[:, :, 64:])
+    assert torch.equal(cache.layers[0].values, dense.layers[0].values[:, :, 64:])
+    rebuilt = cache.group_stores[0].rebuild_keys(0)
+    assert not torch.allclose(rebuilt, dense.layers[0].keys[:, :, :64], atol=1e-3)
+
+
+def test_at_most_one_contiguous_group_is_dense_during_prefill(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=4, rank_v=4))
+    seen = []
+    original = type(cache.group_stores[0]).add_prefill
+
+    def spy(store, *args, **kwargs):
+        original(store, *args, **kwargs)
+        seen.append(sum(len(s.pending_keys) for s in cache.group_stores))
+
+    for store in cache.group_stores:
+        store.add_prefill = spy.__get__(store)
+    with torch.no_grad():
+        tiny_llama(ids(1, 30), past_key_values=cache)
+    assert seen == [1, 0, 1, 0]
+
+
+def test_layers_outside_range_stay_dense(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, first_layer=1, last_layer=2, rank_k=2, rank_v=2))
+    dense = DynamicCache()
+    prompt = ids(1, 30)
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=cache)
+        tiny_llama(prompt, past_key_values=dense)
+    assert [s.group.layers for s in cache.group_stores] == [(1, 2)]
+    for layer_idx in (0, 3):
+        torch.testing.assert_close(cache.layers[layer_idx].keys, dense.layers[layer_idx].keys)
+
+
+def test_keys_or_values_can_stay_exact(tiny_llama):
+    prompt = ids(1, 30)
+    dense = DynamicCache()
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=dense)
+        for side in ("keys", "values"):
+            cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=1, rank_v=1, **{f"compress_{side}": False}))
+            tiny_llama(prompt, past_key_values=cache)
+            store = cache.group_stores[1]
+            exact = store.rebuild_keys(1) if side == "keys" else store.rebuild_values(1)
+            torch.testing.assert_close(exact, getattr(dense.layers[3], side))
+            assert (store.rank_k is None) == (side == "keys")
+
+
+def test_from_dense_equals_compressing_during_prefill(tiny_llama):
+    prompt, turn = ids(1, 48), ids(1, 4, seed=5)
+    config = XKVConfig(group_size=2, rank_k=5, rank_v=7)
+    during = XKVCache(tiny_llama, config)
+    dense = DynamicCache()
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=during)
+        tiny_llama(prompt, past_key_values=dense)
+        after = XKVCache.from_dense(tiny_llama, [(layer.keys, layer.values) for layer in dense.layers], config)
+        for a, b in zip(during.group_stores, after.group_stores, strict=True):
+            torch.testing.assert_close(a.rebuild_keys(0), b.rebuild_keys(0), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.rebuild_values(1), b.rebuild_values(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            tiny_llama(turn, past_key_values=during).logits,
+            tiny_llama(turn, past_key_values=after).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    with pytest.raises(ValueError, match="3 layers"):
+        XKVCache.from_dense(tiny_llama, [(layer.keys, layer.values) for layer in dense.layers[:3]], config)
+
+
+def test_materialize_decodes_like_the_cache(tiny_llama):
+    prompt = ids(1, 40)
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=4, rank_k=3, rank_v=5))
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=cache)
+        dense = cache.materialize()
+        token = ids(1, 1, seed=9)
+        for _ in range(5):
+            a = tiny_llama(token, past_key_values=cache).logits
+            b = tiny_llama(token, past_key_values=dense).logits
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            token = a[:, -1:].argmax(-1)
+
+
+def test_rank_larger_than_tokens_raises_before_storing(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=20, rank_v=4))
+    with pytest.raises(ValueError, match=r"rank_k for group 0.*\[1, 10\].*got 20"), torch.no_grad():
+        tiny_llama(ids(1, 10), past_key_values=cache)
+    assert cache.get_seq_length() == 0 and not cache.group_stores[0].pending_keys
+    with pytest.raises(ValueError, match="rank_v for group 0.*cannot reach"), torch.no_grad():
+        tiny_llama(ids(1, 4), past_key_values=XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=1, rank_v="9x")))
+
+
+def test_custom_positions_are_refused(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=2, rank_v=2))
+    with pytest.raises(ValueError, match="positions 0..T-1"), torch.no_grad():
+        tiny_llama(ids(1, 10), past_key_values=cache, position_ids=torch.arange(5, 15).unsqueeze(0))
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(NotImplementedError, match=r"gpt2.*supported: \['llama', 'mistral', 'qwen2', 'qwen3'\]"):
+        XKVCache(model)
+
+
+def test_batch_ops_crop_and_reset(tiny_llama):
+    prompt = ids(3, 30)
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=4, rank_v=4))
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=cache)
+        tiny_llama(ids(3, 2, seed=4), past_key_values=cache)
+        reference = cache.materialize()
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(cache.materialize().layers[1].keys, reference.layers[1].keys[[2, 0, 1]])
+    cache.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(cache.materialize().layers[3].values, reference.layers[3].values[[0]])
+    cache.batch_repeat_interleave(2)
+    assert cache.materialize().layers[0].keys.shape[0] == 2
+    cache.crop(31)
+    assert cache.get_seq_length() == 31 and cache.layers[0].keys.shape[-2] == 1
+    cache.crop(-11)
+    assert cache.get_seq_length() == 20 and cache.group_stores[0].prefix_len == 20
+    torch.testing.assert_close(cache.materialize().layers[2].keys, reference.layers[2].keys[[0, 0], :, :20])
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_report().held_bytes == 0
+    with torch.no_grad():
+        tiny_llama(ids(1, 12), past_key_values=cache)
+    assert cache.get_seq_length() == 12
+
+
+def test_randomized_svd_cache_runs(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k="2x", rank_v="3x", svd="randomized"))
+    with torch.no_grad():
+        tiny_llama(ids(1, 64), past_key_values=cache)
+        tiny_llama(ids(1, 1), past_key_values=cache)
+    assert cache.memory_report().context_compression_factor >= 2.0

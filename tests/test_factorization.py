@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xkv import compression_factor, cross_layer_svd, relative_error
+from xkv.config import parse_rank
+from xkv.factorization import full_rank, rank_for_compression_factor, resolve_rank
+
+
+def make_layers(seed, batch, tokens, dim, group_size, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, tokens, dim, generator=gen, dtype=dtype) for _ in range(group_size)]
+
+
+dims = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "batch": st.integers(1, 2),
+        "tokens": st.integers(2, 24),
+        "dim": st.integers(1, 8),
+        "group_size": st.integers(1, 4),
+    }
+)
+
+
+@settings(deadline=None, max_examples=50)
+@given(d=dims, data=st.data())
+def test_shapes_and_full_rank_reconstruction(d, data):
+    layers = make_layers(**d)
+    bound = full_rank(d["tokens"], d["group_size"], d["dim"])
+    rank = data.draw(st.integers(1, bound))
+    factors = cross_layer_svd(layers, rank)
+    assert factors.token_basis.shape == (d["batch"], d["tokens"], rank)
+    assert factors.reconstruction.shape == (d["batch"], d["group_size"], rank, d["dim"])
+    assert factors.token_basis.is_contiguous() and factors.reconstruction.is_contiguous()
+    full = cross_layer_svd(layers, bound)
+    for slot, layer in enumerate(layers):
+        torch.testing.assert_close(full.layer(slot), layer, atol=1e-10, rtol=0)
+
+
+@settings(deadline=None, max_examples=50)
+@given(d=dims)
+def test_error_falls_monotonically_with_rank(d):
+    layers = make_layers(**d)
+    errors = [relative_error(layers, cross_layer_svd(layers, r)) for r in range(1, full_rank(**_shape(d)) + 1)]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 1e-10
+
+
+def _shape(d):
+    return {"tokens": d["tokens"], "group_size": d["group_size"], "dim": d["dim"]}
+
+
+@settings(deadline=None, max_examples=50)
+@given(d=dims, data=st.data())
+def test_eckart_young(d, data):
+    layers = make_layers(**d)
+    rank = data.draw(st.integers(1, full_rank(**_shape(d))))
+    factors = cross_layer_svd(layers, rank)
+    stacked = torch.cat(layers, dim=-1)
+    s = torch.linalg.svdvals(stacked)
+    for b in range(d["batch"]):
+        err = sum(float((layers[g][b] - factors.layer(g)[b]).pow(2).sum()) for g in range(d["group_size"]))
+        assert math.isclose(err, float(s[b, rank:].pow(2).sum()), rel_tol=1e-8, abs_tol=1e-9)
+
+
+@settings(deadline=None, max_examples=30)
+@given(d=dims, data=st.data())
+def test_identical_layers_share_one_layers_error(d, data):
+    one = make_layers(**{**d, "group_size": 1})
+    rank = data.draw(st.integers(1, full_rank(d["tokens"], 1, d["dim"])))
+    alone = relative_error(one, cross_layer_svd(one, rank))
+    copies = one * d["group_size"]
+    assert math.isclose(relative_error(copies, cross_layer_svd(copies, rank)), alone, rel_tol=1e-7, abs_tol=1e-9)
+
+
+def test_randomized_close_to_exact_and_seeded():
+    layers = make_layers(0, 1, 200, 16, 4, dtype=torch.float32)
+    # Low-rank signal plus noise: the regime KV caches are in.
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.randn(1, 200, 12, generator=gen)
+    layers = [basis @ torch.randn(1, 12, 16, generator=gen) + 0.01 * layer for layer in layers]
+    exact = relative_error(layers, cross_layer_svd(layers, 12))
+    rand_a = cross_layer_svd(layers, 12, method="randomized", seed=3)
+    rand_b = cross_layer_svd(layers, 12, method="randomized", seed=3)
+    assert torch.equal(rand_a.token_basis, rand_b.token_basis)
+    assert relative_error(layers, rand_a) <= exact * 1.05 + 1e-6
+
+
+def test_dtype_kept_and_bad_inputs():
+    layers = make_layers(0, 1, 10, 4, 2, dtype=torch.float32)
+    assert cross_layer_svd(layers, 3).token_basis.dtype == torch.float32
+    assert cross_layer_svd(layers, 3, out_dtype=torch.bfloat16).reconstruction.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"`rank` must be in \[1, 8\]"):
+        cross_layer_svd(layers, 9)
+    with pytest.raises(ValueError, match="layer 1 of the group"):
+        cross_layer_svd([layers[0], layers[1][:, :5]], 2)
+    with pytest.raises(ValueError, match="batch, tokens, dim"):
+        cross_layer_svd([torch.zeros(3, 4)], 1)
+    with pytest.raises(ValueError, match="method"):
+        cross_layer_svd(layers, 2, method="qr")
+
+
+@pytest.mark.parametrize("factor", [1.5, 2.0, 4.0, 8.0, 16.0])
+@pytest.mark.parametrize(("tokens", "group_size", "dim"), [(4096, 8, 192), (2048, 4, 192), (1000, 1, 64)])
+def test_rank_for_factor_is_the_largest_that_reaches_it(factor, tokens, group_size, dim):
+    rank = rank_for_compression_factor(tokens, group_size, dim, factor)
+    assert compression_factor(tokens, group_size, dim, rank) >= factor
+    assert compression_factor(tokens, group_size, dim, rank + 1) < factor
+
+
+def test_resolve_rank_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"rank_k for group 2.*\[1, 10\]"):
+        resolve_rank(parse_rank(11, "rank_k"), 10, 2, 8, field_name="rank_k for group 2")
+    with pytest.raises(ValueError, match="rank_v for group 0.*cannot reach"):
+        resolve_rank(parse_rank("20x", "rank_v"), 10, 2, 8, field_name="rank_v for group 0")
+    assert resolve_rank(parse_rank(1.0, "r"), 10, 2, 8, field_name="r") == 10
+    assert resolve_rank(parse_rank(0.01, "r"), 10, 2, 8, field_name="r") == 1
