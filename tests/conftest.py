@@ -1,5 +1,6 @@
 import pytest
 import torch
+import transformers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -10,6 +11,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+transformers.utils.logging.disable_progress_bar()  # weight-loading bars would drown test output
 
 TINY = {
     "vocab_size": 99,

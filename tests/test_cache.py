@@ -96,7 +96,7 @@ def test_layers_outside_range_stay_dense(tiny_llama):
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=cache)
         tiny_llama(prompt, past_key_values=dense)
-    assert [s.group.layers for s in cache.group_stores] == [(1, 2)]
+    assert [s.layers for s in cache.group_stores] == [(1, 2)]
     for layer_idx in (0, 3):
         torch.testing.assert_close(cache.layers[layer_idx].keys, dense.layers[layer_idx].keys)
 

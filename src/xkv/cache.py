@@ -11,11 +11,16 @@ Life of a compressed layer group (G layers):
   layer, never kept between calls. The tail is never folded back into the factors; a long generation grows it.
 
 Layers outside ``[first_layer, last_layer]`` use transformers' ``DynamicLayer``.
+
+The container (:class:`GroupedCache`) and the per-layer view (:class:`CompressedLayer`) know nothing of SVD: they
+drive any :class:`CompressedStore`, so cross-layer baselines (``xkv.baselines.minicache``) reuse them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -30,7 +35,362 @@ from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
 from xkv.rope import RotaryAngles, apply_rope, unapply_rope
 
 
-class XKVGroupStore:
+class CompressedStore(ABC):
+    """State shared by the layers compressed together (an xKV group, a MiniCache pair).
+
+    A store holds its layers' prefill states until the last of them has arrived, then the compressed prefix. Its
+    layers (:class:`CompressedLayer`) add an exact tail each. Subclasses set ``index``, ``layers`` and
+    ``prefix_len`` and implement the abstract methods.
+
+    Attributes:
+        index: position of the store in its cache.
+        layers: model layer indices, in slot order.
+        prefix_len: tokens of the (pending or compressed) prefix.
+    """
+
+    index: int
+    layers: tuple[int, ...]
+    prefix_len: int
+
+    @property
+    @abstractmethod
+    def is_ready(self) -> bool:
+        """Whether the prefix has been compressed (every layer's prefill has arrived)."""
+
+    @abstractmethod
+    def add_prefill(
+        self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor, inputs: UpdateInputs
+    ) -> None:
+        """Hold one layer's prefill states ``(batch, kv_heads, tokens, head_dim)``; compress when all are in."""
+
+    @abstractmethod
+    def rebuild_keys(self, slot: int) -> torch.Tensor:
+        """``(batch, kv_heads, prefix_len, head_dim)`` post-RoPE keys of one layer (a transient)."""
+
+    @abstractmethod
+    def rebuild_values(self, slot: int) -> torch.Tensor:
+        """``(batch, kv_heads, prefix_len, head_dim)`` values of one layer (a transient)."""
+
+    @abstractmethod
+    def prefix_tensors(self) -> list[torch.Tensor]:
+        """Every tensor held for the compressed prefix."""
+
+    @abstractmethod
+    def pending_tensors(self) -> list[torch.Tensor]:
+        """Prefill tensors held until the store is complete."""
+
+    @abstractmethod
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every held tensor (batch-dimension edits: beam reorder, select, repeat)."""
+
+    @abstractmethod
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` prefix tokens."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop everything held."""
+
+    def ranks(self) -> tuple[int | None, int | None]:
+        """``(rank_k, rank_v)`` for the memory report; ``None`` where the notion does not apply."""
+        return None, None
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One compressed layer: a view on its store plus an exact tail.
+
+    ``keys``/``values`` hold the tail only: ``(batch, kv_heads, tail_len, head_dim)``, keys post-RoPE.
+
+    Args:
+        store: the shared store of the layer's group.
+        slot: position of this layer within the store.
+    """
+
+    is_sliding = False
+
+    def __init__(self, store: CompressedStore, slot: int):
+        super().__init__()
+        self.store = store
+        self.slot = slot
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Empty tails with the model's dtype and device."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_empty((batch, heads, 0, head_dim))
+        self.values = value_states.new_empty((batch, value_states.shape[1], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new tokens and return what attention needs.
+
+        Args:
+            key_states: ``(batch, kv_heads, new_tokens, head_dim)``, post-RoPE.
+            value_states: ``(batch, kv_heads, new_tokens, head_dim)``.
+            cache_kwargs: the update's extra arguments (RoPE angles or positions, by transformers version).
+
+        Returns:
+            Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``: on the layer's first call (prefill) the
+            exact inputs; later, the rebuilt prefix followed by the exact tail.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.cumulative_length == 0:
+            self.cumulative_length = key_states.shape[-2]
+            self.store.add_prefill(self.slot, key_states, value_states, read_update_inputs(cache_kwargs, {}))
+            return key_states, value_states
+        if not self.store.is_ready:
+            raise RuntimeError(
+                f"layer {self.store.layers[self.slot]} got new tokens before every layer of its group "
+                f"{list(self.store.layers)} finished the prefill"
+            )
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys = torch.cat([self.store.rebuild_keys(self.slot), self.keys], dim=-2)
+        values = torch.cat([self.store.rebuild_values(self.slot), self.values], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen by this layer (compressed prefix plus tail)."""
+        return self.cumulative_length
+
+    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the attention mask: every seen token plus the query, no offset."""
+        return self.cumulative_length + query_length(cache_position), 0
+
+    def get_max_cache_shape(self) -> int:
+        """No maximum length."""
+        return -1
+
+    def get_max_length(self) -> int:
+        """No maximum length (transformers >= 5.23 name)."""
+        return -1
+
+    def crop_tail(self, length: int) -> None:
+        """Keep ``length`` tail tokens."""
+        self.keys = self.keys[:, :, :length]
+        self.values = self.values[:, :, :length]
+
+    def reset(self) -> None:
+        """Empty the tail and the length counter."""
+        if self.is_initialized:
+            self.keys = self.keys[:, :, :0]
+            self.values = self.values[:, :, :0]
+        self.cumulative_length = 0
+
+
+#: Name kept for the public API: an xKV-compressed layer is a :class:`CompressedLayer` over an ``XKVGroupStore``.
+XKVLayer = CompressedLayer
+
+
+class GroupedCache(Cache):
+    """A transformers ``Cache`` whose compressed layers share stores; the rest stay ``DynamicLayer``.
+
+    Holds everything xKV and the cross-layer baselines have in common: the Cache contract (lengths, masks, beam
+    reorder, batch edits, crop, reset), byte accounting and evaluation helpers. Subclasses build the stores.
+
+    Args:
+        spec: the model's attention geometry.
+        stores: the compressed groups; every layer not in a store keeps a dense cache.
+    """
+
+    def __init__(self, spec: ModelSpec, stores: list[CompressedStore]):
+        self.spec = spec
+        self.stores = stores
+        layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(spec.num_layers)]
+        for store in stores:
+            for slot, layer_idx in enumerate(store.layers):
+                layers[layer_idx] = CompressedLayer(store, slot)
+        super().__init__(layers=layers)
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys/values and return the keys/values attention uses.
+
+        Args:
+            key_states: ``(batch, kv_heads, new_tokens, head_dim)``, post-RoPE.
+            value_states: ``(batch, kv_heads, new_tokens, head_dim)``.
+            layer_idx: the model layer.
+            cache_kwargs: transformers 5.2's ``{"sin", "cos", "cache_position"}``.
+            **kwargs: later versions' keyword arguments (``kwargs={"position_ids": ...}``).
+
+        Returns:
+            Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``.
+        """
+        merged = dict(cache_kwargs or {})
+        inputs = read_update_inputs(cache_kwargs, kwargs)
+        if inputs.position_ids is not None:
+            merged["position_ids"] = inputs.position_ids
+        if layer_idx == 0 and self.get_seq_length() == 0:
+            self.begin_prefill(key_states, inputs)
+        return self.layers[layer_idx].update(key_states, value_states, merged)
+
+    def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
+        """Called before the first layer's first update; check everything here so nothing is half-written."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen by ``layer_idx`` (compressed prefix plus exact tail)."""
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, cache_position: torch.Tensor | int, layer_idx: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for ``layer_idx``; ``cache_position`` or a query length (by version)."""
+        if isinstance(self.layers[layer_idx], DynamicLayer) and not isinstance(cache_position, torch.Tensor):
+            return self.layers[layer_idx].get_seq_length() + int(cache_position), 0
+        return self.layers[layer_idx].get_mask_sizes(cache_position)
+
+    def get_max_length(self) -> int:
+        """No maximum length (transformers >= 5.23 name)."""
+        return -1
+
+    def reset(self) -> None:
+        """Drop every stored token; the cache can be reused for a new prompt."""
+        for layer in self.layers:
+            layer.reset()
+            if isinstance(layer, DynamicLayer) and layer.is_initialized:
+                layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+        for store in self.stores:
+            store.reset()
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop that many).
+
+        Cropping into the compressed prefix is left to each store (xKV drops rows of the token basis).
+        """
+        seen = self.get_seq_length()
+        if max_length < 0:
+            max_length = seen + max_length
+        if max_length >= seen:
+            return
+        for store in self.stores:
+            store.crop(max_length)
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.crop_tail(max(0, max_length - layer.store.prefix_len))
+                layer.cumulative_length = min(layer.cumulative_length, max_length)
+            else:
+                layer.crop(max_length)
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for store in self.stores:
+            store.map_tensors(fn)
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None:
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only ``indices`` of the batch."""
+        self._map_batch(lambda t: t[indices.to(t.device)].contiguous())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence ``repeats`` times along the batch."""
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes held, measured from the stored tensors, against a dense cache of the same tokens and dtype.
+
+        Returns:
+            A :class:`~xkv.memory.MemoryReport` with one entry per compressed store; exact tails and pending prefill
+            tensors as tail bytes; layers outside the stores as dense layer bytes.
+        """
+        report = MemoryReport()
+        dtype, batch = self._dtype_and_batch()
+        if dtype is None:
+            return report
+        dim = self.spec.kv_dim
+        tail: list[torch.Tensor] = []
+        dense: list[torch.Tensor] = []
+        for store in self.stores:
+            tail += store.pending_tensors()
+            if store.is_ready:
+                rank_k, rank_v = store.ranks()
+                report.groups.append(
+                    GroupMemory(
+                        group_idx=store.index,
+                        layers=store.layers,
+                        tokens=store.prefix_len,
+                        rank_k=rank_k,
+                        rank_v=rank_v,
+                        held_bytes=tensor_bytes(store.prefix_tensors()),
+                        dense_bytes=dense_kv_bytes(batch, store.prefix_len, len(store.layers), dim, dtype),
+                    )
+                )
+        for layer in self.layers:
+            if layer.is_initialized:
+                (tail if isinstance(layer, CompressedLayer) else dense).extend([layer.keys, layer.values])
+        report.tail_bytes = tensor_bytes(tail)
+        report.dense_layer_bytes = tensor_bytes(dense)
+        report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
+        report.dense_bytes = sum(dense_kv_bytes(batch, layer.get_seq_length(), 1, dim, dtype) for layer in self.layers)
+        return report
+
+    def _dtype_and_batch(self) -> tuple[torch.dtype | None, int]:
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+                return layer.keys.dtype, layer.keys.shape[0]
+        return None, 0
+
+    def materialize(self) -> DynamicCache:
+        """A ``DynamicCache`` holding exactly the keys/values this cache gives attention (rebuilt prefix + tail).
+
+        For evaluation and debugging: decoding through it equals decoding through this cache, at dense speed, but it
+        holds a full-size cache. Take byte figures from :meth:`memory_report`, never from the result.
+
+        Raises:
+            RuntimeError: before the prefill has finished.
+        """
+        dense = DynamicCache()
+        for layer_idx, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer):
+                if not layer.store.is_ready:
+                    raise RuntimeError("materialize() needs a finished prefill")
+                keys = torch.cat([layer.store.rebuild_keys(layer.slot), layer.keys], dim=-2)
+                values = torch.cat([layer.store.rebuild_values(layer.slot), layer.values], dim=-2)
+            else:
+                keys, values = layer.keys, layer.values
+            dense.update(keys, values, layer_idx)
+        return dense
+
+    @classmethod
+    def from_dense(
+        cls, model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], config: Any = None
+    ) -> Self:
+        """Compress a finished dense cache, e.g. a ``DynamicCache`` after the context's forward pass.
+
+        Gives the same stored tensors as compressing during that forward pass (xKV un-rotates keys with the model's
+        own RoPE at positions ``0..T-1``), so one prefill can serve several configurations.
+
+        Args:
+            model: the model that produced the cache.
+            keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
+                e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``.
+            config: the subclass's configuration.
+
+        Raises:
+            ValueError: if the number of layers does not match the model.
+        """
+        cache = cls(model, config)
+        if len(keys_values) != cache.spec.num_layers:
+            raise ValueError(f"`keys_values` has {len(keys_values)} layers but the model has {cache.spec.num_layers}")
+        for layer_idx, (keys, values) in enumerate(keys_values):
+            cache.update(keys, values, layer_idx)
+        return cache
+
+
+class XKVGroupStore(CompressedStore):
     """State shared by the layers of one group: pending prefill tensors, then the factors of the prefix.
 
     Args:
@@ -45,6 +405,8 @@ class XKVGroupStore:
         self, group: LayerGroup, config: XKVConfig, num_groups: int, spec: ModelSpec, angles: RotaryAngles | None
     ):
         self.group = group
+        self.index = group.index
+        self.layers = group.layers
         self.config = config
         self.spec = spec
         self.angles = angles
@@ -82,9 +444,13 @@ class XKVGroupStore:
         return rank_k, rank_v
 
     @property
-    def is_factored(self) -> bool:
-        """Whether the group's prefix has been compressed."""
+    def is_ready(self) -> bool:
+        """Whether the group's prefix has been factored."""
         return self.prefix_len > 0 and not self.pending_keys
+
+    def ranks(self) -> tuple[int | None, int | None]:
+        """``(rank_k, rank_v)`` of the factors (``None`` for a side kept exact)."""
+        return self.rank_k, self.rank_v
 
     def add_prefill(self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor, inputs: UpdateInputs):
         """Hold one layer's prefill states; factor the group once its last layer has arrived.
@@ -182,7 +548,7 @@ class XKVGroupStore:
         """Prefill tensors held until the group is complete."""
         return list(self.pending_keys.values()) + list(self.pending_values.values())
 
-    def map_tensors(self, fn: Any) -> None:
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every held tensor (batch-dimension edits: beam reorder, select, repeat)."""
         for factors in (self.key_factors, self.value_factors):
             if factors is not None:
@@ -217,94 +583,7 @@ class XKVGroupStore:
         self._reset_state()
 
 
-class XKVLayer(CacheLayerMixin):
-    """One compressed layer: a view on its group's store plus an exact tail.
-
-    ``keys``/``values`` hold the tail only: ``(batch, kv_heads, tail_len, head_dim)``, keys post-RoPE.
-
-    Args:
-        store: the group's shared store.
-        slot: position of this layer within the group.
-    """
-
-    is_sliding = False
-
-    def __init__(self, store: XKVGroupStore, slot: int):
-        super().__init__()
-        self.store = store
-        self.slot = slot
-        self.cumulative_length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Empty tails with the model's dtype and device."""
-        self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads, _, head_dim = key_states.shape
-        self.keys = key_states.new_empty((batch, heads, 0, head_dim))
-        self.values = value_states.new_empty((batch, value_states.shape[1], 0, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new tokens and return what attention needs.
-
-        Args:
-            key_states: ``(batch, kv_heads, new_tokens, head_dim)``, post-RoPE.
-            value_states: ``(batch, kv_heads, new_tokens, head_dim)``.
-            cache_kwargs: the update's extra arguments (RoPE angles or positions, by transformers version).
-
-        Returns:
-            Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``: on the layer's first call (prefill) the
-            exact inputs; later, the rebuilt prefix followed by the exact tail.
-        """
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.cumulative_length == 0:
-            self.cumulative_length = key_states.shape[-2]
-            self.store.add_prefill(self.slot, key_states, value_states, read_update_inputs(cache_kwargs, {}))
-            return key_states, value_states
-        if not self.store.is_factored:
-            raise RuntimeError(
-                f"layer {self.store.group.layers[self.slot]} got new tokens before every layer of its group "
-                f"{list(self.store.group.layers)} finished the prefill"
-            )
-        self.cumulative_length += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        keys = torch.cat([self.store.rebuild_keys(self.slot), self.keys], dim=-2)
-        values = torch.cat([self.store.rebuild_values(self.slot), self.values], dim=-2)
-        return keys, values
-
-    def get_seq_length(self) -> int:
-        """Tokens seen by this layer (compressed prefix plus tail)."""
-        return self.cumulative_length
-
-    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for the attention mask: every seen token plus the query, no offset."""
-        return self.cumulative_length + query_length(cache_position), 0
-
-    def get_max_cache_shape(self) -> int:
-        """No maximum length."""
-        return -1
-
-    def get_max_length(self) -> int:
-        """No maximum length (transformers >= 5.23 name)."""
-        return -1
-
-    def crop_tail(self, length: int) -> None:
-        """Keep ``length`` tail tokens."""
-        self.keys = self.keys[:, :, :length]
-        self.values = self.values[:, :, :length]
-
-    def reset(self) -> None:
-        """Empty the tail and the length counter."""
-        if self.is_initialized:
-            self.keys = self.keys[:, :, :0]
-            self.values = self.values[:, :, :0]
-        self.cumulative_length = 0
-
-
-class XKVCache(Cache):
+class XKVCache(GroupedCache):
     """KV-cache that keeps the context as cross-layer SVD factors (xKV, arXiv 2503.18893).
 
     Use it anywhere a transformers ``Cache`` goes: ``model.generate(ids, past_key_values=XKVCache(model))`` or a
@@ -322,29 +601,23 @@ class XKVCache(Cache):
 
     def __init__(self, model: nn.Module, config: XKVConfig | None = None):
         self.config = config or XKVConfig()
-        self.spec = describe_model(model)
+        spec = describe_model(model)
         self.groups = build_groups(
-            self.spec.num_layers,
+            spec.num_layers,
             self.config.group_size,
             self.config.grouping,
             self.config.first_layer,
             self.config.last_layer,
         )
-        self.angles = RotaryAngles(self.spec.rotary_emb) if self.spec.rotary_emb is not None else None
-        self.stores = [
-            XKVGroupStore(group, self.config, len(self.groups), self.spec, self.angles) for group in self.groups
-        ]
-        for store in self.stores:
-            self._check_static_ranks(store)
-        layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(self.spec.num_layers)]
-        for store in self.stores:
-            for slot, layer_idx in enumerate(store.group.layers):
-                layers[layer_idx] = XKVLayer(store, slot)
-        super().__init__(layers=layers)
+        self.angles = RotaryAngles(spec.rotary_emb) if spec.rotary_emb is not None else None
+        stores = [XKVGroupStore(group, self.config, len(self.groups), spec, self.angles) for group in self.groups]
+        for store in stores:
+            self._check_static_ranks(store, spec)
+        super().__init__(spec, stores)
 
-    def _check_static_ranks(self, store: XKVGroupStore) -> None:
+    def _check_static_ranks(self, store: XKVGroupStore, spec: ModelSpec) -> None:
         # Integer ranks can be checked against G*D now; the token bound is checked at the first prefill.
-        bound = self.spec.kv_dim * store.group.size
+        bound = spec.kv_dim * store.group.size
         for side, setting in (("k", store.setting_k), ("v", store.setting_v)):
             if setting.kind == "rank" and setting.value > bound:
                 raise ValueError(
@@ -352,50 +625,25 @@ class XKVCache(Cache):
                     f"(group_size * kv_heads * head_dim) but got {int(setting.value)}"
                 )
 
-    # ------------------------------------------------------------------ the Cache contract
-    def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a layer's new keys/values and return the keys/values attention uses.
-
-        Args:
-            key_states: ``(batch, kv_heads, new_tokens, head_dim)``, post-RoPE.
-            value_states: ``(batch, kv_heads, new_tokens, head_dim)``.
-            layer_idx: the model layer.
-            cache_kwargs: transformers 5.2's ``{"sin", "cos", "cache_position"}``.
-            **kwargs: later versions' keyword arguments (``kwargs={"position_ids": ...}``).
-
-        Returns:
-            Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``.
+    def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
+        """Check ranks and RoPE positions before anything is stored (nothing is half-written on error).
 
         Raises:
-            ValueError: at the first prefill, if a rank does not fit the number of tokens, or the model's RoPE
-                positions are not ``0..T-1`` (left-padded batches and custom ``position_ids`` are not supported yet).
+            ValueError: if a rank does not fit the number of tokens, or the model's RoPE positions are not
+                ``0..T-1`` (left-padded batches and custom ``position_ids`` are not supported yet).
         """
-        merged = dict(cache_kwargs or {})
-        inputs = read_update_inputs(cache_kwargs, kwargs)
-        merged.update({"position_ids": inputs.position_ids} if inputs.position_ids is not None else {})
-        if layer_idx == 0 and self.get_seq_length() == 0:
-            self._begin_prefill(key_states, inputs)
-        return self.layers[layer_idx].update(key_states, value_states, merged)
-
-    def _begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
-        """Check ranks and positions before anything is stored (nothing is half-written on error)."""
         batch, _, tokens, _ = key_states.shape
         for store in self.stores:
             store.check_ranks(tokens)
         expected = torch.arange(tokens, device=key_states.device).unsqueeze(0).expand(batch, -1)
-        if inputs.position_ids is not None and not torch.equal(inputs.position_ids.to(expected.device), expected):
+        if inputs.position_ids is not None and not torch.equal(
+            inputs.position_ids.to(expected.device).expand_as(expected), expected
+        ):
             raise ValueError(
                 "XKVCache needs RoPE positions 0..T-1 for every sequence of the first prefill; got other "
                 "`position_ids` (left-padded batches and custom positions are not supported yet)"
             )
-        if inputs.cos is not None and self.angles is not None:
+        if inputs.cos is not None and inputs.sin is not None and self.angles is not None:
             cos, sin = self.angles(expected)
             tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
             given_cos, given_sin = inputs.cos.float(), inputs.sin.float()
@@ -407,154 +655,6 @@ class XKVCache(Cache):
                     "rotated keys at other positions (left-padded batches and custom position_ids are not "
                     "supported yet)"
                 )
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen by ``layer_idx`` (compressed prefix plus exact tail)."""
-        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
-
-    def get_mask_sizes(self, cache_position: torch.Tensor | int, layer_idx: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for ``layer_idx``; ``cache_position`` or a query length (by version)."""
-        if isinstance(self.layers[layer_idx], DynamicLayer) and not isinstance(cache_position, torch.Tensor):
-            return self.layers[layer_idx].get_seq_length() + int(cache_position), 0
-        return self.layers[layer_idx].get_mask_sizes(cache_position)
-
-    def get_max_length(self) -> int:
-        """No maximum length (transformers >= 5.23 name)."""
-        return -1
-
-    def reset(self) -> None:
-        """Drop every stored token; the cache can be reused for a new prompt."""
-        for layer in self.layers:
-            layer.reset()
-            if isinstance(layer, DynamicLayer) and layer.is_initialized:
-                layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
-        for store in self.stores:
-            store.reset()
-
-    def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens (negative: drop that many).
-
-        Cropping into the compressed prefix drops rows of the token basis, so it is exact with respect to the factors.
-        """
-        seen = self.get_seq_length()
-        if max_length < 0:
-            max_length = seen + max_length
-        if max_length >= seen:
-            return
-        for store in self.stores:
-            store.crop(max_length)
-        for layer in self.layers:
-            if isinstance(layer, XKVLayer):
-                prefix = layer.store.prefix_len
-                layer.crop_tail(max(0, max_length - prefix))
-                layer.cumulative_length = min(layer.cumulative_length, max_length)
-            else:
-                layer.crop(max_length)
-
-    def _map_batch(self, fn: Any) -> None:
-        for store in self.stores:
-            store.map_tensors(fn)
-        for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None:
-                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch for beam search."""
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only ``indices`` of the batch."""
-        self._map_batch(lambda t: t[indices.to(t.device)].contiguous())
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat each sequence ``repeats`` times along the batch."""
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    # ------------------------------------------------------------------ xkv's own API
-    def memory_report(self) -> MemoryReport:
-        """Bytes held, measured from the stored tensors, against a dense cache of the same tokens and dtype.
-
-        Returns:
-            A :class:`~xkv.memory.MemoryReport` with one entry per factored group.
-        """
-        report = MemoryReport()
-        dtype, batch = self._dtype_and_batch()
-        if dtype is None:
-            return report
-        dim = self.spec.kv_dim
-        tail: list[torch.Tensor] = []
-        dense: list[torch.Tensor] = []
-        for store in self.stores:
-            tail += store.pending_tensors()
-            if store.is_factored:
-                report.groups.append(
-                    GroupMemory(
-                        group_idx=store.group.index,
-                        layers=store.group.layers,
-                        tokens=store.prefix_len,
-                        rank_k=store.rank_k,
-                        rank_v=store.rank_v,
-                        held_bytes=tensor_bytes(store.prefix_tensors()),
-                        dense_bytes=dense_kv_bytes(batch, store.prefix_len, store.group.size, dim, dtype),
-                    )
-                )
-        for layer in self.layers:
-            if layer.is_initialized:
-                (tail if isinstance(layer, XKVLayer) else dense).extend([layer.keys, layer.values])
-        report.tail_bytes = tensor_bytes(tail)
-        report.dense_layer_bytes = tensor_bytes(dense)
-        report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
-        report.dense_bytes = sum(dense_kv_bytes(batch, layer.get_seq_length(), 1, dim, dtype) for layer in self.layers)
-        return report
-
-    def _dtype_and_batch(self) -> tuple[torch.dtype | None, int]:
-        for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None:
-                return layer.keys.dtype, layer.keys.shape[0]
-        return None, 0
-
-    def materialize(self) -> DynamicCache:
-        """A ``DynamicCache`` holding exactly the keys/values this cache gives attention (rebuilt prefix + tail).
-
-        For evaluation and debugging: decoding through it equals decoding through this cache, at dense speed, but it
-        holds a full-size cache. Take byte figures from :meth:`memory_report`, never from the result.
-        """
-        dense = DynamicCache()
-        for layer_idx, layer in enumerate(self.layers):
-            if isinstance(layer, XKVLayer):
-                if not layer.store.is_factored:
-                    raise RuntimeError("materialize() needs a finished prefill")
-                keys = torch.cat([layer.store.rebuild_keys(layer.slot), layer.keys], dim=-2)
-                values = torch.cat([layer.store.rebuild_values(layer.slot), layer.values], dim=-2)
-            else:
-                keys, values = layer.keys, layer.values
-            dense.update(keys, values, layer_idx)
-        return dense
-
-    @classmethod
-    def from_dense(
-        cls, model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], config: XKVConfig | None = None
-    ) -> XKVCache:
-        """Compress a finished dense cache, e.g. a ``DynamicCache`` after the context's forward pass.
-
-        Gives the same factors as compressing during that forward pass (keys are un-rotated with the model's own
-        RoPE at positions ``0..T-1``), so one prefill can serve several configurations.
-
-        Args:
-            model: the model that produced the cache.
-            keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
-                e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``.
-            config: compression settings.
-
-        Raises:
-            ValueError: if the number of layers does not match the model.
-        """
-        cache = cls(model, config)
-        if len(keys_values) != cache.spec.num_layers:
-            raise ValueError(f"`keys_values` has {len(keys_values)} layers but the model has {cache.spec.num_layers}")
-        for layer_idx, (keys, values) in enumerate(keys_values):
-            cache.update(keys, values, layer_idx)
-        return cache
 
     @property
     def group_stores(self) -> list[XKVGroupStore]:

@@ -123,6 +123,88 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_plan(args: argparse.Namespace):
+    """Check every eval argument before any model is loaded; return the plan."""
+    from xkv.evaluation.methods import METHODS
+    from xkv.evaluation.runner import EvalPlan, parse_lengths, parse_methods, parse_ratios
+    from xkv.evaluation.tasks import load_haystack, parse_tasks
+
+    tasks = parse_tasks(args.tasks)
+    lengths = parse_lengths(args.lengths)
+    methods = parse_methods(args.methods, METHODS)
+    ratios = parse_ratios(args.ratios)
+    if args.samples < 1:
+        raise ValueError(f"`--samples` must be >= 1 but got {args.samples}")
+    haystack = load_haystack(args.haystack) if args.haystack else None
+    base = XKVConfig.load(args.config) if args.config else None
+    options = {name: {"config": base} for name in ("xkv", "svd") if base is not None}
+    return EvalPlan(
+        tasks=tasks,
+        lengths=lengths,
+        methods=methods,
+        ratios=ratios,
+        samples=args.samples,
+        out_dir=Path(args.out),
+        haystack=haystack,
+        question_in_context=args.question_in_context,
+        max_new_tokens=args.max_new_tokens,
+        min_full_score=args.min_full_score,
+        method_options=options,
+        first_seed=args.first_seed,
+        only_sample=args.sample,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run the RULER-style suite for every method at every target ratio; write JSONL, JSON, Markdown and a plot."""
+    import torch
+    import transformers
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from xkv.evaluation.report import write_reports
+    from xkv.evaluation.runner import Runner
+    from xkv.models import load, stop_token_ids
+
+    plan = _eval_plan(args)  # every argument is checked before the model loads
+    console = Console()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        bar = progress.add_task("evaluating", total=None)
+
+        def on_row(row: dict) -> None:
+            score = "unreachable" if row["score"] is None else f"{row['score']:.2f}"
+            progress.update(
+                bar, advance=1, description=f"{row['sample_id']} {row['method']}@{row['target_ratio']:g}x {score}"
+            )
+
+        runner = Runner(plan, model, tokenizer, stop_token_ids(tokenizer, args.model), progress=on_row)
+        progress.update(bar, total=runner.total_jobs(), completed=len(runner.done))
+        rows = runner.run()
+    write_reports(rows, plan.out_dir, plan.min_full_score)
+    console.print((plan.out_dir / "results.md").read_text())
+    console.print(f"wrote {plan.results_path}, summary.json, results.md and accuracy_vs_ratio.png in {plan.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xkv`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -146,6 +228,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=cmd_demo)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="RULER-style accuracy of every method at equal measured KV bytes",
+        description="Generate RULER-style tasks offline, compress each context with every method at each target "
+        "compression factor (dense bytes / held bytes, measured from the tensors), append the question, answer "
+        "greedily and score. Writes results.jsonl (a rerun resumes), summary.json, results.md and "
+        "accuracy_vs_ratio.png to --out.",
+    )
+    evaluate.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
+    evaluate.add_argument("--tasks", default="ruler-lite", help="'ruler-lite' or a comma list of task names")
+    evaluate.add_argument("--lengths", default="2k", help="total prompt lengths in tokens, e.g. 2k,4k")
+    evaluate.add_argument("--methods", default="full,xkv,svd", help="comma list of methods")
+    evaluate.add_argument("--ratios", default="2,4,8", help="target compression factors, e.g. 2,4,8")
+    evaluate.add_argument("--samples", type=int, default=20, help="samples per task and length")
+    evaluate.add_argument("--first-seed", type=int, default=0, help="seed of the first sample")
+    evaluate.add_argument("--sample", help="replay one sample id (task-length-seed) only")
+    evaluate.add_argument("--haystack", help="natural-text haystack: plain text, or JSON list of documents")
+    evaluate.add_argument("--config", help="base XKVConfig file for xkv/svd (ranks come from each ratio)")
+    evaluate.add_argument("--question-in-context", action="store_true", help="compress the question too")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap")
+    evaluate.add_argument("--min-full-score", type=float, default=0.5, help="drop tasks where full scores less")
+    evaluate.add_argument("--out", default="eval-results", help="output directory (default: %(default)s)")
+    evaluate.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress display")
+    evaluate.set_defaults(func=cmd_eval)
 
     config = commands.add_parser(
         "config",

@@ -1,0 +1,1 @@
+"""Evaluation: RULER-style tasks generated offline, methods compared at equal measured KV bytes."""

@@ -1,0 +1,277 @@
+"""Compression methods as the evaluation runs them: one small class per method, looked up by name.
+
+Every method is asked for a target compression factor (dense bytes / bytes held, in the model's dtype) and reports
+the factor it measured from the tensors it holds after the context. Methods that only read the finished cache
+(``full``, ``xkv``, ``svd``, ``minicache``) reuse one dense prefill per sample; the others (kvpress presses,
+``QuantizedCache``) act inside the forward pass and run their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from xkv.baselines.minicache import MiniCache
+from xkv.baselines.presses import PRESSES, make_press, press_answer, press_memory_report, press_prefill
+from xkv.baselines.quantized import quantized_cache, quantized_memory_report
+from xkv.cache import XKVCache
+from xkv.config import XKVConfig
+from xkv.generation import greedy_generate, prefill
+from xkv.memory import dense_kv_bytes, tensor_bytes
+
+
+class UnreachableError(Exception):
+    """The method cannot reach the requested compression factor at this length (reported, never substituted)."""
+
+
+@dataclass
+class SampleContext:
+    """What every method gets for one sample.
+
+    Attributes:
+        model: the causal LM.
+        context_ids: ``(1, context_tokens)``, the part that is compressed.
+        question_ids: ``(1, question_tokens)``, appended uncompressed (may be empty when the question is compressed).
+        stop_ids: tokens that end the answer.
+        max_new_tokens: answer length cap.
+        dense: per layer ``(keys, values)`` of the context's dense prefill, for methods that reuse it.
+        last_logits: ``(1, vocab)`` logits after the context (used when ``question_ids`` is empty).
+    """
+
+    model: nn.Module
+    context_ids: torch.Tensor
+    question_ids: torch.Tensor
+    stop_ids: list[int]
+    max_new_tokens: int
+    dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    last_logits: torch.Tensor | None = None
+
+    def dense_bytes(self) -> int:
+        """Bytes a dense cache of the context holds, in the model's dtype."""
+        keys = self.dense[0][0] if self.dense else None
+        dtype = keys.dtype if keys is not None else next(self.model.parameters()).dtype
+        num_layers = len(self.dense) if self.dense else self.model.config.num_hidden_layers
+        dim = keys.shape[1] * keys.shape[-1] if keys is not None else 0
+        return dense_kv_bytes(1, self.context_ids.shape[1], num_layers, dim, dtype)
+
+
+@dataclass
+class Outcome:
+    """One method's answer for one sample at one target factor.
+
+    Attributes:
+        tokens: generated token ids.
+        held_bytes: KV bytes held after the context, measured from the tensors.
+        dense_bytes: what a dense cache holds for the same context.
+        details: method-specific facts (ranks, settings) for the JSONL row.
+    """
+
+    tokens: list[int]
+    held_bytes: int
+    dense_bytes: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression_factor(self) -> float:
+        """Measured dense / held."""
+        return self.dense_bytes / self.held_bytes if self.held_bytes else float("inf")
+
+
+def answer_through(ctx: SampleContext, cache: Any) -> list[int]:
+    """Greedy answer through a cache that already holds the context."""
+    if ctx.question_ids.shape[1]:
+        return greedy_generate(ctx.model, ctx.question_ids, cache, ctx.max_new_tokens, ctx.stop_ids).tokens
+    # The question was compressed with the context: the first token comes from the (exact) prefill logits.
+    tokens: list[int] = []
+    logits = ctx.last_logits
+    for _ in range(ctx.max_new_tokens):
+        token = int(logits.argmax(-1)[0])
+        if token in ctx.stop_ids:
+            break
+        tokens.append(token)
+        logits = prefill(ctx.model, torch.tensor([[token]], device=ctx.context_ids.device), cache)
+    return tokens
+
+
+class Method:
+    """Base class: ``run`` answers one sample at one target compression factor.
+
+    Attributes:
+        name: registry name.
+        reuses_prefill: whether ``run`` needs ``ctx.dense`` (one shared prefill) instead of prefilling itself.
+    """
+
+    name: ClassVar[str]
+    reuses_prefill: ClassVar[bool] = True
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Answer the sample holding about ``1 / factor`` of the dense bytes.
+
+        Raises:
+            UnreachableError: if the method cannot reach ``factor``.
+        """
+        raise NotImplementedError
+
+
+class FullCache(Method):
+    """The uncompressed cache (``factor`` must be 1)."""
+
+    name = "full"
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Answer through a copy of the dense prefill."""
+        cache = DynamicCache()
+        for layer_idx, (keys, values) in enumerate(ctx.dense):
+            cache.update(keys.clone(), values.clone(), layer_idx)
+        held = tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+        return Outcome(answer_through(ctx, cache), held, ctx.dense_bytes())
+
+
+def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: float = 3.0) -> XKVConfig:
+    """Ranks for ``factor`` overall, keys compressed ``key_share`` times harder than values.
+
+    With ``1/f_k + 1/f_v = 2/f`` and ``f_k = key_share * f_v``: ``f_v = f (1 + key_share) / (2 key_share)``.
+    At 4x and ``key_share=3`` this is the default K@8x / V@2.67x.
+    """
+    f_v = factor * (1 + key_share) / (2 * key_share)
+    f_k = key_share * f_v
+    base = base or XKVConfig()
+    data = {**base.to_dict(), "rank_k": f"{f_k:.4g}x", "rank_v": f"{f_v:.4g}x"}
+    return XKVConfig.from_dict(data)
+
+
+class XKVMethod(Method):
+    """xKV at the configuration's group size, ranks derived from the target factor."""
+
+    name = "xkv"
+
+    def config_for(self, factor: float) -> XKVConfig:
+        """The config run at ``factor`` (ranks from :func:`xkv_config_for`, other fields from the base config)."""
+        return xkv_config_for(factor, self.options.get("config"))
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
+        config = self.config_for(factor)
+        try:
+            cache = XKVCache.from_dense(ctx.model, ctx.dense, config)
+        except ValueError as err:
+            raise UnreachableError(str(err)) from err
+        report = cache.memory_report()
+        details = {
+            "group_size": config.group_size,
+            "rank_k": [g.rank_k for g in report.groups],
+            "rank_v": [g.rank_v for g in report.groups],
+        }
+        # Decoding through the rebuilt dense copy is the same attention as through the cache (tests/test_cache.py).
+        dense = cache.materialize()
+        del cache
+        return Outcome(answer_through(ctx, dense), report.held_bytes, report.dense_bytes, details)
+
+
+class SingleLayerSVD(XKVMethod):
+    """The paper's single-layer SVD baseline: xKV with G = 1."""
+
+    name = "svd"
+
+    def config_for(self, factor: float) -> XKVConfig:
+        """Same ranks rule as xKV, one layer per group."""
+        base = self.options.get("config") or XKVConfig()
+        return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), "group_size": 1}))
+
+
+class MiniCacheMethod(Method):
+    """MiniCache (SLERP merging of adjacent layer pairs), starting at the deepest layer that reaches the factor."""
+
+    name = "minicache"
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Merge the shared prefill; unreachable above what merging every pair gives (under 2x)."""
+        config = MiniCache.for_compression_factor(ctx.model, factor, int(ctx.context_ids.shape[1]), **self.options)
+        if config is None:
+            raise UnreachableError(f"MiniCache tops out below {factor:g}x (merging layer pairs at most halves them)")
+        cache = MiniCache.from_dense(ctx.model, ctx.dense, config)
+        report = cache.memory_report()
+        dense = cache.materialize()
+        del cache
+        details = {"start_layer": config.start_layer, "retain_fraction": config.retain_fraction}
+        return Outcome(answer_through(ctx, dense), report.held_bytes, report.dense_bytes, details)
+
+
+def _split_last_token(ctx: SampleContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context and question ids for methods with their own prefill; a compressed question leaves its last token out."""
+    if ctx.question_ids.shape[1]:
+        return ctx.context_ids, ctx.question_ids
+    return ctx.context_ids[:, :-1], ctx.context_ids[:, -1:]
+
+
+class PressMethod(Method):
+    """A kvpress pruning press, run through kvpress itself (its ``compression_ratio`` is the fraction removed)."""
+
+    name = "press"
+    press_name: ClassVar[str] = ""
+    reuses_prefill = False
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Prune during the context's prefill, then answer with positions continuing from the original length."""
+        context, question = _split_last_token(ctx)
+        pressed = press_prefill(ctx.model, make_press(self.press_name, factor), context)
+        report = press_memory_report(pressed)
+        tokens = press_answer(ctx.model, pressed, question, ctx.max_new_tokens, ctx.stop_ids)
+        return Outcome(tokens, report.held_bytes, report.dense_bytes, {"kept_tokens": pressed.pressed_length})
+
+
+def _press_method(press: str) -> type[PressMethod]:
+    return type(f"{press.title().replace('_', '')}Method", (PressMethod,), {"name": press, "press_name": press})
+
+
+class QuantizedMethod(Method):
+    """transformers' ``QuantizedCache`` (quanto): the most bits whose predicted factor reaches the target.
+
+    With ``s`` bytes per value in the model's dtype and one scale and one shift per ``q_group_size`` values, ``n``
+    bits give ``s / (n/8 + 2 s / q_group_size)``: 6.4x for int4 and 10.7x for int2 on a float32 model. The measured
+    factor is reported next to it. Options: ``axis_key``, ``axis_value``, ``q_group_size``, ``residual_length``.
+    """
+
+    name = "quantized"
+    reuses_prefill = False
+
+    def nbits_for(self, factor: float, itemsize: int) -> int | None:
+        """4 or 2 bits, whichever is the most that still reaches ``factor``; ``None`` if neither does."""
+        group = self.options.get("q_group_size", 64)
+        for nbits in (4, 2):
+            if itemsize / (nbits / 8 + 2 * itemsize / group) >= factor:
+                return nbits
+        return None
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Quantize during the context's prefill; the question and answer go to the exact residual tail."""
+        itemsize = next(ctx.model.parameters()).element_size()
+        nbits = self.nbits_for(factor, itemsize)
+        if nbits is None:
+            raise UnreachableError(f"QuantizedCache int2 tops out below {factor:g}x")
+        cache = quantized_cache(ctx.model, nbits, **self.options)
+        context, question = _split_last_token(ctx)
+        prefill(ctx.model, context, cache)
+        report = quantized_memory_report(cache)
+        tokens = greedy_generate(ctx.model, question, cache, ctx.max_new_tokens, ctx.stop_ids).tokens
+        return Outcome(tokens, report.held_bytes, report.dense_bytes, {"nbits": nbits, **self.options})
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (
+        FullCache,
+        XKVMethod,
+        SingleLayerSVD,
+        MiniCacheMethod,
+        QuantizedMethod,
+        *(_press_method(press) for press in PRESSES),
+    )
+}

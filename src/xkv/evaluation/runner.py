@@ -1,0 +1,276 @@
+"""The evaluation loop: tasks x lengths x samples x methods x target factors, resumable from a JSONL file.
+
+Protocol (issue "Evaluation harness"): the context is compressed, then the question is appended uncompressed and
+answered greedily (question-agnostic, as kvpress's benchmark does); ``question_in_context`` compresses the question
+too (the xKV paper's setting). Methods that only read the finished cache share one dense prefill per sample.
+The full cache runs first on every task and length; tasks where it scores under ``min_full_score`` are dropped,
+with their scores kept in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError
+from xkv.evaluation.tasks import generate, string_match_all
+from xkv.generation import prefill
+
+logger = logging.getLogger(__name__)
+
+#: Called after each finished (sample, method, factor) with the row; the CLI draws progress from it.
+Progress = Callable[[dict[str, Any]], None]
+
+
+def parse_lengths(spec: str) -> list[int]:
+    """``"2k,4k,1500"`` -> ``[2048, 4096, 1500]``.
+
+    Raises:
+        ValueError: naming a length that is not a positive integer (with optional ``k``) or is below 256.
+    """
+    lengths = []
+    for item in (part.strip().lower() for part in spec.split(",") if part.strip()):
+        try:
+            value = int(float(item[:-1]) * 1024) if item.endswith("k") else int(item)
+        except ValueError:
+            raise ValueError(f"length {item!r} must be an integer token count such as 2048 or 2k") from None
+        if value < 256:
+            raise ValueError(f"length {item!r} must be at least 256 tokens")
+        lengths.append(value)
+    if not lengths:
+        raise ValueError("`--lengths` must name at least one length")
+    return lengths
+
+
+def parse_ratios(spec: str) -> list[float]:
+    """``"2,4,8"`` -> ``[2.0, 4.0, 8.0]`` (compression factors, dense / held).
+
+    Raises:
+        ValueError: naming a ratio that is not a number > 1.
+    """
+    ratios = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        try:
+            value = float(item.rstrip("x"))
+        except ValueError:
+            raise ValueError(f"ratio {item!r} must be a number such as 4 (dense bytes / held bytes)") from None
+        if not value > 1.0 or not math.isfinite(value):
+            raise ValueError(f"ratio {item!r} must be > 1 (a compression factor: dense bytes / held bytes)")
+        ratios.append(value)
+    if not ratios:
+        raise ValueError("`--ratios` must name at least one ratio")
+    return ratios
+
+
+def parse_methods(spec: str, registry: dict[str, type[Method]] | None = None) -> list[str]:
+    """Comma list of method names, checked against the registry.
+
+    Raises:
+        ValueError: naming an unknown method and listing the known ones.
+    """
+    registry = registry or METHODS
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    for name in names:
+        if name not in registry:
+            raise ValueError(f"unknown method {name!r}; known methods: {sorted(registry)}")
+    if not names:
+        raise ValueError("`--methods` must name at least one method")
+    return names
+
+
+@dataclass
+class EvalPlan:
+    """Everything one evaluation run does.
+
+    Attributes:
+        tasks: task names.
+        lengths: total prompt lengths in tokens.
+        methods: method names (``full`` is always run first, for the task filter).
+        ratios: target compression factors for every method but ``full``.
+        samples: samples per task and length.
+        out_dir: where ``results.jsonl``, ``summary.json``, ``results.md`` and the plot go.
+        haystack: user documents for the natural-text haystack, or ``None``.
+        question_in_context: compress the question with the context.
+        max_new_tokens: answer length cap.
+        min_full_score: tasks where the full cache scores under this (per length) are dropped.
+        method_options: keyword options per method name (e.g. ``{"xkv": {"config": XKVConfig(...)}}``).
+        first_seed: seed of sample 0; sample ``i`` uses ``first_seed + i``.
+        only_sample: run only this sample id (``task-length-seed``), to replay one failure.
+    """
+
+    tasks: list[str]
+    lengths: list[int]
+    methods: list[str]
+    ratios: list[float]
+    samples: int
+    out_dir: Path
+    haystack: list[str] | None = None
+    question_in_context: bool = False
+    max_new_tokens: int = 48
+    min_full_score: float = 0.5
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    first_seed: int = 0
+    only_sample: str | None = None
+
+    @property
+    def results_path(self) -> Path:
+        """Per-sample JSONL rows."""
+        return self.out_dir / "results.jsonl"
+
+    def sample_seeds(self) -> list[int]:
+        """Seeds of the samples of one task and length."""
+        return [self.first_seed + i for i in range(self.samples)]
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str, float]:
+    return row["sample_id"], row["method"], float(row["target_ratio"])
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows already written (a truncated last line from an interrupted run is ignored)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("ignoring a truncated line in %s", path)
+    return rows
+
+
+class Runner:
+    """Runs an :class:`EvalPlan` with one model and tokenizer.
+
+    Args:
+        plan: what to run.
+        model: the causal LM.
+        tokenizer: its tokenizer.
+        stop_ids: tokens that end an answer.
+        progress: called with each new row.
+    """
+
+    def __init__(
+        self, plan: EvalPlan, model: Any, tokenizer: Any, stop_ids: list[int], progress: Progress | None = None
+    ):
+        self.plan = plan
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.progress = progress or (lambda row: None)
+        self.methods = {name: METHODS[name](**plan.method_options.get(name, {})) for name in {"full", *plan.methods}}
+        self.done = {_row_key(row) for row in load_rows(plan.results_path)}
+
+    def total_jobs(self) -> int:
+        """Upper bound of (sample, method, factor) jobs, for progress bars."""
+        per_sample = 1 + sum(len(self.plan.ratios) for name in self.plan.methods if name != "full")
+        return len(self.plan.tasks) * len(self.plan.lengths) * self.plan.samples * per_sample
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run the full cache everywhere, drop weak tasks, run the other methods; return all rows."""
+        self.plan.out_dir.mkdir(parents=True, exist_ok=True)
+        for length in self.plan.lengths:
+            for task in self.plan.tasks:
+                self._run_task(task, length, ["full"])
+        kept = self.kept_tasks()
+        others = [name for name in self.plan.methods if name != "full"]
+        for length in self.plan.lengths:
+            for task in self.plan.tasks:
+                if (task, length) in kept:
+                    self._run_task(task, length, others)
+        return load_rows(self.plan.results_path)
+
+    def kept_tasks(self) -> set[tuple[str, int]]:
+        """(task, length) pairs where the full cache reaches ``min_full_score``."""
+        scores: dict[tuple[str, int], list[float]] = {}
+        for row in load_rows(self.plan.results_path):
+            if row["method"] == "full":
+                scores.setdefault((row["task"], row["length"]), []).append(row["score"])
+        return {key for key, values in scores.items() if sum(values) / len(values) >= self.plan.min_full_score}
+
+    def _run_task(self, task: str, length: int, methods: Iterable[str]) -> None:
+        methods = list(methods)
+        for index, seed in enumerate(self.plan.sample_seeds()):
+            encoded = generate(
+                task,
+                self.tokenizer,
+                length,
+                seed,
+                haystack=self.plan.haystack,
+                num_samples_hint=self.plan.samples,
+                sample_index=index,
+            )
+            sample = encoded.sample
+            if self.plan.only_sample and sample.sample_id != self.plan.only_sample:
+                continue
+            jobs = [
+                (name, factor)
+                for name in methods
+                for factor in ([1.0] if name == "full" else self.plan.ratios)
+                if (sample.sample_id, name, factor) not in self.done
+            ]
+            if jobs:
+                self._run_sample(encoded, jobs)
+
+    def _context(self, encoded: Any) -> SampleContext:
+        device = next(self.model.parameters()).device
+        context, question = list(encoded.context_ids), list(encoded.question_ids)
+        if self.plan.question_in_context:
+            context, question = context + question, []
+        return SampleContext(
+            model=self.model,
+            context_ids=torch.tensor([context], device=device),
+            question_ids=torch.tensor([question], dtype=torch.long, device=device).reshape(1, -1),
+            stop_ids=self.stop_ids,
+            max_new_tokens=self.plan.max_new_tokens,
+        )
+
+    def _run_sample(self, encoded: Any, jobs: list[tuple[str, float]]) -> None:
+        sample = encoded.sample
+        ctx = self._context(encoded)
+        if any(self.methods[name].reuses_prefill for name, _ in jobs):
+            dense = DynamicCache()
+            ctx.last_logits = prefill(self.model, ctx.context_ids, dense)
+            ctx.dense = [(layer.keys, layer.values) for layer in dense.layers]
+        for name, factor in jobs:
+            start = time.perf_counter()
+            row: dict[str, Any] = {
+                "sample_id": sample.sample_id,
+                "task": sample.task,
+                "length": sample.length,
+                "seed": sample.seed,
+                "context_tokens": int(ctx.context_ids.shape[1]),
+                "method": name,
+                "target_ratio": factor,
+                "answers": sample.answers,
+            }
+            try:
+                outcome = self.methods[name].run(ctx, factor)
+            except UnreachableError as err:
+                row.update({"status": "unreachable", "reason": str(err), "score": None, "measured_ratio": None})
+            else:
+                prediction = self.tokenizer.decode(outcome.tokens, skip_special_tokens=True).strip()
+                row.update(
+                    {
+                        "status": "ok",
+                        "prediction": prediction,
+                        "score": string_match_all(prediction, sample.answers),
+                        "held_bytes": outcome.held_bytes,
+                        "dense_bytes": outcome.dense_bytes,
+                        "measured_ratio": outcome.compression_factor,
+                        **outcome.details,
+                    }
+                )
+            row["seconds"] = time.perf_counter() - start
+            with self.plan.results_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            self.done.add(_row_key(row))
+            self.progress(row)

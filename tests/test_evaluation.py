@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import build_tiny
+from xkv import XKVCache
+from xkv.cli import main
+from xkv.evaluation.methods import SampleContext, XKVMethod, xkv_config_for
+from xkv.evaluation.report import markdown_tables, summarize
+from xkv.evaluation.runner import parse_lengths, parse_methods, parse_ratios
+from xkv.generation import greedy_generate, prefill
+
+
+def test_parsers():
+    assert parse_lengths("2k, 4k,1500") == [2048, 4096, 1500]
+    assert parse_ratios("2,4x,8") == [2.0, 4.0, 8.0]
+    assert parse_methods("full,xkv") == ["full", "xkv"]
+    with pytest.raises(ValueError, match="length 'abc'"):
+        parse_lengths("2k,abc")
+    with pytest.raises(ValueError, match="length '100'"):
+        parse_lengths("100")
+    with pytest.raises(ValueError, match="ratio '1'"):
+        parse_ratios("1")
+    with pytest.raises(ValueError, match="ratio 'x4y'"):
+        parse_ratios("x4y")
+    with pytest.raises(ValueError, match="unknown method 'h2o'"):
+        parse_methods("full,h2o")
+
+
+def test_xkv_config_for_splits_keys_three_times_harder():
+    config = xkv_config_for(4.0)
+    assert (config.rank_k, config.rank_v) == ("8x", "2.667x")
+    overall = 2 / (1 / 8 + 1 / 2.667)
+    assert overall == pytest.approx(4.0, abs=1e-3)
+
+
+def test_evaluation_path_equals_decoding_through_the_cache():
+    model = build_tiny("llama")
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randint(0, 99, (1, 120), generator=gen)
+    question = torch.randint(0, 99, (1, 6), generator=gen)
+    dense = DynamicCache()
+    logits = prefill(model, context, dense)
+    ctx = SampleContext(
+        model=model,
+        context_ids=context,
+        question_ids=question,
+        stop_ids=[],
+        max_new_tokens=10,
+        dense=[(layer.keys, layer.values) for layer in dense.layers],
+        last_logits=logits,
+    )
+    method = XKVMethod()
+    outcome = method.run(ctx, 4.0)
+    cache = XKVCache(model, method.config_for(4.0))
+    prefill(model, context, cache)
+    held = cache.memory_report().held_bytes
+    expected = greedy_generate(model, question, cache, 10, []).tokens
+    assert outcome.tokens == expected
+    assert outcome.held_bytes == held
+    assert outcome.compression_factor >= 4.0
+
+
+def _row(task, method, ratio, score, measured=None, status="ok", seed=0):
+    return {
+        "sample_id": f"{task}-2048-{seed}",
+        "task": task,
+        "length": 2048,
+        "seed": seed,
+        "method": method,
+        "target_ratio": ratio,
+        "status": status,
+        "score": score,
+        "measured_ratio": measured,
+    }
+
+
+def test_summary_drops_weak_tasks_and_marks_unreachable():
+    rows = [
+        _row("a", "full", 1.0, 1.0, 1.0),
+        _row("a", "full", 1.0, 1.0, 1.0, seed=1),
+        _row("b", "full", 1.0, 0.0, 1.0),
+        _row("b", "full", 1.0, 0.5, 1.0, seed=1),
+        _row("a", "xkv", 4.0, 1.0, 4.1),
+        _row("a", "xkv", 4.0, 0.0, 4.1, seed=1),
+        _row("b", "xkv", 4.0, 1.0, 4.1),
+        _row("a", "minicache", 4.0, None, None, status="unreachable"),
+    ]
+    summary = summarize(rows, min_full_score=0.5)
+    data = summary["lengths"]["2048"]
+    assert data["kept"] == ["a"] and data["dropped"] == {"b": 0.25}
+    xkv = next(e for e in data["rows"] if e["method"] == "xkv")
+    assert xkv["average"] == 0.5 and xkv["standard_error"] == pytest.approx(0.5)
+    assert xkv["measured_ratio"] == pytest.approx(4.1)
+    assert next(e for e in data["rows"] if e["method"] == "minicache")["unreachable"]
+    table = markdown_tables(summary)
+    assert "| xkv | 4x | 50 | 50.0 +- 50.0 | 4.10x | 2 |" in table
+    assert "unreachable" in table and "b (25%)" in table
+
+
+def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("xkv.models.load", no_load)
+    for args, field in [
+        (["--tasks", "niah_single_9"], "niah_single_9"),
+        (["--methods", "full,h2o"], "h2o"),
+        (["--ratios", "0.5"], "0.5"),
+        (["--lengths", "2q"], "2q"),
+        (["--haystack", "/nonexistent/file.txt"], "file.txt"),
+    ]:
+        assert main(["eval", *args]) == 2
+        assert field in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    _, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=2,  # head_dim 32: quanto's groups of 64 values need kv_heads * head_dim % 64 == 0
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "eval", "--model", str(tiny_model_dir), "--tasks", "niah_single_1,vt", "--lengths", "512",
+        "--methods", "full,xkv,svd,minicache,quantized,snapkv", "--ratios", "2,64", "--samples", "2",
+        "--out", str(out), "--min-full-score", "0", "--max-new-tokens", "4", "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * (1 + 5 * 2)
+    # 64x: beyond single-layer SVD at 512 tokens (G*T*D / (T + G*D) < 64 at rank 1), int2 and MiniCache (< 2x
+    # anywhere); xKV's 4-layer group and SnapKV get there.
+    unreachable = {r["method"] for r in rows if r["status"] == "unreachable"}
+    assert unreachable == {"svd", "quantized", "minicache"}
+    assert {r["method"] for r in rows if r["target_ratio"] == 64.0 and r["status"] == "ok"} == {"snapkv", "xkv"}
+    assert all(r["measured_ratio"] >= 1.99 for r in rows if r["target_ratio"] == 2.0 and r["status"] == "ok")
+    summary = json.loads((out / "summary.json").read_text())
+    methods = {e["method"] for e in summary["lengths"]["512"]["rows"]}
+    assert methods == {"full", "xkv", "svd", "minicache", "quantized", "snapkv"}
+    assert (out / "results.md").read_text().startswith("### 512 tokens")
+    assert (out / "accuracy_vs_ratio.png").stat().st_size > 0
+    # A rerun resumes: nothing is run twice.
+    assert main(args) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
