@@ -29,11 +29,11 @@ def test_parsers():
         parse_methods("full,h2o")
 
 
-def test_xkv_config_for_splits_keys_three_times_harder():
+def test_xkv_config_for_splits_keys_twice_as_hard():
     config = xkv_config_for(4.0)
-    assert (config.rank_k, config.rank_v) == ("8x", "2.667x")
-    overall = 2 / (1 / 8 + 1 / 2.667)
-    assert overall == pytest.approx(4.0, abs=1e-3)
+    assert (config.rank_k, config.rank_v) == ("6x", "3x")
+    assert xkv_config_for(8.0, key_share=3.0).rank_k == "16x"
+    assert 2 / (1 / 16 + 1 / float(xkv_config_for(8.0, key_share=3.0).rank_v[:-1])) == pytest.approx(8.0, abs=1e-3)
 
 
 def test_evaluation_path_equals_decoding_through_the_cache():

@@ -87,18 +87,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{len(sample.question_ids)} tokens appended uncompressed)"
     )
     console.print(f"[bold]xKV config[/bold]: {json.dumps(config.to_dict())}")
-    table = Table(title=f"{args.model}: full cache vs xKV")
-    for column in ("method", "answer", "correct", "context KV bytes", "compression", "prefill s", "decode s"):
-        table.add_column(column)
     for row in rows:
+        verdict = "[green]correct[/green]" if row["correct"] else "[red]WRONG[/red]"
+        console.print(f"[bold]{row['method']:>10}[/bold] answered {row['answer']!r}: {verdict}")
+    table = Table(title=f"{args.model}, {len(sample.context_ids)}-token context")
+    for column in ("method", "context KV bytes", "compression", "prefill s", "decode ms/token"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        per_token = 1000 * row["decode_s"] / max(1, row["decode_steps"])
         table.add_row(
             row["method"],
-            row["answer"],
-            "yes" if row["correct"] else "NO",
             _human_bytes(row["context_kv_bytes"]),
             f"{row['context_compression_factor']:.2f}x",
             f"{row['prefill_s']:.1f}",
-            f"{row['decode_s']:.1f} ({row['decode_steps']} steps)",
+            f"{per_token:.0f}",
         )
     console.print(table)
     saved = rows[0]["context_kv_bytes"] - rows[1]["context_kv_bytes"]

@@ -134,11 +134,11 @@ class FullCache(Method):
         return Outcome(answer_through(ctx, cache), held, ctx.dense_bytes())
 
 
-def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: float = 3.0) -> XKVConfig:
+def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: float = 2.0) -> XKVConfig:
     """Ranks for ``factor`` overall, keys compressed ``key_share`` times harder than values.
 
     With ``1/f_k + 1/f_v = 2/f`` and ``f_k = key_share * f_v``: ``f_v = f (1 + key_share) / (2 key_share)``.
-    At 4x and ``key_share=3`` this is the default K@8x / V@2.67x.
+    At 4x and ``key_share=2`` this is the default K@6x / V@3x (benchmarks/defaults).
     """
     f_v = factor * (1 + key_share) / (2 * key_share)
     f_k = key_share * f_v
