@@ -47,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=args.quiet) as progress:
-        task = progress.add_task(f"loading {args.model} (the first load converts it once, ~15 s)")
+        task = progress.add_task(f"loading {args.model} (the first load converts it once)")
         model, tokenizer = load(args.model)
         progress.update(task, description=f"building a {args.context_tokens}-token haystack")
         sample = needle_sample(tokenizer, args.context_tokens, seed=args.seed)

