@@ -160,3 +160,30 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     # A rerun resumes: nothing is run twice.
     assert main(args) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_press_and_quantized_paths_equal_their_own_prefill():
+    from xkv.baselines.presses import capture_prefill, make_press, press_answer, press_prefill
+    from xkv.baselines.quantized import quantized_cache
+    from xkv.evaluation.methods import METHODS
+
+    model = build_tiny("llama", hidden_size=64, num_attention_heads=2)  # D = 64: quanto groups of 64 fit
+    gen = torch.Generator().manual_seed(4)
+    context = torch.randint(0, 99, (1, 160), generator=gen)
+    question = torch.randint(0, 99, (1, 5), generator=gen)
+    capture = capture_prefill(model, context)
+    ctx = SampleContext(
+        model=model,
+        context_ids=context,
+        question_ids=question,
+        stop_ids=[],
+        max_new_tokens=8,
+        dense=[(layer.keys, layer.values) for layer in capture.cache.layers],
+        last_logits=capture.last_logits,
+        capture=capture,
+    )
+    pressed = press_prefill(model, make_press("snapkv", 4.0), context)
+    assert METHODS["snapkv"]().run(ctx, 4.0).tokens == press_answer(model, pressed, question, 8)
+    cache = quantized_cache(model, 4)
+    prefill(model, context, cache)
+    assert METHODS["quantized"]().run(ctx, 4.0).tokens == greedy_generate(model, question, cache, 8).tokens

@@ -177,3 +177,20 @@ def test_on_a_1k_needle_no_press_matches_and_snapkv_4x_holds_a_quarter(smollm2):
     )
     assert press_cache_bytes(pressed.cache) / dense == pytest.approx(0.25, abs=0.005)
     assert press_memory_report(pressed).compression_factor == pytest.approx(4.0, rel=0.02)
+
+
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_replaying_a_captured_prefill_equals_pressing_during_it(tiny_llama, name):
+    from xkv.baselines.presses import capture_prefill, replay_press
+
+    prompt = ids(120, seed=3)
+    during = press_prefill(tiny_llama, make_press(name, 4.0), prompt)
+    capture = capture_prefill(tiny_llama, prompt)
+    replayed = replay_press(tiny_llama, make_press(name, 4.0), capture)
+    assert replayed.pressed_length == during.pressed_length
+    for a, b in zip(during.cache.layers, replayed.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert capture.cache.get_seq_length() == 120  # the capture is left dense for the other methods
+    assert not any(hasattr(layer.self_attn, "rotary_emb") for layer in tiny_llama.model.layers)
+    with pytest.raises(ValueError, match="window_size|n_sink"):
+        replay_press(tiny_llama, make_press("snapkv", 4.0), capture_prefill(tiny_llama, ids(8)))

@@ -127,3 +127,26 @@ def test_int4_exceeds_4x_on_a_1k_needle_with_its_tail(smollm2):
     assert report.held_bytes == quantized_cache_bytes(cache)
     # int4 in groups of 64 with float32 scale and zero point is 6.4x on the prefix; the float32 tail pulls it down.
     assert report.compression_factor > 4.0
+
+
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_quantizing_a_finished_prefill_equals_quantizing_during_it(tiny_llama, nbits):
+    from transformers import DynamicCache
+
+    from xkv.baselines.quantized import dequantized_copy, quantized_from_dense
+
+    prompt, question = context(64), context(6, seed=2)
+    during = quantized_cache(tiny_llama, nbits, q_group_size=16, residual_length=32)
+    prefill(tiny_llama, prompt, during)
+    dense = DynamicCache()
+    prefill(tiny_llama, prompt, dense)
+    after = quantized_from_dense(
+        tiny_llama, [(layer.keys, layer.values) for layer in dense.layers], nbits, q_group_size=16, residual_length=32
+    )
+    assert quantized_cache_bytes(after) == quantized_cache_bytes(during)
+    copy = dequantized_copy(after)
+    # Question plus answer stay below residual_length: decoding through the copy is decoding through the cache.
+    assert (
+        greedy_generate(tiny_llama, question, copy, 12).tokens
+        == greedy_generate(tiny_llama, question, during, 12).tokens
+    )

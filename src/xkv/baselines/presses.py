@@ -95,6 +95,16 @@ def make_press(name: str, compression_factor: float) -> BasePress:
     return press_cls(compression_ratio=ratio)
 
 
+def _check_min_tokens(press: BasePress | None, tokens: int) -> None:
+    """Raise a ValueError naming the field where kvpress would only assert on a too-short context."""
+    for field_name in _MIN_TOKEN_FIELDS:
+        bound = getattr(press, field_name, None)
+        if isinstance(bound, int) and tokens <= bound:
+            raise ValueError(
+                f"`context_ids` must have more than the press's `{field_name}` = {bound} tokens but has {tokens}"
+            )
+
+
 @dataclass
 class PressedContext:
     """A context prefilled through a press: the pruned cache and where positions continue.
@@ -141,12 +151,7 @@ def press_prefill(model: nn.Module, press: BasePress | None, context_ids: torch.
     if context_ids.dim() != 2 or context_ids.shape[1] == 0:
         raise ValueError(f"`context_ids` must have shape (batch, tokens) but got {tuple(context_ids.shape)}")
     tokens = context_ids.shape[1]
-    for field_name in _MIN_TOKEN_FIELDS:
-        bound = getattr(press, field_name, None)
-        if isinstance(bound, int) and tokens <= bound:
-            raise ValueError(
-                f"`context_ids` must have more than the press's `{field_name}` = {bound} tokens but has {tokens}"
-            )
+    _check_min_tokens(press, tokens)
     cache = DynamicCache(config=model.config)
     if press is None:
         model.model(input_ids=context_ids, past_key_values=cache, use_cache=True)
@@ -161,6 +166,94 @@ def press_prefill(model: nn.Module, press: BasePress | None, context_ids: torch.
                 if not had and hasattr(module, "rotary_emb"):
                     del module.rotary_emb
     return PressedContext(cache=cache, context_length=tokens, pressed_length=cache.get_seq_length())
+
+
+@dataclass
+class PrefillCapture:
+    """What every attention layer saw during one dense prefill, so presses can be applied without another one.
+
+    kvpress's hook runs after a layer's attention and only rewrites that layer's cache; the hidden states that flow
+    to the next layer come from the exact prefill attention either way. So applying ``press.compress`` afterwards,
+    to each layer's captured inputs and dense keys/values, gives exactly the cache the in-forward press leaves
+    (tested against :func:`press_prefill`).
+
+    Attributes:
+        cache: the dense ``DynamicCache`` of the context.
+        layer_kwargs: per layer, the keyword arguments the attention module was called with (``hidden_states``
+            ``(batch, tokens, hidden)``, ``position_embeddings``, ``cache_position``, ...), without the cache.
+        last_logits: ``(batch, vocab)`` logits after the context.
+    """
+
+    cache: DynamicCache
+    layer_kwargs: list[dict[str, Any]]
+    last_logits: torch.Tensor
+
+
+@torch.no_grad()
+def capture_prefill(model: nn.Module, context_ids: torch.Tensor) -> PrefillCapture:
+    """Prefill ``context_ids`` into a dense cache while recording each attention layer's inputs.
+
+    The forward hooks are removed before returning, also on error.
+
+    Args:
+        model: a causal LM kvpress supports.
+        context_ids: ``(batch, tokens)``.
+    """
+    cache = DynamicCache(config=model.config)
+    layer_kwargs: list[dict[str, Any]] = [{} for _ in model.model.layers]
+
+    def recorder(layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            layer_kwargs[layer_idx] = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+
+        return hook
+
+    hooks = [
+        layer.self_attn.register_forward_hook(recorder(i), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        out = model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return PrefillCapture(cache=cache, layer_kwargs=layer_kwargs, last_logits=out.logits[:, -1, :])
+
+
+@torch.no_grad()
+def replay_press(model: nn.Module, press: BasePress, capture: PrefillCapture) -> PressedContext:
+    """Apply ``press`` to a captured prefill: the cache an in-forward :func:`press_prefill` would leave.
+
+    Args:
+        model: the model that made ``capture``.
+        press: a press from :func:`make_press`.
+        capture: from :func:`capture_prefill`; it is not modified.
+
+    Returns:
+        The pruned cache (new tensors; the capture's dense cache is untouched) and its lengths.
+
+    Raises:
+        ValueError: if the context has no more tokens than the press's ``window_size`` or ``n_sink``.
+    """
+    tokens = capture.cache.get_seq_length()
+    _check_min_tokens(press, tokens)
+    press.post_init_from_model(model)
+    attention = [layer.self_attn for layer in model.model.layers]
+    had_rotary = [hasattr(module, "rotary_emb") for module in attention]
+    pruned = DynamicCache(config=model.config)
+    try:
+        for module in attention:
+            module.rotary_emb = model.model.rotary_emb  # what kvpress's context manager provides to its presses
+        for layer_idx, module in enumerate(attention):
+            kwargs = {**capture.layer_kwargs[layer_idx], "past_key_values": capture.cache}
+            dense = capture.cache.layers[layer_idx]
+            keys, values = press.compress(module, kwargs["hidden_states"], dense.keys, dense.values, None, kwargs)
+            pruned.update(keys.contiguous(), values.contiguous(), layer_idx)
+    finally:
+        for module, had in zip(attention, had_rotary, strict=True):
+            if not had and hasattr(module, "rotary_emb"):
+                del module.rotary_emb
+    return PressedContext(cache=pruned, context_length=tokens, pressed_length=pruned.get_seq_length())
 
 
 @torch.no_grad()

@@ -30,10 +30,11 @@ packed codes, one scale and one zero point per group, and the full-precision tai
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import QuantizedCache
+from transformers import DynamicCache, QuantizedCache
 
 from xkv.memory import MemoryReport, dense_kv_bytes, tensor_bytes
 
@@ -210,3 +211,42 @@ def quantized_memory_report(cache: QuantizedCache) -> MemoryReport:
         held_bytes=quantized_cache_bytes(cache),
         dense_bytes=dense,
     )
+
+
+@torch.no_grad()
+def quantized_from_dense(
+    model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], nbits: int, **options: Any
+) -> QuantizedCache:
+    """Quantize a finished dense prefill: the cache an in-forward prefill through :func:`quantized_cache` leaves.
+
+    ``QuantizedCache`` quantizes a layer's states at its first update and returns them exact to the prefill
+    attention, so quantizing after the forward pass stores the same tensors (tested).
+
+    Args:
+        model: the model that produced the prefill.
+        keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``.
+        nbits: 2 or 4.
+        **options: the other :func:`quantized_cache` settings.
+    """
+    cache = quantized_cache(model, nbits, **options)
+    for layer_idx, (keys, values) in enumerate(keys_values):
+        cache.update(keys, values, layer_idx)
+    return cache
+
+
+@torch.no_grad()
+def dequantized_copy(cache: QuantizedCache) -> DynamicCache:
+    """A ``DynamicCache`` holding what ``cache`` hands attention right now: dequantized prefix plus exact tail.
+
+    Decoding through the copy equals decoding through ``cache`` until its tail reaches ``residual_length`` (then
+    ``cache`` quantizes everything again); the evaluation keeps question plus answer below that (tested). For
+    evaluation speed only: it holds a full-size cache, so bytes come from :func:`quantized_memory_report`.
+    """
+    dense = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        keys = layer._dequantize(layer._quantized_keys)
+        values = layer._dequantize(layer._quantized_values)
+        if layer.keys is not None and layer.keys.dim() == 4:
+            keys, values = torch.cat([keys, layer.keys], dim=-2), torch.cat([values, layer.values], dim=-2)
+        dense.update(keys, values, layer_idx)
+    return dense

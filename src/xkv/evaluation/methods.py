@@ -1,13 +1,16 @@
 """Compression methods as the evaluation runs them: one small class per method, looked up by name.
 
 Every method is asked for a target compression factor (dense bytes / bytes held, in the model's dtype) and reports
-the factor it measured from the tensors it holds after the context. Methods that only read the finished cache
-(``full``, ``xkv``, ``svd``, ``minicache``) reuse one dense prefill per sample; the others (kvpress presses,
-``QuantizedCache``) act inside the forward pass and run their own.
+the factor it measured from the tensors it holds after the context. Every method reuses one dense prefill per
+sample: ``full``, ``xkv``, ``svd`` and ``minicache`` only read the finished cache; ``QuantizedCache`` quantizes a
+layer's states at its first update, which equals quantizing them afterwards; kvpress presses prune a layer's cache
+after its attention, from inputs the prefill captures, which equals pruning during the forward pass (each
+equivalence is tested).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,11 +19,18 @@ from torch import nn
 from transformers import DynamicCache
 
 from xkv.baselines.minicache import MiniCache
-from xkv.baselines.presses import PRESSES, make_press, press_answer, press_memory_report, press_prefill
-from xkv.baselines.quantized import quantized_cache, quantized_memory_report
+from xkv.baselines.presses import (
+    PRESSES,
+    PrefillCapture,
+    make_press,
+    press_forward,
+    press_memory_report,
+    replay_press,
+)
+from xkv.baselines.quantized import dequantized_copy, quantized_from_dense, quantized_memory_report
 from xkv.cache import XKVCache
 from xkv.config import XKVConfig
-from xkv.generation import greedy_generate, prefill
+from xkv.generation import prefill
 from xkv.memory import dense_kv_bytes, tensor_bytes
 
 
@@ -40,6 +50,7 @@ class SampleContext:
         max_new_tokens: answer length cap.
         dense: per layer ``(keys, values)`` of the context's dense prefill, for methods that reuse it.
         last_logits: ``(1, vocab)`` logits after the context (used when ``question_ids`` is empty).
+        capture: the attention layers' inputs during that prefill, for methods with ``needs_capture``.
     """
 
     model: nn.Module
@@ -49,6 +60,7 @@ class SampleContext:
     max_new_tokens: int
     dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     last_logits: torch.Tensor | None = None
+    capture: PrefillCapture | None = None
 
     def dense_bytes(self) -> int:
         """Bytes a dense cache of the context holds, in the model's dtype."""
@@ -81,20 +93,28 @@ class Outcome:
         return self.dense_bytes / self.held_bytes if self.held_bytes else float("inf")
 
 
-def answer_through(ctx: SampleContext, cache: Any) -> list[int]:
-    """Greedy answer through a cache that already holds the context."""
-    if ctx.question_ids.shape[1]:
-        return greedy_generate(ctx.model, ctx.question_ids, cache, ctx.max_new_tokens, ctx.stop_ids).tokens
-    # The question was compressed with the context: the first token comes from the (exact) prefill logits.
+def greedy_answer(ctx: SampleContext, step: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
+    """Greedy answer, feeding tokens through ``step`` (``(1, n)`` ids in, last logits ``(1, vocab)`` out).
+
+    The question (if any) is fed first; when the question was compressed with the context, the first token comes
+    from the prefill's logits. Same loop as :func:`xkv.generation.greedy_generate` (tested).
+    """
+    logits = step(ctx.question_ids) if ctx.question_ids.shape[1] else ctx.last_logits
     tokens: list[int] = []
-    logits = ctx.last_logits
     for _ in range(ctx.max_new_tokens):
         token = int(logits.argmax(-1)[0])
         if token in ctx.stop_ids:
             break
         tokens.append(token)
-        logits = prefill(ctx.model, torch.tensor([[token]], device=ctx.context_ids.device), cache)
+        if len(tokens) == ctx.max_new_tokens:
+            break
+        logits = step(torch.tensor([[token]], device=ctx.context_ids.device))
     return tokens
+
+
+def answer_through(ctx: SampleContext, cache: Any) -> list[int]:
+    """Greedy answer through a cache that already holds the context."""
+    return greedy_answer(ctx, lambda ids: prefill(ctx.model, ids, cache))
 
 
 class Method:
@@ -103,10 +123,12 @@ class Method:
     Attributes:
         name: registry name.
         reuses_prefill: whether ``run`` needs ``ctx.dense`` (one shared prefill) instead of prefilling itself.
+        needs_capture: whether ``run`` also needs ``ctx.capture`` (the attention inputs of that prefill).
     """
 
     name: ClassVar[str]
     reuses_prefill: ClassVar[bool] = True
+    needs_capture: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options = options
@@ -204,26 +226,25 @@ class MiniCacheMethod(Method):
         return Outcome(answer_through(ctx, dense), report.held_bytes, report.dense_bytes, details)
 
 
-def _split_last_token(ctx: SampleContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context and question ids for methods with their own prefill; a compressed question leaves its last token out."""
-    if ctx.question_ids.shape[1]:
-        return ctx.context_ids, ctx.question_ids
-    return ctx.context_ids[:, :-1], ctx.context_ids[:, -1:]
-
-
 class PressMethod(Method):
-    """A kvpress pruning press, run through kvpress itself (its ``compression_ratio`` is the fraction removed)."""
+    """A kvpress pruning press, through kvpress itself (its ``compression_ratio`` is the fraction removed).
+
+    The press is applied to the shared prefill's captured attention inputs (:func:`replay_press`), which leaves
+    the same cache as pruning inside the forward pass (tested), then the answer continues at the original positions.
+    """
 
     name = "press"
     press_name: ClassVar[str] = ""
-    reuses_prefill = False
+    needs_capture = True
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
-        """Prune during the context's prefill, then answer with positions continuing from the original length."""
-        context, question = _split_last_token(ctx)
-        pressed = press_prefill(ctx.model, make_press(self.press_name, factor), context)
+        """Prune the captured prefill, answer with positions continuing from the original length."""
+        try:
+            pressed = replay_press(ctx.model, make_press(self.press_name, factor), ctx.capture)
+        except ValueError as err:
+            raise UnreachableError(str(err)) from err
         report = press_memory_report(pressed)
-        tokens = press_answer(ctx.model, pressed, question, ctx.max_new_tokens, ctx.stop_ids)
+        tokens = greedy_answer(ctx, lambda ids: press_forward(ctx.model, pressed, ids))
         return Outcome(tokens, report.held_bytes, report.dense_bytes, {"kept_tokens": pressed.pressed_length})
 
 
@@ -240,7 +261,6 @@ class QuantizedMethod(Method):
     """
 
     name = "quantized"
-    reuses_prefill = False
 
     def nbits_for(self, factor: float, itemsize: int) -> int | None:
         """4 or 2 bits, whichever is the most that still reaches ``factor``; ``None`` if neither does."""
@@ -251,16 +271,21 @@ class QuantizedMethod(Method):
         return None
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
-        """Quantize during the context's prefill; the question and answer go to the exact residual tail."""
+        """Quantize the shared prefill (what an in-forward prefill stores, tested); answer through the residual tail.
+
+        While question plus answer fit in ``residual_length`` the cache never re-quantizes, so decoding through its
+        dequantized copy is the same attention; past that, decoding goes through the real cache.
+        """
         itemsize = next(ctx.model.parameters()).element_size()
         nbits = self.nbits_for(factor, itemsize)
         if nbits is None:
             raise UnreachableError(f"QuantizedCache int2 tops out below {factor:g}x")
-        cache = quantized_cache(ctx.model, nbits, **self.options)
-        context, question = _split_last_token(ctx)
-        prefill(ctx.model, context, cache)
+        cache = quantized_from_dense(ctx.model, ctx.dense, nbits, **self.options)
         report = quantized_memory_report(cache)
-        tokens = greedy_generate(ctx.model, question, cache, ctx.max_new_tokens, ctx.stop_ids).tokens
+        residual = self.options.get("residual_length", 128)
+        if ctx.question_ids.shape[1] + ctx.max_new_tokens < residual:
+            cache = dequantized_copy(cache)
+        tokens = answer_through(ctx, cache)
         return Outcome(tokens, report.held_bytes, report.dense_bytes, {"nbits": nbits, **self.options})
 
 

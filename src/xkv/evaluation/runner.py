@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from xkv.baselines.presses import capture_prefill
 from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError
 from xkv.evaluation.tasks import generate, string_match_all
 from xkv.generation import prefill
@@ -236,7 +237,11 @@ class Runner:
     def _run_sample(self, encoded: Any, jobs: list[tuple[str, float]]) -> None:
         sample = encoded.sample
         ctx = self._context(encoded)
-        if any(self.methods[name].reuses_prefill for name, _ in jobs):
+        if any(self.methods[name].needs_capture for name, _ in jobs):
+            ctx.capture = capture_prefill(self.model, ctx.context_ids)
+            dense, ctx.last_logits = ctx.capture.cache, ctx.capture.last_logits
+            ctx.dense = [(layer.keys, layer.values) for layer in dense.layers]
+        elif any(self.methods[name].reuses_prefill for name, _ in jobs):
             dense = DynamicCache()
             ctx.last_logits = prefill(self.model, ctx.context_ids, dense)
             ctx.dense = [(layer.keys, layer.values) for layer in dense.layers]
