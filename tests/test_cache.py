@@ -18,7 +18,7 @@ def ids(batch, tokens, seed=0):
 def test_full_rank_matches_dynamic_cache(family, grouping):
     model = build_tiny(family)
     prompt, turn, step = ids(2, 40), ids(2, 6, seed=1), ids(2, 1, seed=2)
-    dense, xkv = DynamicCache(), XKVCache(model, XKVConfig(group_size=2, grouping=grouping, **FULL))
+    dense, xkv = DynamicCache(), XKVCache(model, XKVConfig(min_tokens=0, group_size=2, grouping=grouping, **FULL))
     with torch.no_grad():
         for chunk in (prompt, turn, step):
             expected = model(chunk, past_key_values=dense).logits
@@ -31,7 +31,7 @@ def test_generate_with_full_rank_gives_the_same_tokens(tiny_llama):
     prompt = ids(1, 60)
     with torch.no_grad():
         expected = tiny_llama.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-        cache = XKVCache(tiny_llama, XKVConfig(group_size=4, **FULL))
+        cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=4, **FULL))
         got = tiny_llama.generate(
             prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **generate_cache_kwargs(cache)
         )
@@ -43,7 +43,7 @@ def test_generate_continues_a_prefilled_cache(tiny_llama):
     # The context is compressed first; generate() then appends only the new tokens.
     prompt, question = ids(1, 50), ids(1, 5, seed=3)
     with torch.no_grad():
-        cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=6, rank_v=6))
+        cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=6, rank_v=6))
         tiny_llama(prompt, past_key_values=cache)
         out = tiny_llama.generate(
             torch.cat([prompt, question], dim=1),
@@ -59,7 +59,7 @@ def test_generate_continues_a_prefilled_cache(tiny_llama):
 
 def test_compression_changes_logits_and_tail_is_exact(tiny_llama):
     prompt, turn = ids(1, 64), ids(1, 5, seed=1)
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=3, rank_v=3))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=3, rank_v=3))
     dense = DynamicCache()
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=cache)
@@ -74,7 +74,7 @@ def test_compression_changes_logits_and_tail_is_exact(tiny_llama):
 
 
 def test_at_most_one_contiguous_group_is_dense_during_prefill(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=4, rank_v=4))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
     seen = []
     original = type(cache.group_stores[0]).add_prefill
 
@@ -90,7 +90,9 @@ def test_at_most_one_contiguous_group_is_dense_during_prefill(tiny_llama):
 
 
 def test_layers_outside_range_stay_dense(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, first_layer=1, last_layer=2, rank_k=2, rank_v=2))
+    cache = XKVCache(
+        tiny_llama, XKVConfig(min_tokens=0, group_size=2, first_layer=1, last_layer=2, rank_k=2, rank_v=2)
+    )
     dense = DynamicCache()
     prompt = ids(1, 30)
     with torch.no_grad():
@@ -107,7 +109,9 @@ def test_keys_or_values_can_stay_exact(tiny_llama):
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=dense)
         for side in ("keys", "values"):
-            cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=1, rank_v=1, **{f"compress_{side}": False}))
+            cache = XKVCache(
+                tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1, rank_v=1, **{f"compress_{side}": False})
+            )
             tiny_llama(prompt, past_key_values=cache)
             store = cache.group_stores[1]
             exact = store.rebuild_keys(1) if side == "keys" else store.rebuild_values(1)
@@ -117,7 +121,7 @@ def test_keys_or_values_can_stay_exact(tiny_llama):
 
 def test_from_dense_equals_compressing_during_prefill(tiny_llama):
     prompt, turn = ids(1, 48), ids(1, 4, seed=5)
-    config = XKVConfig(group_size=2, rank_k=5, rank_v=7)
+    config = XKVConfig(min_tokens=0, group_size=2, rank_k=5, rank_v=7)
     during = XKVCache(tiny_llama, config)
     dense = DynamicCache()
     with torch.no_grad():
@@ -139,7 +143,7 @@ def test_from_dense_equals_compressing_during_prefill(tiny_llama):
 
 def test_materialize_decodes_like_the_cache(tiny_llama):
     prompt = ids(1, 40)
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=4, rank_k=3, rank_v=5))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=4, rank_k=3, rank_v=5))
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=cache)
         dense = cache.materialize()
@@ -152,16 +156,19 @@ def test_materialize_decodes_like_the_cache(tiny_llama):
 
 
 def test_rank_larger_than_tokens_raises_before_storing(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=20, rank_v=4))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=20, rank_v=4))
     with pytest.raises(ValueError, match=r"rank_k for group 0.*\[1, 10\].*got 20"), torch.no_grad():
         tiny_llama(ids(1, 10), past_key_values=cache)
     assert cache.get_seq_length() == 0 and not cache.group_stores[0].pending_keys
     with pytest.raises(ValueError, match="rank_v for group 0.*cannot reach"), torch.no_grad():
-        tiny_llama(ids(1, 4), past_key_values=XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=1, rank_v="9x")))
+        tiny_llama(
+            ids(1, 4),
+            past_key_values=XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1, rank_v="9x")),
+        )
 
 
 def test_custom_positions_are_refused(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=2, rank_v=2))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=2, rank_v=2))
     with pytest.raises(ValueError, match="positions 0..T-1"), torch.no_grad():
         tiny_llama(ids(1, 10), past_key_values=cache, position_ids=torch.arange(5, 15).unsqueeze(0))
 
@@ -176,7 +183,7 @@ def test_unsupported_architecture():
 
 def test_batch_ops_crop_and_reset(tiny_llama):
     prompt = ids(3, 30)
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k=4, rank_v=4))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=cache)
         tiny_llama(ids(3, 2, seed=4), past_key_values=cache)
@@ -200,8 +207,63 @@ def test_batch_ops_crop_and_reset(tiny_llama):
 
 
 def test_randomized_svd_cache_runs(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, rank_k="2x", rank_v="3x", svd="randomized"))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="3x", svd="randomized"))
     with torch.no_grad():
         tiny_llama(ids(1, 64), past_key_values=cache)
         tiny_llama(ids(1, 1), past_key_values=cache)
     assert cache.memory_report().context_compression_factor >= 2.0
+
+
+def test_short_prompts_are_kept_exact_by_default(tiny_llama):
+    # A prompt under min_tokens (default 512) is not factored: generate() behaves like a dense cache.
+    prompt = ids(1, 2)
+    with torch.no_grad():
+        expected = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cache = XKVCache(tiny_llama)
+        got = tiny_llama.generate(
+            prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, **generate_cache_kwargs(cache)
+        )
+    assert torch.equal(expected, got)
+    report = cache.memory_report()
+    assert all(g.rank_k is None and g.rank_v is None for g in report.groups)
+    assert report.context_compression_factor == pytest.approx(1.0)
+
+
+def test_exact_sides_do_not_alias_the_callers_tensors(tiny_llama):
+    dense = DynamicCache()
+    with torch.no_grad():
+        tiny_llama(ids(1, 30), past_key_values=dense)
+    config = XKVConfig(min_tokens=0, group_size=2, rank_k=2, compress_values=False)
+    cache = XKVCache.from_dense(tiny_llama, [(layer.keys, layer.values) for layer in dense.layers], config)
+    before = cache.group_stores[0].rebuild_values(0).clone()
+    dense.reset()  # zeroes the DynamicCache's tensors in place
+    torch.testing.assert_close(cache.group_stores[0].rebuild_values(0), before)
+
+
+def test_crop_and_reset_free_what_they_drop(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
+    with torch.no_grad():
+        tiny_llama(ids(1, 40), past_key_values=cache)
+        tiny_llama(ids(1, 3), past_key_values=cache)
+    before = cache.memory_report()
+    cache.crop(20)
+    after = cache.memory_report()
+    assert after.groups[0].held_bytes == 2 * 4 * (20 * 4 + 4 * 2 * 16)  # U keeps 20 rows; B unchanged
+    assert after.tail_bytes == 0 < before.tail_bytes
+    cache.reset()
+    assert cache.memory_report().held_bytes == 0
+    assert all(t.untyped_storage().nbytes() == 0 for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def test_checks_run_whichever_layer_comes_first(tiny_llama):
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=20, rank_v=2))
+    states = torch.zeros(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="rank_k for group 0"):
+        cache.update(states, states, 1)
+    assert cache.get_seq_length(1) == 0 and not cache.group_stores[0].pending_keys
+
+
+def test_length_dependent_rope_is_refused():
+    model = build_tiny("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(NotImplementedError, match="rope_type 'dynamic'"):
+        XKVCache(model)

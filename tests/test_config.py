@@ -101,3 +101,16 @@ def test_frozen_and_replace_revalidates():
 def test_invalid_for_model_names_field(tiny_llama, kwargs, field):
     with pytest.raises(ValueError, match=field):
         XKVCache(tiny_llama, XKVConfig(**kwargs))
+
+
+def test_lenient_forms_and_tuple_round_trip(tmp_path):
+    import numpy as np
+
+    assert parse_rank("8X", "r").value == 8.0
+    assert parse_rank(np.int64(5), "r").kind == "rank"
+    config = XKVConfig(rank_k=(4, "6x"), min_tokens=0)
+    path = tmp_path / "c.yaml"
+    config.save(path)
+    assert XKVConfig.load(path) == config
+    with pytest.raises(ValueError, match="min_tokens"):
+        XKVConfig(min_tokens=-1)

@@ -24,7 +24,7 @@ def test_tensor_bytes_counts_storages_once_and_whole():
 )
 def test_measured_bytes_equal_the_formula(tiny_llama, tokens, group_size, rank_k, rank_v):
     # D = kv_heads * head_dim = 2 * 8 = 16 on the tiny model.
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=group_size, rank_k=rank_k, rank_v=rank_v))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=group_size, rank_k=rank_k, rank_v=rank_v))
     with torch.no_grad():
         tiny_llama(torch.randint(0, 99, (1, tokens)), past_key_values=cache)
     report = cache.memory_report()
@@ -39,7 +39,7 @@ def test_measured_bytes_equal_the_formula(tiny_llama, tokens, group_size, rank_k
 
 
 def test_report_splits_tail_and_dense_layers(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(group_size=2, first_layer=2, rank_k=4, rank_v=4))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, first_layer=2, rank_k=4, rank_v=4))
     with torch.no_grad():
         tiny_llama(torch.randint(0, 99, (1, 50)), past_key_values=cache)
         tiny_llama(torch.randint(0, 99, (1, 7)), past_key_values=cache)
@@ -55,7 +55,7 @@ def test_report_splits_tail_and_dense_layers(tiny_llama):
 
 def test_bf16_model_cache_follows_dtype():
     model = build_tiny("llama").to(torch.bfloat16)
-    cache = XKVCache(model, XKVConfig(group_size=2, rank_k=4, rank_v=4))
+    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
     with torch.no_grad():
         model(torch.randint(0, 99, (1, 30)), past_key_values=cache)
     store = cache.group_stores[0]

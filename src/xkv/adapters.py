@@ -23,6 +23,9 @@ _ROTARY_PATHS: dict[str, str] = {
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ROTARY_PATHS))
 
+#: RoPE variants whose frequencies depend on the sequence length seen so far.
+_POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
+
 
 @dataclass
 class ModelSpec:
@@ -73,6 +76,11 @@ def describe_model(model: nn.Module) -> ModelSpec:
             raise NotImplementedError(
                 f"{model_type} with sliding-window layers is not supported yet: layer_types={sorted(set(layer_types))}"
             )
+    rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _POSITION_DEPENDENT_ROPE:
+        # These recompute RoPE's frequencies from the current length, so a prefix rotated again later would not
+        # match the rotation its keys were cached with.
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (frequencies change with length)")
     base = getattr(model, "model", model)
     rotary = getattr(base, _ROTARY_PATHS[model_type], None)
     if rotary is None:

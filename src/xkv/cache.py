@@ -18,6 +18,7 @@ drive any :class:`CompressedStore`, so cross-layer baselines (``xkv.baselines.mi
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Self
@@ -33,6 +34,8 @@ from xkv.factorization import LowRankFactors, cross_layer_svd, full_rank, resolv
 from xkv.groups import LayerGroup, build_groups
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
 from xkv.rope import RotaryAngles, apply_rope, unapply_rope
+
+logger = logging.getLogger(__name__)
 
 
 class CompressedStore(ABC):
@@ -94,6 +97,11 @@ class CompressedStore(ABC):
     def ranks(self) -> tuple[int | None, int | None]:
         """``(rank_k, rank_v)`` for the memory report; ``None`` where the notion does not apply."""
         return None, None
+
+
+def _emptied(tensor: torch.Tensor) -> torch.Tensor:
+    """A new zero-length tensor like ``tensor`` along the token axis; a ``[:, :, :0]`` view would keep its storage."""
+    return tensor.new_empty((*tensor.shape[:-2], 0, tensor.shape[-1]))
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -171,15 +179,16 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def crop_tail(self, length: int) -> None:
-        """Keep ``length`` tail tokens."""
-        self.keys = self.keys[:, :, :length]
-        self.values = self.values[:, :, :length]
+        """Keep ``length`` tail tokens (copied, so the dropped ones are freed)."""
+        if length < self.keys.shape[-2]:
+            self.keys = self.keys[:, :, :length].clone()
+            self.values = self.values[:, :, :length].clone()
 
     def reset(self) -> None:
-        """Empty the tail and the length counter."""
+        """Empty the tail (freeing it) and the length counter."""
         if self.is_initialized:
-            self.keys = self.keys[:, :, :0]
-            self.values = self.values[:, :, :0]
+            self.keys = _emptied(self.keys)
+            self.values = _emptied(self.values)
         self.cumulative_length = 0
 
 
@@ -231,8 +240,8 @@ class GroupedCache(Cache):
         inputs = read_update_inputs(cache_kwargs, kwargs)
         if inputs.position_ids is not None:
             merged["position_ids"] = inputs.position_ids
-        if layer_idx == 0 and self.get_seq_length() == 0:
-            self.begin_prefill(key_states, inputs)
+        if all(layer.get_seq_length() == 0 for layer in self.layers):
+            self.begin_prefill(key_states, inputs)  # the first update of the first prefill, whichever layer
         return self.layers[layer_idx].update(key_states, value_states, merged)
 
     def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
@@ -256,8 +265,8 @@ class GroupedCache(Cache):
         """Drop every stored token; the cache can be reused for a new prompt."""
         for layer in self.layers:
             layer.reset()
-            if isinstance(layer, DynamicLayer) and layer.is_initialized:
-                layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+            if isinstance(layer, DynamicLayer) and layer.is_initialized and layer.keys.dim() == 4:
+                layer.keys, layer.values = _emptied(layer.keys), _emptied(layer.values)
         for store in self.stores:
             store.reset()
 
@@ -277,8 +286,9 @@ class GroupedCache(Cache):
             if isinstance(layer, CompressedLayer):
                 layer.crop_tail(max(0, max_length - layer.store.prefix_len))
                 layer.cumulative_length = min(layer.cumulative_length, max_length)
-            else:
-                layer.crop(max_length)
+            elif layer.is_initialized and layer.keys.dim() == 4 and max_length < layer.keys.shape[-2]:
+                layer.keys = layer.keys[:, :, :max_length].clone()  # DynamicLayer.crop's slice keeps the storage
+                layer.values = layer.values[:, :, :max_length].clone()
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for store in self.stores:
@@ -426,6 +436,8 @@ class XKVGroupStore(CompressedStore):
         self.prefix_len = 0
         self.rank_k: int | None = None
         self.rank_v: int | None = None
+        # Set by the cache for a prefill shorter than `config.min_tokens`: the group keeps it exact.
+        self.exact_prefill = False
 
     # ------------------------------------------------------------------ prefill
     def check_ranks(self, tokens: int) -> tuple[int | None, int | None]:
@@ -437,6 +449,8 @@ class XKVGroupStore(CompressedStore):
         dim = self.spec.kv_dim
         size = self.group.size
         rank_k = rank_v = None
+        if self.exact_prefill:
+            return None, None
         if self.config.compress_keys:
             rank_k = resolve_rank(self.setting_k, tokens, size, dim, field_name=f"rank_k for group {self.group.index}")
         if self.config.compress_values:
@@ -467,7 +481,8 @@ class XKVGroupStore(CompressedStore):
                 f"layer {self.group.layers[slot]} prefilled {tokens} tokens, its group started with {self.prefix_len}"
             )
         self.prefix_len = tokens
-        if self.config.compress_keys:
+        # Sides kept exact are cloned: the caller (e.g. `from_dense` with a DynamicCache) may reuse its tensors.
+        if self.config.compress_keys and not self.exact_prefill:
             keys = key_states
             if self.angles is not None:
                 cos, sin = inputs.cos, inputs.sin
@@ -476,11 +491,11 @@ class XKVGroupStore(CompressedStore):
                 keys = unapply_rope(key_states, cos, sin)
             self.pending_keys[slot] = keys.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         else:
-            self.pending_keys[slot] = key_states
-        if self.config.compress_values:
+            self.pending_keys[slot] = key_states.clone()
+        if self.config.compress_values and not self.exact_prefill:
             self.pending_values[slot] = value_states.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         else:
-            self.pending_values[slot] = value_states
+            self.pending_values[slot] = value_states.clone()
         if len(self.pending_keys) == self.group.size:
             self._factor()
 
@@ -571,11 +586,11 @@ class XKVGroupStore(CompressedStore):
             return
         for factors in (self.key_factors, self.value_factors):
             if factors is not None:
-                factors.token_basis = factors.token_basis[:, :length].contiguous()
+                factors.token_basis = factors.token_basis[:, :length].clone()  # a view would keep all rows alive
         for name in ("exact_keys", "exact_values"):
             exact = getattr(self, name)
             if exact is not None:
-                setattr(self, name, [t[:, :, :length].contiguous() for t in exact])
+                setattr(self, name, [t[:, :, :length].clone() for t in exact])
         self.prefix_len = length
 
     def reset(self) -> None:
@@ -633,7 +648,11 @@ class XKVCache(GroupedCache):
                 ``0..T-1`` (left-padded batches and custom ``position_ids`` are not supported yet).
         """
         batch, _, tokens, _ = key_states.shape
+        exact = tokens < self.config.min_tokens
+        if exact:
+            logger.info("prefill of %d tokens < min_tokens=%d: kept exact", tokens, self.config.min_tokens)
         for store in self.stores:
+            store.exact_prefill = exact
             store.check_ranks(tokens)
         expected = torch.arange(tokens, device=key_states.device).unsqueeze(0).expand(batch, -1)
         if inputs.position_ids is not None and not torch.equal(

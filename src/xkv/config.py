@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 RankValue = int | float | str
 RankSpec = RankValue | list[RankValue]
 
-_FACTOR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$")
+_FACTOR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,12 @@ def parse_rank(value: Any, field_name: str) -> ResolvedRank:
     """
     if isinstance(value, bool):
         raise ValueError(f"`{field_name}` must be an int, a float in (0, 1] or a string like '8x', but got {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
         if value < 1:
             raise ValueError(f"`{field_name}` as a rank must be >= 1 but got {value}")
         return ResolvedRank("rank", float(value))
-    if isinstance(value, float):
+    if isinstance(value, numbers.Real):
+        value = float(value)
         if not math.isfinite(value) or not 0.0 < value <= 1.0:
             raise ValueError(f"`{field_name}` as a fraction of the full rank must be in (0, 1] but got {value}")
         return ResolvedRank("fraction", value)
@@ -111,6 +113,8 @@ class XKVConfig:
         svd_oversample: extra random directions of the randomized SVD.
         svd_niter: power iterations of the randomized SVD.
         svd_seed: seed of the randomized SVD's test matrix, so factors are reproducible.
+        min_tokens: a first prefill shorter than this is kept exact (no group is factored; ``memory_report()``
+            shows 1x), so short chat prompts behave like a dense cache instead of getting tiny ranks.
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
@@ -127,11 +131,14 @@ class XKVConfig:
     svd_oversample: int = 10
     svd_niter: int = 2
     svd_seed: int = 0
+    # At 512 tokens a G=8 group of SmolLM2 (D=192) at the default 6x keeps 64 key directions; a 42-token chat
+    # prompt would keep 6 and answer wrongly while reporting 4x (review of the foundation). Below it: exact.
+    min_tokens: int = 512
     _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
     _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed"):
+        for name in ("group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed", "min_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"`{name}` must be an int but got {value!r}")
@@ -157,6 +164,11 @@ class XKVConfig:
             raise ValueError(f"`svd_oversample` must be >= 0 but got {self.svd_oversample}")
         if self.svd_niter < 0:
             raise ValueError(f"`svd_niter` must be >= 0 but got {self.svd_niter}")
+        if self.min_tokens < 0:
+            raise ValueError(f"`min_tokens` must be >= 0 but got {self.min_tokens}")
+        for name in ("rank_k", "rank_v"):  # tuples become lists, so a config equals its YAML/JSON round trip
+            if isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, list(getattr(self, name)))
         # Frozen dataclass: the parsed forms are set once here (`dataclasses.replace` builds and checks anew).
         object.__setattr__(self, "_parsed_k", self._parse_side("rank_k", self.rank_k))
         object.__setattr__(self, "_parsed_v", self._parse_side("rank_v", self.rank_v))

@@ -28,12 +28,13 @@ def compression_factor(tokens: int, group_size: int, dim: int, rank: int) -> flo
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes held by the storages behind ``tensors``, each storage counted once.
 
-    A slice keeps its whole storage alive, so a view is charged for all of it: this is what the process holds.
+    A slice keeps its whole storage alive, so a view is charged for all of it (an empty view of a large storage
+    too): this is what the process holds.
     """
     seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in tensors:
-        if tensor is None or tensor.numel() == 0:
+        if tensor is None:
             continue
         storage = tensor.untyped_storage()
         key = (str(tensor.device), storage.data_ptr())

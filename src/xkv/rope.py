@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision inputs (bf16 cos/sin lose ~3 digits over a 4k-token rotation), else unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension."""
     half = x.shape[-1] // 2
@@ -25,11 +30,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         sin: like ``cos``.
 
     Returns:
-        ``(batch, heads, tokens, head_dim)`` in the dtype of ``x``; the math runs in the dtype of ``cos``.
+        ``(batch, heads, tokens, head_dim)`` in the dtype of ``x``; the math runs in float32 (float64 stays).
     """
     rot_dim = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x_rot, x_pass = x[..., :rot_dim].to(cos.dtype), x[..., rot_dim:]
+    cos, sin = _upcast(cos).unsqueeze(1), _upcast(sin).unsqueeze(1)
+    x_rot, x_pass = _upcast(x[..., :rot_dim]), x[..., rot_dim:]
     rotated = (x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype)
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
@@ -46,11 +51,11 @@ def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         sin: like ``cos``.
 
     Returns:
-        Pre-RoPE keys, same shape and dtype as ``x``.
+        Pre-RoPE keys, same shape and dtype as ``x``; the math runs in float32 (float64 stays).
     """
     rot_dim = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x_rot, x_pass = x[..., :rot_dim].to(cos.dtype), x[..., rot_dim:]
+    cos, sin = _upcast(cos).unsqueeze(1), _upcast(sin).unsqueeze(1)
+    x_rot, x_pass = _upcast(x[..., :rot_dim]), x[..., rot_dim:]
     unrotated = ((x_rot * cos - rotate_half(x_rot) * sin) / (cos * cos + sin * sin)).to(x.dtype)
     return torch.cat((unrotated, x_pass), dim=-1) if x_pass.shape[-1] else unrotated
 
