@@ -160,6 +160,8 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     # A rerun resumes: nothing is run twice.
     assert main(args) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+    # Rows made another way are never mixed in.
+    assert main([*args, "--max-new-tokens", "5"]) == 2
 
 
 def test_press_and_quantized_paths_equal_their_own_prefill():

@@ -198,7 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 bar, advance=1, description=f"{row['sample_id']} {row['method']}@{row['target_ratio']:g}x {score}"
             )
 
-        runner = Runner(plan, model, tokenizer, stop_token_ids(tokenizer, args.model), progress=on_row)
+        stops = stop_token_ids(tokenizer, args.model)
+        runner = Runner(plan, model, tokenizer, stops, progress=on_row, model_name=args.model)
         progress.update(bar, total=runner.total_jobs(), completed=len(runner.done))
         rows = runner.run()
     write_reports(rows, plan.out_dir, plan.min_full_score)

@@ -9,6 +9,7 @@ with their scores kept in the summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from xkv import __version__ as xkv_version
 from xkv.baselines.presses import capture_prefill
 from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError
 from xkv.evaluation.tasks import generate, string_match_all
@@ -148,6 +150,42 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _fingerprint(plan: EvalPlan, model_name: str) -> dict[str, Any]:
+    """What must not change between a run and its resumption (tasks, lengths, methods and ratios may grow)."""
+    haystack = None
+    if plan.haystack is not None:
+        haystack = hashlib.sha256("\x00".join(plan.haystack).encode()).hexdigest()[:16]
+    return {
+        "model": model_name,
+        "samples": plan.samples,
+        "first_seed": plan.first_seed,
+        "question_in_context": plan.question_in_context,
+        "max_new_tokens": plan.max_new_tokens,
+        "haystack_sha256": haystack,
+        "xkv_version": xkv_version,
+    }
+
+
+def check_resumable(plan: EvalPlan, model_name: str) -> None:
+    """Write ``plan.json`` for a new run; for an existing one, refuse to mix rows made another way.
+
+    Raises:
+        ValueError: naming the first setting that differs from the run already in ``plan.out_dir``.
+    """
+    path = plan.out_dir / "plan.json"
+    mine = _fingerprint(plan, model_name)
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        for key, value in mine.items():
+            if theirs.get(key) != value:
+                raise ValueError(
+                    f"{plan.out_dir} holds results made with {key}={theirs.get(key)!r}, this run has {value!r}: "
+                    "use another --out (or the same settings) so rows are not mixed"
+                )
+        return
+    path.write_text(json.dumps(mine, indent=2) + "\n")
+
+
 class Runner:
     """Runs an :class:`EvalPlan` with one model and tokenizer.
 
@@ -157,12 +195,20 @@ class Runner:
         tokenizer: its tokenizer.
         stop_ids: tokens that end an answer.
         progress: called with each new row.
+        model_name: recorded in ``plan.json`` so a resumed run uses the same model.
     """
 
     def __init__(
-        self, plan: EvalPlan, model: Any, tokenizer: Any, stop_ids: list[int], progress: Progress | None = None
+        self,
+        plan: EvalPlan,
+        model: Any,
+        tokenizer: Any,
+        stop_ids: list[int],
+        progress: Progress | None = None,
+        model_name: str = "",
     ):
         self.plan = plan
+        self.model_name = model_name
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
@@ -176,8 +222,13 @@ class Runner:
         return len(self.plan.tasks) * len(self.plan.lengths) * self.plan.samples * per_sample
 
     def run(self) -> list[dict[str, Any]]:
-        """Run the full cache everywhere, drop weak tasks, run the other methods; return all rows."""
+        """Run the full cache everywhere, drop weak tasks, run the other methods; return all rows.
+
+        Raises:
+            ValueError: if ``out_dir`` holds rows of a run whose samples or answers were made differently.
+        """
         self.plan.out_dir.mkdir(parents=True, exist_ok=True)
+        check_resumable(self.plan, self.model_name)
         for length in self.plan.lengths:
             for task in self.plan.tasks:
                 self._run_task(task, length, ["full"])
