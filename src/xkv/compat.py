@@ -5,7 +5,8 @@ The rest of the package never tests versions. Research notes, section 4:
 * 5.2: attention calls ``cache.update(k, v, layer_idx, {"sin", "cos", "cache_position"})`` (RoPE's cos/sin of the
   current tokens passed in); ``get_mask_sizes(cache_position, layer_idx)``; ``generate(past_key_values=...)``.
 * 5.23: ``update(k, v, layer_idx)`` with nothing else; ``get_mask_sizes(query_length, layer_idx)``.
-* 5.24: ``update(k, v, layer_idx, kwargs={"position_ids": ..., ...})``; ``generate(cache=...)`` preferred.
+* 5.24: ``update(k, v, layer_idx, kwargs={"position_ids": ..., ...})``; ``cache=`` replaces ``past_key_values=``
+  in ``forward`` and ``generate`` (the old name warns). The test suite's cache, memory and RoPE tests pass on 5.24.0.
 """
 
 from __future__ import annotations
@@ -65,8 +66,15 @@ def query_length(arg: torch.Tensor | int) -> int:
     return int(arg)
 
 
-def generate_cache_kwargs(cache: Any) -> dict[str, Any]:
-    """Keyword that hands a cache to ``model.generate``: ``past_key_values`` up to 5.23, ``cache`` from 5.24."""
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """Keyword that hands a cache to ``model(...)`` or ``model.generate(...)``.
+
+    ``past_key_values`` up to 5.23, ``cache`` from 5.24 (where ``past_key_values`` is deprecated).
+    """
     if Version("5.24") <= TRANSFORMERS_VERSION:
         return {"cache": cache}
     return {"past_key_values": cache}
+
+
+#: The same helper under the name the README's ``generate`` example uses.
+generate_cache_kwargs = cache_kwargs

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from xkv.compat import cache_kwargs
+
 
 @torch.no_grad()
 def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
@@ -29,7 +31,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Te
     """
     past = cache.get_seq_length()
     positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, cache_position=positions)
+    out = model(input_ids=input_ids, use_cache=True, cache_position=positions, **cache_kwargs(cache))
     return out.logits[:, -1, :]
 
 
