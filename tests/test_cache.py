@@ -4,7 +4,7 @@ from transformers import DynamicCache
 
 from tests.conftest import TINY_FAMILIES, build_tiny
 from xkv import XKVCache, XKVConfig
-from xkv.compat import generate_cache_kwargs
+from xkv.compat import cache_kwargs
 
 FULL = {"rank_k": 1.0, "rank_v": 1.0}
 
@@ -32,9 +32,7 @@ def test_generate_with_full_rank_gives_the_same_tokens(tiny_llama):
     with torch.no_grad():
         expected = tiny_llama.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
         cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=4, **FULL))
-        got = tiny_llama.generate(
-            prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **generate_cache_kwargs(cache)
-        )
+        got = tiny_llama.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     assert torch.equal(expected, got)
     assert cache.get_seq_length() == 60 + 11
 
@@ -50,7 +48,7 @@ def test_generate_continues_a_prefilled_cache(tiny_llama):
             max_new_tokens=4,
             do_sample=False,
             pad_token_id=0,
-            **generate_cache_kwargs(cache),
+            **cache_kwargs(cache),
         )
     assert out.shape[1] == 59
     assert all(store.prefix_len == 50 for store in cache.group_stores)
@@ -220,9 +218,7 @@ def test_short_prompts_are_kept_exact_by_default(tiny_llama):
     with torch.no_grad():
         expected = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
         cache = XKVCache(tiny_llama)
-        got = tiny_llama.generate(
-            prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, **generate_cache_kwargs(cache)
-        )
+        got = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     assert torch.equal(expected, got)
     report = cache.memory_report()
     assert all(g.rank_k is None and g.rank_v is None for g in report.groups)

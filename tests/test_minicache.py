@@ -14,7 +14,7 @@ from xkv.baselines.minicache import (
     slerp,
     slerp_with_angle,
 )
-from xkv.compat import generate_cache_kwargs
+from xkv.compat import cache_kwargs
 
 HEADS, HEAD_DIM, LAYERS = 2, 8, 4
 
@@ -233,9 +233,7 @@ def test_generate_batch_ops_crop_and_reset(tiny_llama):
     prompt = ids(3, 30)
     cache = MiniCache(tiny_llama, MiniCacheConfig(start_layer=2))
     with torch.no_grad():
-        out = tiny_llama.generate(
-            prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **generate_cache_kwargs(cache)
-        )
+        out = tiny_llama.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     assert out.shape == (3, 34) and cache.get_seq_length() == 33
     reference = cache.materialize()
     cache.reorder_cache(torch.tensor([2, 0, 1]))

@@ -74,7 +74,3 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
     if Version("5.24") <= TRANSFORMERS_VERSION:
         return {"cache": cache}
     return {"past_key_values": cache}
-
-
-#: The same helper under the name the README's ``generate`` example uses.
-generate_cache_kwargs = cache_kwargs

@@ -1,7 +1,7 @@
 """Greedy generation split by phase (prefill, then one token at a time), for any transformers causal LM and cache.
 
 Compression happens inside the cache at the prefill -> decode boundary; nothing here knows which cache it drives.
-``model.generate(..., **xkv.compat.generate_cache_kwargs(cache))`` works too; these loops exist so the demo, tests
+``model.generate(..., **xkv.compat.cache_kwargs(cache))`` works too; these loops exist so the demo, tests
 and benchmarks can time each phase and append an uncompressed question after a compressed context.
 """
 
