@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 import torch
@@ -99,6 +99,14 @@ class CompressedStore(ABC):
         return None, None
 
 
+def _states(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer's ``(keys, values)`` once it holds 4-D tensors, else ``None`` (not initialised yet)."""
+    keys, values = layer.keys, layer.values
+    if not layer.is_initialized or keys is None or values is None or keys.dim() != 4:
+        return None
+    return keys, values
+
+
 def _emptied(tensor: torch.Tensor) -> torch.Tensor:
     """A new zero-length tensor like ``tensor`` along the token axis; a ``[:, :, :0]`` view would keep its storage."""
     return tensor.new_empty((*tensor.shape[:-2], 0, tensor.shape[-1]))
@@ -156,10 +164,11 @@ class CompressedLayer(CacheLayerMixin):
                 f"{list(self.store.layers)} finished the prefill"
             )
         self.cumulative_length += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        keys = torch.cat([self.store.rebuild_keys(self.slot), self.keys], dim=-2)
-        values = torch.cat([self.store.rebuild_values(self.slot), self.values], dim=-2)
+        tail_keys, tail_values = self.tail()
+        self.keys = tail_keys = torch.cat([tail_keys, key_states], dim=-2)
+        self.values = tail_values = torch.cat([tail_values, value_states], dim=-2)
+        keys = torch.cat([self.store.rebuild_keys(self.slot), tail_keys], dim=-2)
+        values = torch.cat([self.store.rebuild_values(self.slot), tail_values], dim=-2)
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -178,17 +187,28 @@ class CompressedLayer(CacheLayerMixin):
         """No maximum length (transformers >= 5.23 name)."""
         return -1
 
+    def tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact tail ``(keys, values)``, each ``(batch, kv_heads, tail_len, head_dim)``.
+
+        Raises:
+            RuntimeError: before the layer's first update.
+        """
+        states = _states(self)
+        if states is None:
+            raise RuntimeError(f"layer {self.store.layers[self.slot]} has no tail before its first update")
+        return states
+
     def crop_tail(self, length: int) -> None:
         """Keep ``length`` tail tokens (copied, so the dropped ones are freed)."""
-        if length < self.keys.shape[-2]:
-            self.keys = self.keys[:, :, :length].clone()
-            self.values = self.values[:, :, :length].clone()
+        states = _states(self)
+        if states is not None and length < states[0].shape[-2]:
+            self.keys, self.values = states[0][:, :, :length].clone(), states[1][:, :, :length].clone()
 
     def reset(self) -> None:
         """Empty the tail (freeing it) and the length counter."""
-        if self.is_initialized:
-            self.keys = _emptied(self.keys)
-            self.values = _emptied(self.values)
+        states = _states(self)
+        if states is not None:
+            self.keys, self.values = _emptied(states[0]), _emptied(states[1])
         self.cumulative_length = 0
 
 
@@ -207,9 +227,9 @@ class GroupedCache(Cache):
         stores: the compressed groups; every layer not in a store keeps a dense cache.
     """
 
-    def __init__(self, spec: ModelSpec, stores: list[CompressedStore]):
+    def __init__(self, spec: ModelSpec, stores: Sequence[CompressedStore]):
         self.spec = spec
-        self.stores = stores
+        self.stores = list(stores)
         layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(spec.num_layers)]
         for store in stores:
             for slot, layer_idx in enumerate(store.layers):
@@ -253,9 +273,12 @@ class GroupedCache(Cache):
 
     def get_mask_sizes(self, cache_position: torch.Tensor | int, layer_idx: int) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` for ``layer_idx``; ``cache_position`` or a query length (by version)."""
-        if isinstance(self.layers[layer_idx], DynamicLayer) and not isinstance(cache_position, torch.Tensor):
-            return self.layers[layer_idx].get_seq_length() + int(cache_position), 0
-        return self.layers[layer_idx].get_mask_sizes(cache_position)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedLayer):
+            return layer.get_mask_sizes(cache_position)
+        if isinstance(cache_position, torch.Tensor):
+            return layer.get_mask_sizes(cache_position)
+        return layer.get_seq_length() + int(cache_position), 0
 
     def get_max_length(self) -> int:
         """No maximum length (transformers >= 5.23 name)."""
@@ -265,8 +288,9 @@ class GroupedCache(Cache):
         """Drop every stored token; the cache can be reused for a new prompt."""
         for layer in self.layers:
             layer.reset()
-            if isinstance(layer, DynamicLayer) and layer.is_initialized and layer.keys.dim() == 4:
-                layer.keys, layer.values = _emptied(layer.keys), _emptied(layer.values)
+            states = _states(layer)
+            if isinstance(layer, DynamicLayer) and states is not None:
+                layer.keys, layer.values = _emptied(states[0]), _emptied(states[1])
         for store in self.stores:
             store.reset()
 
@@ -286,16 +310,16 @@ class GroupedCache(Cache):
             if isinstance(layer, CompressedLayer):
                 layer.crop_tail(max(0, max_length - layer.store.prefix_len))
                 layer.cumulative_length = min(layer.cumulative_length, max_length)
-            elif layer.is_initialized and layer.keys.dim() == 4 and max_length < layer.keys.shape[-2]:
-                layer.keys = layer.keys[:, :, :max_length].clone()  # DynamicLayer.crop's slice keeps the storage
-                layer.values = layer.values[:, :, :max_length].clone()
+            elif (states := _states(layer)) is not None and max_length < states[0].shape[-2]:
+                # Copies: DynamicLayer.crop's slices would keep the whole storage alive.
+                layer.keys, layer.values = states[0][:, :, :max_length].clone(), states[1][:, :, :max_length].clone()
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for store in self.stores:
             store.map_tensors(fn)
         for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None:
-                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+            if (states := _states(layer)) is not None:
+                layer.keys, layer.values = fn(states[0]), fn(states[1])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search."""
@@ -339,8 +363,8 @@ class GroupedCache(Cache):
                     )
                 )
         for layer in self.layers:
-            if layer.is_initialized:
-                (tail if isinstance(layer, CompressedLayer) else dense).extend([layer.keys, layer.values])
+            if (states := _states(layer)) is not None:
+                (tail if isinstance(layer, CompressedLayer) else dense).extend(states)
         report.tail_bytes = tensor_bytes(tail)
         report.dense_layer_bytes = tensor_bytes(dense)
         report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
@@ -349,8 +373,8 @@ class GroupedCache(Cache):
 
     def _dtype_and_batch(self) -> tuple[torch.dtype | None, int]:
         for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
-                return layer.keys.dtype, layer.keys.shape[0]
+            if (states := _states(layer)) is not None:
+                return states[0].dtype, states[0].shape[0]
         return None, 0
 
     def materialize(self) -> DynamicCache:
@@ -367,37 +391,36 @@ class GroupedCache(Cache):
             if isinstance(layer, CompressedLayer):
                 if not layer.store.is_ready:
                     raise RuntimeError("materialize() needs a finished prefill")
-                keys = torch.cat([layer.store.rebuild_keys(layer.slot), layer.keys], dim=-2)
-                values = torch.cat([layer.store.rebuild_values(layer.slot), layer.values], dim=-2)
+                tail_keys, tail_values = layer.tail()
+                keys = torch.cat([layer.store.rebuild_keys(layer.slot), tail_keys], dim=-2)
+                values = torch.cat([layer.store.rebuild_values(layer.slot), tail_values], dim=-2)
+            elif (states := _states(layer)) is not None:
+                keys, values = states
             else:
-                keys, values = layer.keys, layer.values
+                raise RuntimeError(f"materialize() needs a finished prefill; layer {layer_idx} holds nothing")
             dense.update(keys, values, layer_idx)
         return dense
 
-    @classmethod
-    def from_dense(
-        cls, model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]], config: Any = None
-    ) -> Self:
-        """Compress a finished dense cache, e.g. a ``DynamicCache`` after the context's forward pass.
-
-        Gives the same stored tensors as compressing during that forward pass (xKV un-rotates keys with the model's
-        own RoPE at positions ``0..T-1``), so one prefill can serve several configurations.
+    def prefill_from(self, keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Self:
+        """Fill this empty cache from a finished dense prefill, as if it had been passed to that forward pass.
 
         Args:
-            model: the model that produced the cache.
             keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
-                e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``.
-            config: the subclass's configuration.
+                e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``; not modified.
+
+        Returns:
+            ``self``.
 
         Raises:
-            ValueError: if the number of layers does not match the model.
+            ValueError: if the number of layers does not match the model, or the cache is not empty.
         """
-        cache = cls(model, config)
-        if len(keys_values) != cache.spec.num_layers:
-            raise ValueError(f"`keys_values` has {len(keys_values)} layers but the model has {cache.spec.num_layers}")
+        if len(keys_values) != self.spec.num_layers:
+            raise ValueError(f"`keys_values` has {len(keys_values)} layers but the model has {self.spec.num_layers}")
+        if any(layer.get_seq_length() for layer in self.layers):
+            raise ValueError("prefill_from() needs an empty cache (call reset() first)")
         for layer_idx, (keys, values) in enumerate(keys_values):
-            cache.update(keys, values, layer_idx)
-        return cache
+            self.update(keys, values, layer_idx)
+        return self
 
 
 class XKVGroupStore(CompressedStore):
@@ -503,18 +526,19 @@ class XKVGroupStore(CompressedStore):
         self.rank_k, self.rank_v = self.check_ranks(self.prefix_len)
         keys = [self.pending_keys[s] for s in range(self.group.size)]
         values = [self.pending_values[s] for s in range(self.group.size)]
-        svd_options = {
-            "method": self.config.svd,
-            "oversample": self.config.svd_oversample,
-            "niter": self.config.svd_niter,
-            "seed": self.config.svd_seed,
-        }
+        config = self.config
         if self.rank_k is not None:
-            self.key_factors = cross_layer_svd(keys, self.rank_k, **svd_options)
+            self.key_factors = cross_layer_svd(
+                keys, self.rank_k, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
+                seed=config.svd_seed,
+            )  # fmt: skip
         else:
             self.exact_keys = keys
         if self.rank_v is not None:
-            self.value_factors = cross_layer_svd(values, self.rank_v, **svd_options)
+            self.value_factors = cross_layer_svd(
+                values, self.rank_v, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
+                seed=config.svd_seed,
+            )  # fmt: skip
         else:
             self.exact_values = values
         self.pending_keys.clear()
@@ -625,10 +649,35 @@ class XKVCache(GroupedCache):
             self.config.last_layer,
         )
         self.angles = RotaryAngles(spec.rotary_emb) if spec.rotary_emb is not None else None
-        stores = [XKVGroupStore(group, self.config, len(self.groups), spec, self.angles) for group in self.groups]
-        for store in stores:
+        self.xkv_stores = [
+            XKVGroupStore(group, self.config, len(self.groups), spec, self.angles) for group in self.groups
+        ]
+        for store in self.xkv_stores:
             self._check_static_ranks(store, spec)
-        super().__init__(spec, stores)
+        super().__init__(spec, self.xkv_stores)
+
+    @classmethod
+    def from_dense(
+        cls,
+        model: nn.Module,
+        keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        config: XKVConfig | None = None,
+    ) -> XKVCache:
+        """Compress a finished dense cache, e.g. a ``DynamicCache`` after the context's forward pass.
+
+        Gives the same factors as compressing during that forward pass (keys are un-rotated with the model's own
+        RoPE at positions ``0..T-1``), so one prefill can serve several configurations.
+
+        Args:
+            model: the model that produced the cache.
+            keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
+                e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``; not modified.
+            config: compression settings.
+
+        Raises:
+            ValueError: if the number of layers does not match the model, or a rank does not fit.
+        """
+        return cls(model, config).prefill_from(keys_values)
 
     def _check_static_ranks(self, store: XKVGroupStore, spec: ModelSpec) -> None:
         # Integer ranks can be checked against G*D now; the token bound is checked at the first prefill.
@@ -651,7 +700,7 @@ class XKVCache(GroupedCache):
         exact = tokens < self.config.min_tokens
         if exact:
             logger.info("prefill of %d tokens < min_tokens=%d: kept exact", tokens, self.config.min_tokens)
-        for store in self.stores:
+        for store in self.xkv_stores:
             store.exact_prefill = exact
             store.check_ranks(tokens)
         expected = torch.arange(tokens, device=key_states.device).unsqueeze(0).expand(batch, -1)
@@ -681,8 +730,8 @@ class XKVCache(GroupedCache):
 
         Exposed for fast decode and analysis, which work on the factors rather than on rebuilt tensors.
         """
-        return self.stores
+        return self.xkv_stores
 
     def full_ranks(self) -> list[int]:
         """Full rank ``min(T, G * D)`` of each factored group at its current prefix length."""
-        return [full_rank(s.prefix_len, s.group.size, self.spec.kv_dim) for s in self.stores]
+        return [full_rank(s.prefix_len, s.group.size, self.spec.kv_dim) for s in self.xkv_stores]

@@ -464,7 +464,7 @@ class MiniCache(GroupedCache):
         Raises:
             ValueError: if the number of layers does not match the model.
         """
-        return super().from_dense(model, keys_values, config)
+        return cls(model, config).prefill_from(keys_values)
 
     @classmethod
     def for_compression_factor(
