@@ -526,23 +526,23 @@ class XKVGroupStore(CompressedStore):
         self.rank_k, self.rank_v = self.check_ranks(self.prefix_len)
         keys = [self.pending_keys[s] for s in range(self.group.size)]
         values = [self.pending_values[s] for s in range(self.group.size)]
-        config = self.config
         if self.rank_k is not None:
-            self.key_factors = cross_layer_svd(
-                keys, self.rank_k, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
-                seed=config.svd_seed,
-            )  # fmt: skip
+            self.key_factors = self._svd(keys, self.rank_k)
         else:
             self.exact_keys = keys
         if self.rank_v is not None:
-            self.value_factors = cross_layer_svd(
-                values, self.rank_v, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
-                seed=config.svd_seed,
-            )  # fmt: skip
+            self.value_factors = self._svd(values, self.rank_v)
         else:
             self.exact_values = values
         self.pending_keys.clear()
         self.pending_values.clear()
+
+    def _svd(self, layers: list[torch.Tensor], rank: int) -> LowRankFactors:
+        config = self.config
+        return cross_layer_svd(
+            layers, rank, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
+            seed=config.svd_seed,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ rebuild
     def positions(self, batch: int, device: torch.device) -> torch.Tensor:
