@@ -263,3 +263,30 @@ def test_length_dependent_rope_is_refused():
     model = build_tiny("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(NotImplementedError, match="rope_type 'dynamic'"):
         XKVCache(model)
+
+
+def test_with_ranks_equals_factoring_at_those_ranks(tiny_llama):
+    prompt, turn = ids(1, 60), ids(1, 3, seed=8)
+    full = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0))
+    target = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v=5)
+    direct = XKVCache(tiny_llama, target)
+    with torch.no_grad():
+        tiny_llama(prompt, past_key_values=full)
+        tiny_llama(prompt, past_key_values=direct)
+        tiny_llama(turn, past_key_values=full)
+    lowered = full.with_ranks(target)
+    for a, b in zip(direct.group_stores, lowered.group_stores, strict=True):
+        for slot in (0, 1):
+            assert torch.equal(a.rebuild_keys(slot), b.rebuild_keys(slot))
+            assert torch.equal(a.rebuild_values(slot), b.rebuild_values(slot))
+    assert [g.held_bytes for g in lowered.memory_report().groups] == [
+        g.held_bytes for g in direct.memory_report().groups
+    ]
+    # The exact tail is copied; the source keeps its full-rank factors.
+    assert torch.equal(lowered.layers[3].keys, full.layers[3].keys) and lowered.get_seq_length() == 63
+    assert lowered.layers[3].keys.data_ptr() != full.layers[3].keys.data_ptr()
+    assert full.memory_report().groups[0].rank_k == 32
+    with pytest.raises(ValueError, match="groups the layers differently"):
+        full.with_ranks(XKVConfig(min_tokens=0, group_size=4))
+    with pytest.raises(ValueError, match="rank_k` for group 0 is 9 but only rank 6 is held"):
+        lowered.with_ranks(XKVConfig(min_tokens=0, group_size=2, rank_k=9, rank_v=5))

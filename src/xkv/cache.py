@@ -18,6 +18,7 @@ drive any :class:`CompressedStore`, so cross-layer baselines (``xkv.baselines.mi
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -537,6 +538,51 @@ class XKVGroupStore(CompressedStore):
         self.pending_keys.clear()
         self.pending_values.clear()
 
+    def truncated(self, config: XKVConfig, num_groups: int) -> XKVGroupStore:
+        """A copy of this factored store keeping the first ``r`` singular directions of each side.
+
+        With exact SVD factors this equals factoring the same prefix at rank ``r`` (singular values are sorted), so
+        one full-rank factorization serves every lower rank (e.g. several target factors in an evaluation).
+
+        Args:
+            config: settings whose ranks are resolved for this group and its prefix length.
+            num_groups: groups in the cache (for per-group rank lists).
+
+        Raises:
+            ValueError: if the store is not factored, a side asked for is not factored here, or a rank exceeds the
+                rank held.
+        """
+        if not self.is_ready or self.exact_prefill:
+            raise ValueError(f"group {self.index} holds no factors to truncate")
+        new = XKVGroupStore(self.group, config, num_groups, self.spec, self.angles)
+        new.prefix_len = self.prefix_len
+        new.rank_k, new.rank_v = new.check_ranks(self.prefix_len)
+        for side, rank, held, exact in (
+            ("k", new.rank_k, self.key_factors, self.exact_keys),
+            ("v", new.rank_v, self.value_factors, self.exact_values),
+        ):
+            if rank is None:
+                if exact is None:
+                    raise ValueError(f"`compress_{'keys' if side == 'k' else 'values'}`=False needs the exact side")
+                kept = [t.clone() for t in exact]
+                if side == "k":
+                    new.exact_keys = kept
+                else:
+                    new.exact_values = kept
+                continue
+            if held is None or rank > held.rank:
+                have = None if held is None else held.rank
+                raise ValueError(f"`rank_{side}` for group {self.index} is {rank} but only rank {have} is held")
+            factors = LowRankFactors(
+                token_basis=held.token_basis[..., :rank].clone(),
+                reconstruction=held.reconstruction[:, :, :rank].clone(),
+            )
+            if side == "k":
+                new.key_factors = factors
+            else:
+                new.value_factors = factors
+        return new
+
     def _svd(self, layers: list[torch.Tensor], rank: int) -> LowRankFactors:
         config = self.config
         return cross_layer_svd(
@@ -723,6 +769,44 @@ class XKVCache(GroupedCache):
                     "rotated keys at other positions (left-padded batches and custom position_ids are not "
                     "supported yet)"
                 )
+
+    def with_ranks(self, config: XKVConfig) -> XKVCache:
+        """A copy of this factored cache at lower ranks, without another SVD.
+
+        Keeps the first ``r`` directions of every group's factors (ranks resolved from ``config`` at the prefix
+        length) and copies the exact tails and dense layers. With exact SVD factors (e.g. this cache at full rank,
+        ``rank_k=1.0, rank_v=1.0``) the copy equals compressing the same prefill with ``config`` (tested).
+
+        Raises:
+            ValueError: if ``config`` groups the layers differently or asks for more rank than is held.
+        """
+        groups = build_groups(
+            self.spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer
+        )
+        if [g.layers for g in groups] != [g.layers for g in self.groups]:
+            raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")
+        new = copy.copy(self)
+        new.config = config
+        new.xkv_stores = [store.truncated(config, len(groups)) for store in self.xkv_stores]
+        new.stores = list(new.xkv_stores)
+        store_of = {layer_idx: store for store in new.xkv_stores for layer_idx in store.layers}
+        layers: list[CacheLayerMixin] = []
+        for layer_idx, layer in enumerate(self.layers):
+            states = _states(layer)
+            if isinstance(layer, CompressedLayer):
+                compressed = CompressedLayer(store_of[layer_idx], layer.slot)
+                compressed.cumulative_length = layer.cumulative_length
+                if states is not None:
+                    compressed.lazy_initialization(*states)
+                    compressed.keys, compressed.values = states[0].clone(), states[1].clone()
+                layers.append(compressed)
+            else:
+                dense = DynamicLayer()
+                if states is not None:
+                    dense.update(states[0].clone(), states[1].clone())
+                layers.append(dense)
+        new.layers = layers
+        return new
 
     @property
     def group_stores(self) -> list[XKVGroupStore]:

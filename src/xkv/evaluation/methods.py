@@ -51,6 +51,7 @@ class SampleContext:
         dense: per layer ``(keys, values)`` of the context's dense prefill, for methods that reuse it.
         last_logits: ``(1, vocab)`` logits after the context (used when ``question_ids`` is empty).
         capture: the attention layers' inputs during that prefill, for methods with ``needs_capture``.
+        scratch: per-sample work a method may reuse across target factors (e.g. full-rank factors).
     """
 
     model: nn.Module
@@ -61,6 +62,7 @@ class SampleContext:
     dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     last_logits: torch.Tensor | None = None
     capture: PrefillCapture | None = None
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     def dense_bytes(self) -> int:
         """Bytes a dense cache of the context holds, in the model's dtype."""
@@ -183,7 +185,7 @@ class XKVMethod(Method):
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
         config = self.config_for(factor)
         try:
-            cache = XKVCache.from_dense(ctx.model, ctx.dense, config)
+            cache = self._compress(ctx, config)
         except ValueError as err:
             raise UnreachableError(str(err)) from err
         report = cache.memory_report()
@@ -196,6 +198,20 @@ class XKVMethod(Method):
         dense = cache.materialize()
         del cache
         return Outcome(answer_through(ctx, dense), report.held_bytes, report.dense_bytes, details)
+
+    def _compress(self, ctx: SampleContext, config: XKVConfig) -> XKVCache:
+        """The real cache at ``config``; with exact SVD, one full-rank factorization per sample serves every ratio.
+
+        Truncating the exact full-rank factors equals factoring at the lower rank (``XKVCache.with_ranks``, tested).
+        """
+        if config.svd != "exact":
+            return XKVCache.from_dense(ctx.model, ctx.dense, config)
+        key = f"{self.name}:full-rank"
+        full = ctx.scratch.get(key)
+        if full is None:
+            full_config = XKVConfig.from_dict({**config.to_dict(), "rank_k": 1.0, "rank_v": 1.0})
+            full = ctx.scratch[key] = XKVCache.from_dense(ctx.model, ctx.dense, full_config)
+        return full.with_ranks(config)
 
 
 class SingleLayerSVD(XKVMethod):
