@@ -110,6 +110,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     lengths = list(summary["lengths"])
@@ -125,6 +126,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
             xs, ys, es = zip(*points, strict=True)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
         ax.set_xlabel("measured compression factor (dense bytes / held)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{length} tokens")
