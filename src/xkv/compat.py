@@ -74,3 +74,18 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
     if Version("5.24") <= TRANSFORMERS_VERSION:
         return {"cache": cache}
     return {"past_key_values": cache}
+
+
+def dequantized_for_saving(model: Any) -> Any:
+    """Let ``save_pretrained`` write a model loaded from a GGUF file as plain (already dequantised) weights.
+
+    transformers dequantises GGUF tensors while loading, but from 5.23 on it keeps a GGUF quantizer on the model and
+    refuses to save it ("quantized with gguf and is not serializable"); 5.2 saves it as it is. The weights are
+    plain tensors either way, so dropping the quantizer and its config entry changes no value (logits checked
+    identical on 5.24.0).
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from xkv.compat import dequantized_for_saving
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +97,17 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def _converted_copy(name: str, gguf: Path) -> Path:
     """Directory of the safetensors copy of an embedded GGUF, created atomically on first use."""
-    target = cache_dir() / "models" / f"{name}-{_sha256(gguf)[:16]}"
+    # Keyed by the transformers line too: a tokenizer saved by one line may load as another class in a later one.
+    line = ".".join(transformers.__version__.split(".")[:2])
+    target = cache_dir() / "models" / f"{name}-{_sha256(gguf)[:16]}-transformers{line}"
     if (target / "config.json").is_file():
         return target
     logger.info("converting %s to safetensors under %s (once)", gguf.name, target)
     entry = EMBEDDED_MODELS[name]
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = dequantized_for_saving(
+        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = entry.pad_token
     target.parent.mkdir(parents=True, exist_ok=True)
