@@ -110,6 +110,9 @@ def summarize(path: Path, context_tokens: int) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows = [r for r in rows if r["context_tokens"] == context_tokens]
     lines = [
+        f"Written by `.venv/bin/python benchmarks/defaults/run.py --context-tokens {context_tokens}` "
+        f"(see README.md here).",
+        "",
         f"| method ({context_tokens} context tokens) | correct | accuracy +- s.e. | measured compression |",
         "|---|---|---|---|",
     ]
