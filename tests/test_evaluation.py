@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import build_tiny
 from xkv import XKVCache
@@ -29,6 +29,26 @@ def test_parsers():
         parse_methods("full,h2o")
 
 
+def shared_prefill_context(model, context_tokens, question_tokens, max_new_tokens, seed) -> SampleContext:
+    """A sample's context as the runner builds it: one captured dense prefill shared by every method."""
+    from xkv.baselines.presses import capture_prefill
+
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randint(0, 99, (1, context_tokens), generator=gen)
+    question = torch.randint(0, 99, (1, question_tokens), generator=gen)
+    capture = capture_prefill(model, context)
+    return SampleContext(
+        model=model,
+        context_ids=context,
+        question_ids=question,
+        stop_ids=[],
+        max_new_tokens=max_new_tokens,
+        dense=[(layer.keys, layer.values) for layer in capture.cache.layers],
+        last_logits=capture.last_logits,
+        capture=capture,
+    )
+
+
 def test_xkv_config_for_splits_keys_twice_as_hard():
     config = xkv_config_for(4.0)
     assert (config.rank_k, config.rank_v) == ("6x", "3x")
@@ -38,20 +58,8 @@ def test_xkv_config_for_splits_keys_twice_as_hard():
 
 def test_evaluation_path_equals_decoding_through_the_cache():
     model = build_tiny("llama")
-    gen = torch.Generator().manual_seed(0)
-    context = torch.randint(0, 99, (1, 120), generator=gen)
-    question = torch.randint(0, 99, (1, 6), generator=gen)
-    dense = DynamicCache()
-    logits = prefill(model, context, dense)
-    ctx = SampleContext(
-        model=model,
-        context_ids=context,
-        question_ids=question,
-        stop_ids=[],
-        max_new_tokens=10,
-        dense=[(layer.keys, layer.values) for layer in dense.layers],
-        last_logits=logits,
-    )
+    ctx = shared_prefill_context(model, context_tokens=120, question_tokens=6, max_new_tokens=10, seed=0)
+    context, question = ctx.context_ids, ctx.question_ids
     method = XKVMethod()
     outcome = method.run(ctx, 4.0)
     cache = XKVCache(model, method.config_for(4.0))
@@ -165,25 +173,13 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_press_and_quantized_paths_equal_their_own_prefill():
-    from xkv.baselines.presses import capture_prefill, make_press, press_answer, press_prefill
+    from xkv.baselines.presses import make_press, press_answer, press_prefill
     from xkv.baselines.quantized import quantized_cache
     from xkv.evaluation.methods import METHODS
 
     model = build_tiny("llama", hidden_size=64, num_attention_heads=2)  # D = 64: quanto groups of 64 fit
-    gen = torch.Generator().manual_seed(4)
-    context = torch.randint(0, 99, (1, 160), generator=gen)
-    question = torch.randint(0, 99, (1, 5), generator=gen)
-    capture = capture_prefill(model, context)
-    ctx = SampleContext(
-        model=model,
-        context_ids=context,
-        question_ids=question,
-        stop_ids=[],
-        max_new_tokens=8,
-        dense=[(layer.keys, layer.values) for layer in capture.cache.layers],
-        last_logits=capture.last_logits,
-        capture=capture,
-    )
+    ctx = shared_prefill_context(model, context_tokens=160, question_tokens=5, max_new_tokens=8, seed=4)
+    context, question = ctx.context_ids, ctx.question_ids
     pressed = press_prefill(model, make_press("snapkv", 4.0), context)
     assert METHODS["snapkv"]().run(ctx, 4.0).tokens == press_answer(model, pressed, question, 8)
     cache = quantized_cache(model, 4)
