@@ -119,6 +119,7 @@ def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys):
         (["--ratios", "0.5"], "0.5"),
         (["--lengths", "2q"], "2q"),
         (["--haystack", "/nonexistent/file.txt"], "file.txt"),
+        (["--quantized-axes", "1,0"], "--quantized-axes"),
     ]:
         assert main(["eval", *args]) == 2
         assert field in capsys.readouterr().err
@@ -149,7 +150,7 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     args = [
         "eval", "--model", str(tiny_model_dir), "--tasks", "niah_single_1,vt", "--lengths", "512",
         "--methods", "full,xkv,svd,minicache,quantized,snapkv", "--ratios", "2,64", "--samples", "2",
-        "--out", str(out), "--min-full-score", "0", "--max-new-tokens", "4", "--quiet",
+        "--out", str(out), "--min-full-score", "0", "--max-new-tokens", "4", "--quantized-axes=-1,0", "--quiet",
     ]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -160,6 +161,7 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert unreachable == {"svd", "quantized", "minicache"}
     assert {r["method"] for r in rows if r["target_ratio"] == 64.0 and r["status"] == "ok"} == {"snapkv", "xkv"}
     assert all(r["measured_ratio"] >= 1.99 for r in rows if r["target_ratio"] == 2.0 and r["status"] == "ok")
+    assert all(r["axis_key"] == -1 for r in rows if r["method"] == "quantized" and r["status"] == "ok")
     summary = json.loads((out / "summary.json").read_text())
     methods = {e["method"] for e in summary["lengths"]["512"]["rows"]}
     assert methods == {"full", "xkv", "svd", "minicache", "quantized", "snapkv"}

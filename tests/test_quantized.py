@@ -150,3 +150,32 @@ def test_quantizing_a_finished_prefill_equals_quantizing_during_it(tiny_llama, n
         greedy_generate(tiny_llama, question, copy, 12).tokens
         == greedy_generate(tiny_llama, question, during, 12).tokens
     )
+
+
+def test_per_channel_prefill_of_any_length_is_a_chunked_prefill(tiny_llama):
+    from transformers import DynamicCache
+
+    from xkv.baselines.quantized import dequantized_copy, quantized_from_dense, tail_tokens
+
+    options = {"axis_key": -1, "axis_value": 0, "q_group_size": 16, "residual_length": 32}
+    prompt, question = context(29), context(5, seed=2)  # 29 = 3 * 8 + 5: not a multiple of 8 tokens
+    during = quantized_cache(tiny_llama, 2, **options)
+    prefill(tiny_llama, prompt[:, :24], during)
+    prefill(tiny_llama, prompt[:, 24:], during)  # the last 5 tokens go to the full-precision tail
+    dense = DynamicCache()
+    prefill(tiny_llama, prompt, dense)
+    after = quantized_from_dense(tiny_llama, [(layer.keys, layer.values) for layer in dense.layers], 2, **options)
+    assert tail_tokens(after) == tail_tokens(during) == 5
+    assert quantized_cache_bytes(after) == quantized_cache_bytes(during) == hand_bytes(24, 5, 2, 16)
+    assert (
+        greedy_generate(tiny_llama, question, dequantized_copy(after), 6).tokens
+        == greedy_generate(tiny_llama, question, during, 6).tokens
+    )
+    with pytest.raises(ValueError, match="shorter than one quantization block of 8 tokens"):
+        quantized_from_dense(
+            tiny_llama, [(k[..., :7, :], v[..., :7, :]) for k, v in dense_layers(dense)], 2, **options
+        )
+
+
+def dense_layers(cache):
+    return [(layer.keys, layer.values) for layer in cache.layers]

@@ -128,7 +128,9 @@ def test_length_with_real_tokenizer(smollm2, task, length):
     assert decoded.startswith("<|im_start|>") and decoded.endswith(encoded.sample.context)
     check_task_body(encoded.sample, decoded)
     question = tokenizer.decode(encoded.question_ids)
-    assert question.startswith("\n\n" + encoded.sample.question) and question.endswith("<|im_start|>assistant\n")
+    assert question.startswith("\n\n" + encoded.sample.question)
+    assert question.endswith("<|im_start|>assistant\n" + encoded.sample.answer_prefix)
+    assert encoded.sample.answer_prefix and not any(a in encoded.sample.answer_prefix for a in encoded.sample.answers)
 
 
 def test_depth_is_spread_over_samples(word_tokenizer):

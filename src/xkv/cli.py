@@ -125,6 +125,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantized_axes(spec: str) -> dict[str, int]:
+    """``"-1,0"`` -> ``{"axis_key": -1, "axis_value": 0}`` (quanto axes: 0 per token, -1 per channel)."""
+    parts = [part.strip() for part in spec.split(",")]
+    if len(parts) != 2 or any(part not in ("0", "-1") for part in parts):
+        raise ValueError(f"`--quantized-axes` must be KEY,VALUE with each 0 or -1 (e.g. -1,0) but got {spec!r}")
+    return {"axis_key": int(parts[0]), "axis_value": int(parts[1])}
+
+
 def _eval_plan(args: argparse.Namespace):
     """Check every eval argument before any model is loaded; return the plan."""
     from xkv.evaluation.methods import METHODS
@@ -139,7 +147,8 @@ def _eval_plan(args: argparse.Namespace):
         raise ValueError(f"`--samples` must be >= 1 but got {args.samples}")
     haystack = load_haystack(args.haystack) if args.haystack else None
     base = XKVConfig.load(args.config) if args.config else None
-    options = {name: {"config": base} for name in ("xkv", "svd") if base is not None}
+    options: dict[str, dict] = {name: {"config": base} for name in ("xkv", "svd") if base is not None}
+    options["quantized"] = _quantized_axes(args.quantized_axes)
     return EvalPlan(
         tasks=tasks,
         lengths=lengths,
@@ -250,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sample", help="replay one sample id (task-length-seed) only")
     evaluate.add_argument("--haystack", help="natural-text haystack: plain text, or JSON list of documents")
     evaluate.add_argument("--config", help="base XKVConfig file for xkv/svd (ranks come from each ratio)")
+    evaluate.add_argument(
+        "--quantized-axes",
+        default="0,0",
+        help="quanto axes of keys,values for `quantized`: 0 groups per token, -1 per channel "
+        "(KIVI: --quantized-axes=-1,0); default %(default)s, picked on calibration samples (benchmarks/ruler_lite)",
+    )
     evaluate.add_argument("--question-in-context", action="store_true", help="compress the question too")
     evaluate.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap")
     evaluate.add_argument("--min-full-score", type=float, default=0.5, help="drop tasks where full scores less")

@@ -220,7 +220,10 @@ def quantized_from_dense(
     """Quantize a finished dense prefill: the cache an in-forward prefill through :func:`quantized_cache` leaves.
 
     ``QuantizedCache`` quantizes a layer's states at its first update and returns them exact to the prefill
-    attention, so quantizing after the forward pass stores the same tensors (tested).
+    attention, so quantizing after the forward pass stores the same tensors (tested). When the prefill length is not
+    a multiple of :func:`quantization_token_multiple` (per-channel ``axis=-1`` on SmolLM2: 64 tokens), the prefill is
+    taken in two chunks, the longest multiple first and the rest (fewer than ``residual_length`` tokens) into the
+    full-precision tail: what the cache holds after a chunked prefill split there.
 
     Args:
         model: the model that produced the prefill.
@@ -229,9 +232,25 @@ def quantized_from_dense(
         **options: the other :func:`quantized_cache` settings.
     """
     cache = quantized_cache(model, nbits, **options)
+    multiple = quantization_token_multiple(
+        model,
+        **{name: options[name] for name in ("axis_key", "axis_value", "q_group_size") if name in options},
+    )
+    tokens = keys_values[0][0].shape[-2]
+    head = tokens - tokens % multiple
+    if head == 0:
+        raise ValueError(f"a prefill of {tokens} tokens is shorter than one quantization block of {multiple} tokens")
     for layer_idx, (keys, values) in enumerate(keys_values):
-        cache.update(keys, values, layer_idx)
+        cache.update(keys[..., :head, :], values[..., :head, :], layer_idx)
+        if head < tokens:
+            cache.update(keys[..., head:, :], values[..., head:, :], layer_idx)
     return cache
+
+
+def tail_tokens(cache: QuantizedCache) -> int:
+    """Tokens in the full-precision tail of ``cache`` (the same in every layer)."""
+    keys = cache.layers[0].keys
+    return int(keys.shape[-2]) if keys is not None and keys.dim() == 4 else 0
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from xkv.baselines.presses import (
     press_memory_report,
     replay_press,
 )
-from xkv.baselines.quantized import dequantized_copy, quantized_from_dense, quantized_memory_report
+from xkv.baselines.quantized import dequantized_copy, quantized_from_dense, quantized_memory_report, tail_tokens
 from xkv.cache import XKVCache
 from xkv.config import XKVConfig
 from xkv.generation import prefill
@@ -297,13 +297,19 @@ class QuantizedMethod(Method):
         nbits = self.nbits_for(factor, itemsize)
         if nbits is None:
             raise UnreachableError(f"QuantizedCache int2 tops out below {factor:g}x")
+        key = f"{self.name}:{nbits}"
+        if key in ctx.scratch:  # e.g. int4 serves both 2x and 4x: the same cache and answer
+            return ctx.scratch[key]
         cache = quantized_from_dense(ctx.model, ctx.dense, nbits, **self.options)
         report = quantized_memory_report(cache)
         residual = self.options.get("residual_length", 128)
-        if ctx.question_ids.shape[1] + ctx.max_new_tokens < residual:
+        if tail_tokens(cache) + ctx.question_ids.shape[1] + ctx.max_new_tokens < residual:
             cache = dequantized_copy(cache)
         tokens = answer_through(ctx, cache)
-        return Outcome(tokens, report.held_bytes, report.dense_bytes, {"nbits": nbits, **self.options})
+        outcome = ctx.scratch[key] = Outcome(
+            tokens, report.held_bytes, report.dense_bytes, {"nbits": nbits, **self.options}
+        )
+        return outcome
 
 
 METHODS: dict[str, type[Method]] = {

@@ -36,13 +36,14 @@ user passes as ``haystack`` (see :func:`load_haystack`). Words for keys and word
 lists, drawn with the sample's own seeded ``random.Random``.
 
 Lengths are in the tokenizer's tokens and cover the whole prompt: ``context_ids`` (chat prefix, instructions and
-haystack: the part whose KV-cache is compressed) plus ``question_ids`` (blank line, question, end of the user turn
-and opening of the assistant turn: appended uncompressed). The haystack is fitted by measuring: a search on the
-number of haystack units (words, sentences, lines or list entries), interpolating from measured token counts, finds
-the longest prompt that is not longer than ``length``; where a unit is coarse (a line of two UUIDs is ~76 SmolLM2
-tokens), a character prefix of the next unit fills the remaining gap. The result is never above ``length`` and within
-2% of it from 512 tokens up (within 1.2% in our checks with SmolLM2's tokenizer); a 4096-token sample takes a few
-tens of milliseconds, most of it in the tokenizer.
+haystack: the part whose KV-cache is compressed) plus ``question_ids`` (blank line, question, end of the user turn and
+opening of the assistant turn, then the task's answer prefix as RULER writes one, e.g. "The special magic number for X
+mentioned in the text above is": appended uncompressed; only what the model adds is scored). The haystack is fitted by
+measuring: a search on the number of haystack units (words, sentences, lines or list entries), interpolating from
+measured token counts, finds the longest prompt that is not longer than ``length``; where a unit is coarse (a line of
+two UUIDs is ~76 SmolLM2 tokens), a character prefix of the next unit fills the remaining gap. The result is never
+above ``length`` and within 2% of it from 512 tokens up (within 1.2% in our checks with SmolLM2's tokenizer); a
+4096-token sample takes a few tens of milliseconds, most of it in the tokenizer.
 
 A sample is rebuilt exactly from ``(task, length, seed)`` (and, for needle tasks, ``sample_index`` and
 ``num_samples_hint`` when they set the depth) with the same tokenizer.
@@ -109,6 +110,8 @@ class TaskSample:
         context: the text that gets compressed: instructions and haystack with the needles or the task body.
         question: the question asked after the context.
         answers: every expected value; scoring is the fraction of them found in the prediction.
+        answer_prefix: the start of the answer, placed at the opening of the assistant turn so that the model
+            continues it with the values (RULER's answer prefixes); only the continuation is scored.
         depth: where the needle sits, as a fraction of the haystack, for needle tasks; ``None`` otherwise.
     """
 
@@ -119,6 +122,7 @@ class TaskSample:
     question: str
     answers: list[str]
     depth: float | None
+    answer_prefix: str = ""
 
     @property
     def sample_id(self) -> str:
@@ -133,8 +137,8 @@ class EncodedSample:
     Attributes:
         sample: the text of the sample.
         context_ids: chat prefix and context (the part whose KV-cache is compressed).
-        question_ids: blank line, question, end of the user turn and the assistant turn's opening (appended
-            uncompressed); ``context_ids + question_ids`` is the full prompt.
+        question_ids: blank line, question, end of the user turn, the assistant turn's opening and the answer
+            prefix (appended uncompressed); ``context_ids + question_ids`` is the full prompt.
     """
 
     sample: TaskSample
@@ -298,6 +302,7 @@ def generate(
         draft = _fwe_draft(rng, length)
 
     before, after = _chat_parts(tokenizer, draft.question)
+    after += draft.answer_prefix
 
     def encode(text: str) -> list[int]:
         # verbose=False: the search tries haystacks longer than the model's window and must not warn about them.
@@ -313,6 +318,7 @@ def generate(
         question=draft.question,
         answers=draft.answers,
         depth=draft.depth,
+        answer_prefix=draft.answer_prefix,
     )
     return EncodedSample(sample=sample, context_ids=context_ids, question_ids=question_ids)
 
@@ -336,6 +342,7 @@ class _Draft:
     render: Callable[[int, int], str]
     max_units: int
     tail_limit: Callable[[int], int]
+    answer_prefix: str
     depth: float | None = None
 
 
@@ -479,12 +486,15 @@ def _niah_draft(
         names = ", ".join(queried[:-1]) + f" and {queried[-1]}"
         question = f"What are the special magic {kind}s for {names} mentioned in the text above?"
         question += f" Answer with the {kind}s only."
+        answer_prefix = f"The special magic {kind}s for {names} mentioned in the text above are"
     elif config.num_values > 1:
         question = f"What are all the special magic {kind}s for {keys[0]} mentioned in the text above?"
         question += f" Answer with the {kind}s only."
+        answer_prefix = f"The special magic {kind}s for {keys[0]} mentioned in the text above are"
     else:
         question = f"What is the special magic {kind} for {keys[0]} mentioned in the text above?"
         question += f" Answer with the {kind} only."
+        answer_prefix = f"The special magic {kind} for {keys[0]} mentioned in the text above is"
     preamble = (
         f"The text below hides some special magic {kind}s. Remember them: a question about them follows the text.\n\n"
     )
@@ -516,6 +526,7 @@ def _niah_draft(
         render=_insertion_renderer(pieces, boundaries, needle_texts),
         max_units=len(pieces) - 1,  # keep one piece for the tail
         tail_limit=lambda units: len(pieces[units].rstrip()) if units < len(pieces) else 0,
+        answer_prefix=answer_prefix,
         depth=depth,
     )
 
@@ -541,6 +552,10 @@ def _vt_draft(rng: random.Random, length: int) -> _Draft:
         question=(
             f"Which variables are assigned the value {value} in the text above, directly or through other variables? "
             "Answer with the variable names only."
+        ),
+        answer_prefix=(
+            f"According to the chain of assignments in the text above, {len(names)} variables are assigned the "
+            f"value {value}, they are:"
         ),
         answers=names,
         render=_insertion_renderer(
@@ -572,6 +587,7 @@ def _cwe_draft(rng: random.Random, length: int) -> _Draft:
             "them: a question about them follows the list.\n\n"
         ),
         question=f"What are the {_CWE_COMMON} most common words in the list above? Answer with the words only.",
+        answer_prefix=f"The {_CWE_COMMON} words that appear most often in the list are:",
         answers=common,
         render=render,
         max_units=min(max_units, rare_count * len(rare)),
@@ -614,6 +630,7 @@ def _fwe_draft(rng: random.Random, length: int) -> _Draft:
             f"What are the {_FWE_TOP} most frequently appearing coded words in the text above? "
             "Answer with the words only."
         ),
+        answer_prefix=f"According to the coded text above, the {_FWE_TOP} most frequently appearing words are:",
         answers=vocab[:_FWE_TOP],
         render=render,
         max_units=length,  # a word takes >= 1 token
