@@ -172,6 +172,22 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
     # Rows made another way are never mixed in.
     assert main([*args, "--max-new-tokens", "5"]) == 2
+    # Without screening, every method runs in one pass per sample, in the same rows.
+    one_pass = tmp_path / "one-pass"
+    assert (
+        main([*args[: args.index("--out")], "--out", str(one_pass), *args[args.index("--out") + 2 :], "--no-screen"])
+        == 0
+    )
+    again = [json.loads(line) for line in (one_pass / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in again[:11]] == [r["method"] for r in rows if r["sample_id"] == again[0]["sample_id"]]
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in sorted(again, key=_row_order)] == [
+        {k: v for k, v in r.items() if k not in strip} for r in sorted(rows, key=_row_order)
+    ]
+
+
+def _row_order(row):
+    return row["sample_id"], row["method"], row["target_ratio"]
 
 
 def test_press_and_quantized_paths_equal_their_own_prefill():

@@ -162,6 +162,7 @@ def _eval_plan(args: argparse.Namespace):
         min_full_score=args.min_full_score,
         method_options=options,
         first_seed=args.first_seed,
+        screen=not args.no_screen,
         only_sample=args.sample,
     )
 
@@ -268,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--question-in-context", action="store_true", help="compress the question too")
     evaluate.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap")
     evaluate.add_argument("--min-full-score", type=float, default=0.5, help="drop tasks where full scores less")
+    evaluate.add_argument(
+        "--no-screen",
+        action="store_true",
+        help="run every method in one pass per sample instead of the full cache on every task first (one prefill "
+        "per sample; weak tasks are still dropped from the report)",
+    )
     evaluate.add_argument("--out", default="eval-results", help="output directory (default: %(default)s)")
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress display")

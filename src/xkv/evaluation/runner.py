@@ -107,6 +107,10 @@ class EvalPlan:
         min_full_score: tasks where the full cache scores under this (per length) are dropped.
         method_options: keyword options per method name (e.g. ``{"xkv": {"config": XKVConfig(...)}}``).
         first_seed: seed of sample 0; sample ``i`` uses ``first_seed + i``.
+        screen: run the full cache on every task first and the other methods only where it reaches
+            ``min_full_score`` (saves the other methods on weak tasks); ``False`` runs every method in one pass, one
+            prefill per sample (saves a second prefill where the tasks are known to be kept). The report drops weak
+            tasks either way.
         only_sample: run only this sample id (``task-length-seed``), to replay one failure.
     """
 
@@ -122,6 +126,7 @@ class EvalPlan:
     min_full_score: float = 0.5
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     first_seed: int = 0
+    screen: bool = True
     only_sample: str | None = None
 
     @property
@@ -229,6 +234,11 @@ class Runner:
         """
         self.plan.out_dir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.plan, self.model_name)
+        if not self.plan.screen:
+            for length in self.plan.lengths:
+                for task in self.plan.tasks:
+                    self._run_task(task, length, ["full", *(name for name in self.plan.methods if name != "full")])
+            return load_rows(self.plan.results_path)
         for length in self.plan.lengths:
             for task in self.plan.tasks:
                 self._run_task(task, length, ["full"])
