@@ -15,7 +15,7 @@ def test_help_lists_commands(capsys):
     assert "demo" in out and "config" in out
 
 
-@pytest.mark.parametrize("command", ["demo", "eval", "config"])
+@pytest.mark.parametrize("command", ["demo", "eval", "report", "config"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -38,7 +38,7 @@ def test_config_prints_checks_and_writes(tmp_path, capsys):
 
 def test_parser_has_a_subcommand_per_job():
     actions = [a for a in build_parser()._actions if a.dest == "command"]
-    assert set(actions[0].choices) == {"demo", "eval", "config"}
+    assert set(actions[0].choices) == {"demo", "eval", "report", "config"}
 
 
 @pytest.mark.slow

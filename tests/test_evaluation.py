@@ -185,6 +185,13 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         {k: v for k, v in r.items() if k not in strip} for r in sorted(rows, key=_row_order)
     ]
 
+    # One report over several runs: the same table as the run's own; the same samples twice are refused.
+    merged = tmp_path / "merged"
+    assert main(["report", str(out), "--out", str(merged), "--min-full-score", "0"]) == 0
+    assert (merged / "results.md").read_text() == (out / "results.md").read_text()
+    assert main(["report", str(out), str(one_pass), "--out", str(merged)]) == 2
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(merged)]) == 2
+
 
 def _row_order(row):
     return row["sample_id"], row["method"], row["target_ratio"]

@@ -218,6 +218,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Merge ``xkv eval`` output folders into one summary, Markdown table set and plot."""
+    from xkv.evaluation.report import write_reports
+    from xkv.evaluation.runner import merge_runs
+
+    rows = merge_runs(Path(run) for run in args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_reports(rows, out, args.min_full_score)
+    print((out / "results.md").read_text())
+    print(f"wrote summary.json, results.md and accuracy_vs_ratio.png in {out} ({len(rows)} rows)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xkv`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -279,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress display")
     evaluate.set_defaults(func=cmd_eval)
+
+    report = commands.add_parser(
+        "report",
+        help="merge `xkv eval` output folders (e.g. one per length) into one report",
+        description="Read the results.jsonl of each RUN folder (runs must share model, question placement, answer "
+        "cap and haystack, and hold different samples) and write summary.json, results.md and "
+        "accuracy_vs_ratio.png for all of them to --out.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN", help="`xkv eval` output folders")
+    report.add_argument("--out", required=True, help="folder for the merged report")
+    report.add_argument("--min-full-score", type=float, default=0.5, help="drop tasks where full scores less")
+    report.set_defaults(func=cmd_report)
 
     config = commands.add_parser(
         "config",

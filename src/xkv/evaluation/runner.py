@@ -191,6 +191,44 @@ def check_resumable(plan: EvalPlan, model_name: str) -> None:
     path.write_text(json.dumps(mine, indent=2) + "\n")
 
 
+#: Settings that must agree between runs merged into one report (samples and lengths may differ).
+_MERGE_KEYS = ("model", "question_in_context", "max_new_tokens", "haystack_sha256")
+
+
+def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
+    """Rows of several ``xkv eval`` output folders (e.g. one per length, run side by side), for one report.
+
+    Raises:
+        ValueError: naming a folder without ``plan.json``/``results.jsonl``, a setting in which two folders differ
+            (model, question placement, answer cap, haystack), or a (sample, method, ratio) found in two folders.
+    """
+    rows: list[dict[str, Any]] = []
+    first: tuple[Path, dict[str, Any]] | None = None
+    seen: dict[tuple[str, str, float], Path] = {}
+    for run_dir in map(Path, run_dirs):
+        plan_path, results_path = run_dir / "plan.json", run_dir / "results.jsonl"
+        if not plan_path.is_file() or not results_path.is_file():
+            raise ValueError(f"{run_dir} is not an `xkv eval` output folder (no plan.json or results.jsonl)")
+        plan = json.loads(plan_path.read_text())
+        if first is None:
+            first = (run_dir, plan)
+        for key in _MERGE_KEYS:
+            if plan.get(key) != first[1].get(key):
+                raise ValueError(
+                    f"{run_dir} was run with {key}={plan.get(key)!r} but {first[0]} with {first[1].get(key)!r}: "
+                    "their rows do not belong in one report"
+                )
+        for row in load_rows(results_path):
+            key_ = _row_key(row)
+            if key_ in seen:
+                raise ValueError(f"{run_dir} and {seen[key_]} both hold {key_}: merge runs of different samples")
+            seen[key_] = run_dir
+            rows.append(row)
+    if first is None:
+        raise ValueError("name at least one `xkv eval` output folder")
+    return rows
+
+
 class Runner:
     """Runs an :class:`EvalPlan` with one model and tokenizer.
 
