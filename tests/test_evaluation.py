@@ -105,7 +105,7 @@ def test_summary_drops_weak_tasks_and_marks_unreachable():
     assert next(e for e in data["rows"] if e["method"] == "minicache")["unreachable"]
     table = markdown_tables(summary)
     assert "| xkv | 4x | 50 | 50.0 +- 50.0 | 4.10x | 2 |" in table
-    assert "unreachable" in table and "b (25%)" in table
+    assert "unreachable" in table and "b (25%, n=2)" in table
 
 
 def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys):
@@ -191,6 +191,14 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert (merged / "results.md").read_text() == (out / "results.md").read_text()
     assert main(["report", str(out), str(one_pass), "--out", str(merged)]) == 2
     assert main(["report", str(tmp_path / "nothing"), "--out", str(merged)]) == 2
+
+    # Screening stops on a task as soon as the full cache cannot reach the threshold (the random model scores 0).
+    screened = tmp_path / "screened"
+    strict = [*args[: args.index("--out")], "--out", str(screened), *args[args.index("--out") + 2 :]]
+    assert main([*strict, "--min-full-score", "0.75"]) == 0
+    kept = [json.loads(line) for line in (screened / "results.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["method"]) for r in kept] == [("niah_single_1", "full"), ("vt", "full")]
+    assert "niah_single_1 (0%, n=1)" in (screened / "results.md").read_text()
 
 
 def _row_order(row):

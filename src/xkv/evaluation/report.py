@@ -24,7 +24,8 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
         min_full_score: tasks where the full cache scores under this are listed as dropped.
 
     Returns:
-        ``{"lengths": {length: {"dropped": {task: full_score}, "kept": [tasks], "rows": [entry, ...]}}}`` where each
+        ``{"lengths": {length: {"dropped": {task: full_score}, "dropped_samples": {task: n}, "kept": [tasks],
+        "rows": [entry, ...]}}}`` (screening stops early on a task that cannot reach the threshold) where each
         entry holds method, target ratio, per-task mean scores, the average over kept tasks with its standard
         error (over samples), the mean measured ratio, and the sample count; an unreachable ratio is an entry with
         ``"unreachable": true``.
@@ -67,7 +68,12 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
                 }
             )
             entries.append(entry)
-        summary["lengths"][str(length)] = {"kept": kept, "dropped": dropped, "rows": entries}
+        summary["lengths"][str(length)] = {
+            "kept": kept,
+            "dropped": dropped,
+            "dropped_samples": {task: len(full[task]) for task in dropped},
+            "rows": entries,
+        }
     return summary
 
 
@@ -93,7 +99,11 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                 ]
             lines.append("| " + " | ".join(cells) + " |")
         if data["dropped"]:
-            dropped = ", ".join(f"{task} ({100 * score:.0f}%)" for task, score in data["dropped"].items())
+            counts = data.get("dropped_samples", {})
+            dropped = ", ".join(
+                f"{task} ({100 * score:.0f}%" + (f", n={counts[task]})" if task in counts else ")")
+                for task, score in data["dropped"].items()
+            )
             lines += ["", f"Dropped (full cache under the threshold): {dropped}"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"

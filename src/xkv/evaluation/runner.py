@@ -279,7 +279,7 @@ class Runner:
             return load_rows(self.plan.results_path)
         for length in self.plan.lengths:
             for task in self.plan.tasks:
-                self._run_task(task, length, ["full"])
+                self._run_task(task, length, ["full"], screening=True)
         kept = self.kept_tasks()
         others = [name for name in self.plan.methods if name != "full"]
         for length in self.plan.lengths:
@@ -296,9 +296,19 @@ class Runner:
                 scores.setdefault((row["task"], row["length"]), []).append(row["score"])
         return {key for key, values in scores.items() if sum(values) / len(values) >= self.plan.min_full_score}
 
-    def _run_task(self, task: str, length: int, methods: Iterable[str]) -> None:
+    def _run_task(self, task: str, length: int, methods: Iterable[str], screening: bool = False) -> None:
+        """Run ``methods`` on every sample of one task and length.
+
+        With ``screening`` (the full cache alone), stop once the task cannot reach ``min_full_score`` even if every
+        remaining sample were answered: it is dropped either way, and the mean over the samples run is then below
+        the threshold too.
+        """
         methods = list(methods)
-        for index, seed in enumerate(self.plan.sample_seeds()):
+        seeds = self.plan.sample_seeds()
+        for index, seed in enumerate(seeds):
+            if screening and self._screened_out(task, length, len(seeds)):
+                logger.info("%s at %d tokens cannot reach the full-cache threshold: screening stopped", task, length)
+                return
             encoded = generate(
                 task,
                 self.tokenizer,
@@ -319,6 +329,15 @@ class Runner:
             ]
             if jobs:
                 self._run_sample(encoded, jobs)
+
+    def _screened_out(self, task: str, length: int, total: int) -> bool:
+        """Whether the full cache's scores so far keep ``task`` under the threshold whatever the rest score."""
+        scores = [
+            row["score"]
+            for row in load_rows(self.plan.results_path)
+            if row["method"] == "full" and row["task"] == task and row["length"] == length
+        ]
+        return sum(scores) + (total - len(scores)) < self.plan.min_full_score * total
 
     def _context(self, encoded: Any) -> SampleContext:
         device = next(self.model.parameters()).device
