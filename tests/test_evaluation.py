@@ -218,3 +218,19 @@ def test_press_and_quantized_paths_equal_their_own_prefill():
     cache = quantized_cache(model, 4)
     prefill(model, context, cache)
     assert METHODS["quantized"]().run(ctx, 4.0).tokens == greedy_generate(model, question, cache, 8).tokens
+
+
+def test_per_channel_quantized_keeps_a_long_question_exact():
+    """A prefill remainder plus a long question would overflow a 128-token tail; the default residual holds them."""
+    from xkv.baselines.quantized import quantized_cache
+    from xkv.evaluation.methods import METHODS
+
+    model = build_tiny("llama", hidden_size=64, num_attention_heads=2)  # per-channel blocks of 32 tokens
+    ctx = shared_prefill_context(model, context_tokens=190, question_tokens=110, max_new_tokens=8, seed=5)
+    outcome = METHODS["quantized"](axis_key=-1, axis_value=0).run(ctx, 4.0)
+    # 190 = 5 * 32 + 30: 30 tokens stay exact, then 110 + 8 + 1 more must fit: 160 tokens, a multiple of 32.
+    assert outcome.details["residual_length"] == 160
+    cache = quantized_cache(model, 4, axis_key=-1, residual_length=160)
+    prefill(model, ctx.context_ids[:, :160], cache)
+    prefill(model, ctx.context_ids[:, 160:], cache)
+    assert outcome.tokens == greedy_generate(model, ctx.question_ids, cache, 8).tokens

@@ -10,6 +10,7 @@ equivalence is tested).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,7 +28,13 @@ from xkv.baselines.presses import (
     press_memory_report,
     replay_press,
 )
-from xkv.baselines.quantized import dequantized_copy, quantized_from_dense, quantized_memory_report, tail_tokens
+from xkv.baselines.quantized import (
+    dequantized_copy,
+    quantization_token_multiple,
+    quantized_from_dense,
+    quantized_memory_report,
+    tail_tokens,
+)
 from xkv.cache import XKVCache
 from xkv.config import XKVConfig
 from xkv.generation import prefill
@@ -300,16 +307,35 @@ class QuantizedMethod(Method):
         key = f"{self.name}:{nbits}"
         if key in ctx.scratch:  # e.g. int4 serves both 2x and 4x: the same cache and answer
             return ctx.scratch[key]
-        cache = quantized_from_dense(ctx.model, ctx.dense, nbits, **self.options)
+        options = {**self.options, "residual_length": self.residual_length(ctx)}
+        cache = quantized_from_dense(ctx.model, ctx.dense, nbits, **options)
         report = quantized_memory_report(cache)
-        residual = self.options.get("residual_length", 128)
-        if tail_tokens(cache) + ctx.question_ids.shape[1] + ctx.max_new_tokens < residual:
+        if tail_tokens(cache) + ctx.question_ids.shape[1] + ctx.max_new_tokens < options["residual_length"]:
             cache = dequantized_copy(cache)
         tokens = answer_through(ctx, cache)
         outcome = ctx.scratch[key] = Outcome(
-            tokens, report.held_bytes, report.dense_bytes, {"nbits": nbits, **self.options}
+            tokens, report.held_bytes, report.dense_bytes, {"nbits": nbits, **options}
         )
         return outcome
+
+    def residual_length(self, ctx: SampleContext) -> int:
+        """The ``residual_length`` option, or else the smallest valid one >= 128 that holds question and answer.
+
+        The full-precision tail then holds the prefill's remainder, the question and the answer: like every other
+        method here, question and answer stay exact (the protocol appends the question uncompressed). Bytes are
+        measured after the context, where the tail holds only the prefill's remainder, so this choice does not
+        change the measured ratio. It also keeps per-channel quantization (``axis=-1``) from re-quantizing a block
+        whose length is not a whole number of groups (quanto refuses those).
+        """
+        if "residual_length" in self.options:
+            return int(self.options["residual_length"])
+        axes = {
+            name: self.options[name] for name in ("axis_key", "axis_value", "q_group_size") if name in self.options
+        }
+        multiple = quantization_token_multiple(ctx.model, **axes)
+        tokens = ctx.context_ids.shape[1]
+        needed = tokens % multiple + ctx.question_ids.shape[1] + ctx.max_new_tokens + 1
+        return max(128, math.ceil(needed / multiple) * multiple)
 
 
 METHODS: dict[str, type[Method]] = {
