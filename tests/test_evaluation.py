@@ -108,6 +108,35 @@ def test_summary_drops_weak_tasks_and_marks_unreachable():
     assert "unreachable" in table and "b (25%, n=2)" in table
 
 
+def test_summary_flags_averages_that_do_not_compare():
+    rows = [
+        _row("a", "full", 1.0, 1.0, 1.0),
+        _row("b", "full", 1.0, 1.0, 1.0),
+        _row("a", "xkv", 8.0, 1.0, 8.1),
+        _row("a", "xkv", 8.0, None, None, seed=1, status="unreachable"),
+        _row("a", "quantized", 8.0, 0.0, 6.6),
+        _row("b", "quantized", 8.0, 1.0, 6.6),
+    ]
+    data = summarize(rows)["lengths"]["2048"]
+    xkv = next(e for e in data["rows"] if e["method"] == "xkv")
+    assert xkv["missing_tasks"] == ["b"] and xkv["unreachable_samples"] == 1 and not xkv["below_target"]
+    quantized = next(e for e in data["rows"] if e["method"] == "quantized")
+    assert quantized["below_target"] and quantized["average"] == 0.5 and not quantized["missing_tasks"]
+    table = markdown_tables(summarize(rows))
+    assert "| xkv | 8x | 100 | — | 100.0 +- 0.0 (1 tasks missing; 1 samples unreachable) | 8.10x | 2 |" in table
+    assert "6.60x (below target)" in table
+
+
+def test_missing_packages_are_named_before_the_model_loads(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kvpress" else real(name, *a))
+    monkeypatch.setattr("xkv.models.load", lambda *a, **k: pytest.fail("the model must not load"))
+    assert main(["eval", "--methods", "full,snapkv"]) == 2
+    assert "snapkv needs the package 'kvpress'" in capsys.readouterr().err
+
+
 def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys):
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load")
@@ -120,6 +149,10 @@ def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys):
         (["--lengths", "2q"], "2q"),
         (["--haystack", "/nonexistent/file.txt"], "file.txt"),
         (["--quantized-axes", "1,0"], "--quantized-axes"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--min-full-score", "2"], "--min-full-score"),
+        (["--sample", "niah_single_1-2k-3"], "TASK-LENGTH-SEED"),
+        (["--sample", "niah_single_1-2048-25", "--samples", "20"], "seed 25 is not among"),
     ]:
         assert main(["eval", *args]) == 2
         assert field in capsys.readouterr().err
@@ -162,6 +195,7 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert {r["method"] for r in rows if r["target_ratio"] == 64.0 and r["status"] == "ok"} == {"snapkv", "xkv"}
     assert all(r["measured_ratio"] >= 1.99 for r in rows if r["target_ratio"] == 2.0 and r["status"] == "ok")
     assert all(r["axis_key"] == -1 for r in rows if r["method"] == "quantized" and r["status"] == "ok")
+    assert all(r["measured_ratio"] >= 0.99 * r["target_ratio"] for r in rows if r["status"] == "ok")
     summary = json.loads((out / "summary.json").read_text())
     methods = {e["method"] for e in summary["lengths"]["512"]["rows"]}
     assert methods == {"full", "xkv", "svd", "minicache", "quantized", "snapkv"}
@@ -185,6 +219,32 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         {k: v for k, v in r.items() if k not in strip} for r in sorted(rows, key=_row_order)
     ]
 
+    # A replay of one sample, into a fresh folder, runs every method on it and reproduces its rows.
+    replayed = rows[-1]["sample_id"]
+    replay = tmp_path / "replay"
+    assert (
+        main(
+            [
+                *args[: args.index("--out")],
+                "--out",
+                str(replay),
+                *args[args.index("--out") + 2 :],
+                "--sample",
+                replayed,
+            ]
+        )
+        == 0
+    )
+    again_rows = [json.loads(line) for line in (replay / "results.jsonl").read_text().splitlines()]
+    original = {(r["method"], r["target_ratio"]): r for r in rows if r["sample_id"] == replayed}
+    assert {(r["method"], r["target_ratio"]) for r in again_rows} == set(original)
+    for r in again_rows:
+        first = original[(r["method"], r["target_ratio"])]
+        assert (r["status"], r.get("prediction"), r["score"]) == (
+            first["status"],
+            first.get("prediction"),
+            first["score"],
+        )
     # One report over several runs: the same table as the run's own; the same samples twice are refused.
     merged = tmp_path / "merged"
     assert main(["report", str(out), "--out", str(merged), "--min-full-score", "0"]) == 0

@@ -133,6 +133,45 @@ def _quantized_axes(spec: str) -> dict[str, int]:
     return {"axis_key": int(parts[0]), "axis_value": int(parts[1])}
 
 
+def _replayed_sample(sample_id: str, samples: int, first_seed: int) -> tuple[list[str], list[int]]:
+    """Check a ``--sample`` id (``task-length-seed``) against the run's seeds; return its task and length."""
+    from xkv.evaluation.tasks import TASK_NAMES
+
+    parts = sample_id.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] not in TASK_NAMES or not parts[1].isdigit() or not parts[2].lstrip("-").isdigit():
+        raise ValueError(
+            f"`--sample` must be a sample id TASK-LENGTH-SEED such as niah_single_1-2048-3 but got {sample_id!r}"
+        )
+    seed = int(parts[2])
+    if not first_seed <= seed < first_seed + samples:
+        raise ValueError(
+            f"`--sample` {sample_id!r}: seed {seed} is not among this run's samples (seeds {first_seed}.."
+            f"{first_seed + samples - 1}); pass the --samples and --first-seed of the run that made it, since the "
+            "needle depth depends on them"
+        )
+    return [parts[0]], [int(parts[1])]
+
+
+#: Methods and the optional packages they need besides kvpress for its presses (the ``eval`` extra installs all).
+_METHOD_PACKAGES = {"quantized": "optimum.quanto"}
+
+
+def _check_packages(methods: list[str]) -> None:
+    """Refuse, before the model loads, a method whose package is missing (and the task generator's)."""
+    from importlib.util import find_spec
+
+    from xkv.baselines.presses import PRESSES
+
+    needed = {"wonderwords": "tasks"}
+    for name in methods:
+        package = "kvpress" if name in PRESSES else _METHOD_PACKAGES.get(name)
+        if package:
+            needed[package] = name
+    for package, user in needed.items():
+        if find_spec(package.split(".")[0]) is None or find_spec(package) is None:
+            raise ValueError(f"{user} needs the package {package!r}, which is not installed: pip install 'xkv[eval]'")
+
+
 def _eval_plan(args: argparse.Namespace):
     """Check every eval argument before any model is loaded; return the plan."""
     from xkv.evaluation.methods import METHODS
@@ -145,6 +184,13 @@ def _eval_plan(args: argparse.Namespace):
     ratios = parse_ratios(args.ratios)
     if args.samples < 1:
         raise ValueError(f"`--samples` must be >= 1 but got {args.samples}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"`--max-new-tokens` must be >= 1 but got {args.max_new_tokens}")
+    if not 0.0 <= args.min_full_score <= 1.0:
+        raise ValueError(f"`--min-full-score` must be in [0, 1] (a fraction of samples) but got {args.min_full_score}")
+    if args.sample:
+        tasks, lengths = _replayed_sample(args.sample, args.samples, args.first_seed)
+    _check_packages(methods)
     haystack = load_haystack(args.haystack) if args.haystack else None
     base = XKVConfig.load(args.config) if args.config else None
     options: dict[str, dict] = {name: {"config": base} for name in ("xkv", "svd") if base is not None}
@@ -162,7 +208,7 @@ def _eval_plan(args: argparse.Namespace):
         min_full_score=args.min_full_score,
         method_options=options,
         first_seed=args.first_seed,
-        screen=not args.no_screen,
+        screen=not args.no_screen and not args.sample,  # a replay runs every method on its sample
         only_sample=args.sample,
     )
 
@@ -212,9 +258,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         runner = Runner(plan, model, tokenizer, stops, progress=on_row, model_name=args.model)
         progress.update(bar, total=runner.total_jobs(), completed=len(runner.done))
         rows = runner.run()
-    write_reports(rows, plan.out_dir, plan.min_full_score)
+    if not rows:
+        raise ValueError(f"nothing was run: no sample matched --sample {args.sample!r}")
+    written = write_reports(rows, plan.out_dir, plan.min_full_score)
     console.print((plan.out_dir / "results.md").read_text())
-    console.print(f"wrote {plan.results_path}, summary.json, results.md and accuracy_vs_ratio.png in {plan.out_dir}")
+    console.print(f"wrote {plan.results_path}, {', '.join(written)} in {plan.out_dir}")
     return 0
 
 
@@ -226,9 +274,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows = merge_runs(Path(run) for run in args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_reports(rows, out, args.min_full_score)
+    written = write_reports(rows, out, args.min_full_score)
     print((out / "results.md").read_text())
-    print(f"wrote summary.json, results.md and accuracy_vs_ratio.png in {out} ({len(rows)} rows)")
+    print(f"wrote {', '.join(written)} in {out} ({len(rows)} rows)")
     return 0
 
 

@@ -16,6 +16,13 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def _task_mean_se(per_task: dict[str, list[float]]) -> tuple[float, float]:
+    """Mean of the per-task means and its standard error (tasks weigh the same whatever their sample counts)."""
+    means = [sum(v) / len(v) for v in per_task.values()]
+    variance = sum(_mean_se(v)[1] ** 2 for v in per_task.values()) / len(means) ** 2
+    return sum(means) / len(means), math.sqrt(variance)
+
+
 def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[str, Any]:
     """Aggregate rows per length, method and target ratio.
 
@@ -26,9 +33,12 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
     Returns:
         ``{"lengths": {length: {"dropped": {task: full_score}, "dropped_samples": {task: n}, "kept": [tasks],
         "rows": [entry, ...]}}}`` (screening stops early on a task that cannot reach the threshold) where each
-        entry holds method, target ratio, per-task mean scores, the average over kept tasks with its standard
-        error (over samples), the mean measured ratio, and the sample count; an unreachable ratio is an entry with
-        ``"unreachable": true``.
+        entry holds method, target ratio, per-task mean scores, the average over kept tasks (mean of the per-task
+        means, as RULER averages) with its standard error, the mean measured ratio, and the sample count. An
+        unreachable ratio is an entry with ``"unreachable": true``. Flags that make an average not comparable:
+        ``missing_tasks`` (kept tasks without a row for this method, e.g. a run stopped early),
+        ``unreachable_samples`` (samples where the ratio was out of reach, left out of the average) and
+        ``below_target`` (the measured ratio is more than 1% under the target).
     """
     by_length: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -57,14 +67,18 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
             per_task: dict[str, list[float]] = defaultdict(list)
             for r in ok:
                 per_task[r["task"]].append(r["score"])
-            mean, se = _mean_se([r["score"] for r in ok])
+            mean, se = _task_mean_se(per_task)
+            measured = sum(r["measured_ratio"] for r in ok) / len(ok)
             entry.update(
                 {
                     "unreachable": False,
                     "tasks": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
                     "average": mean,
                     "standard_error": se,
-                    "measured_ratio": sum(r["measured_ratio"] for r in ok) / len(ok),
+                    "measured_ratio": measured,
+                    "missing_tasks": sorted(set(kept) - set(per_task)),
+                    "unreachable_samples": len(group) - len(ok),
+                    "below_target": method != "full" and measured < 0.99 * ratio,
                 }
             )
             entries.append(entry)
@@ -92,9 +106,9 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                 cells = [
                     entry["method"],
                     target,
-                    *[f"{100 * entry['tasks'].get(t, float('nan')):.0f}" for t in tasks],
-                    f"{100 * entry['average']:.1f} +- {100 * entry['standard_error']:.1f}",
-                    f"{entry['measured_ratio']:.2f}x",
+                    *[f"{100 * entry['tasks'][t]:.0f}" if t in entry["tasks"] else "—" for t in tasks],
+                    f"{100 * entry['average']:.1f} +- {100 * entry['standard_error']:.1f}" + _flags(entry),
+                    f"{entry['measured_ratio']:.2f}x" + (" (below target)" if entry.get("below_target") else ""),
                     str(entry["samples"]),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -107,6 +121,16 @@ def markdown_tables(summary: dict[str, Any]) -> str:
             lines += ["", f"Dropped (full cache under the threshold): {dropped}"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _flags(entry: dict[str, Any]) -> str:
+    """Why an average is not comparable with the others, if it is not."""
+    notes = []
+    if entry.get("missing_tasks"):
+        notes.append(f"{len(entry['missing_tasks'])} tasks missing")
+    if entry.get("unreachable_samples"):
+        notes.append(f"{entry['unreachable_samples']} samples unreachable")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def plot(summary: dict[str, Any], path: Path) -> bool:
@@ -124,6 +148,8 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     lengths = list(summary["lengths"])
+    if not lengths:
+        return False
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths, strict=True):
         by_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
@@ -141,17 +167,20 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{length} tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if by_method:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def write_reports(rows: list[dict[str, Any]], out_dir: Path, min_full_score: float = 0.5) -> dict[str, Any]:
-    """Write ``summary.json``, ``results.md`` and ``accuracy_vs_ratio.png`` next to the rows; return the summary."""
+def write_reports(rows: list[dict[str, Any]], out_dir: Path, min_full_score: float = 0.5) -> list[str]:
+    """Write ``summary.json``, ``results.md`` and (with matplotlib) ``accuracy_vs_ratio.png``; return their names."""
     summary = summarize(rows, min_full_score)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown_tables(summary))
-    plot(summary, out_dir / "accuracy_vs_ratio.png")
-    return summary
+    written = ["summary.json", "results.md"]
+    if plot(summary, out_dir / "accuracy_vs_ratio.png"):
+        written.append("accuracy_vs_ratio.png")
+    return written

@@ -155,6 +155,25 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _end_with_newline(path: Path) -> None:
+    """Terminate a line torn by an interrupted write, so the next row starts on a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as handle:
+            handle.seek(-1, 2)
+            torn = handle.read(1) != b"\n"
+        if torn:
+            with path.open("a") as handle:
+                handle.write("\n")
+
+
+def _options_fingerprint(options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Method options as JSON values (an ``XKVConfig`` as its dict)."""
+    return {
+        name: {key: value.to_dict() if hasattr(value, "to_dict") else value for key, value in sorted(opts.items())}
+        for name, opts in sorted(options.items())
+    }
+
+
 def _fingerprint(plan: EvalPlan, model_name: str) -> dict[str, Any]:
     """What must not change between a run and its resumption (tasks, lengths, methods and ratios may grow)."""
     haystack = None
@@ -167,6 +186,7 @@ def _fingerprint(plan: EvalPlan, model_name: str) -> dict[str, Any]:
         "question_in_context": plan.question_in_context,
         "max_new_tokens": plan.max_new_tokens,
         "haystack_sha256": haystack,
+        "method_options": _options_fingerprint(plan.method_options),
         "xkv_version": xkv_version,
     }
 
@@ -192,7 +212,7 @@ def check_resumable(plan: EvalPlan, model_name: str) -> None:
 
 
 #: Settings that must agree between runs merged into one report (samples and lengths may differ).
-_MERGE_KEYS = ("model", "question_in_context", "max_new_tokens", "haystack_sha256")
+_MERGE_KEYS = ("model", "question_in_context", "max_new_tokens", "haystack_sha256", "method_options")
 
 
 def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
@@ -272,6 +292,7 @@ class Runner:
         """
         self.plan.out_dir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.plan, self.model_name)
+        _end_with_newline(self.plan.results_path)
         if not self.plan.screen:
             for length in self.plan.lengths:
                 for task in self.plan.tasks:
@@ -370,6 +391,7 @@ class Runner:
                 "task": sample.task,
                 "length": sample.length,
                 "seed": sample.seed,
+                "depth": sample.depth,
                 "context_tokens": int(ctx.context_ids.shape[1]),
                 "method": name,
                 "target_ratio": factor,
