@@ -5,7 +5,7 @@ Importing this package changes nothing global (no patching, no logging setup).
 
 from xkv.adapters import SUPPORTED_MODEL_TYPES, ModelSpec, describe_model
 from xkv.cache import XKVCache, XKVGroupStore, XKVLayer
-from xkv.config import XKVConfig
+from xkv.config import UnreachableRatioError, XKVConfig
 from xkv.factorization import LowRankFactors, cross_layer_svd, relative_error
 from xkv.groups import LayerGroup, build_groups
 from xkv.memory import GroupMemory, MemoryReport, compression_factor, tensor_bytes
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "UnreachableRatioError",
     "GroupMemory",
     "LayerGroup",
     "LowRankFactors",

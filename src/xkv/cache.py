@@ -739,8 +739,9 @@ class XKVCache(GroupedCache):
         """Check ranks and RoPE positions before anything is stored (nothing is half-written on error).
 
         Raises:
-            ValueError: if a rank does not fit the number of tokens, or the model's RoPE positions are not
-                ``0..T-1`` (left-padded batches and custom ``position_ids`` are not supported yet).
+            UnreachableRatioError: (a ``ValueError``) if a rank does not fit the number of tokens.
+            ValueError: if the model's RoPE positions are not ``0..T-1`` (left-padded batches and custom
+                ``position_ids`` are not supported yet).
         """
         batch, _, tokens, _ = key_states.shape
         exact = tokens < self.config.min_tokens

@@ -24,6 +24,15 @@ import yaml
 RankValue = int | float | str
 RankSpec = RankValue | list[RankValue]
 
+
+class UnreachableRatioError(ValueError):
+    """A rank or compression factor that the data at hand cannot give (too few tokens, a rank above the data's).
+
+    A ``ValueError``, raised when the shape of the data is known (at the first prefill); the evaluation reports it
+    as "unreachable" instead of substituting another ratio.
+    """
+
+
 _FACTOR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$", re.IGNORECASE)
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from xkv.config import ResolvedRank
+from xkv.config import ResolvedRank, UnreachableRatioError
 
 
 @dataclass
@@ -71,13 +71,14 @@ def resolve_rank(setting: ResolvedRank, tokens: int, group_size: int, dim: int, 
         ``r`` with ``1 <= r <= min(T, G*D)``.
 
     Raises:
-        ValueError: if the rank is larger than the data allows, or a compression factor cannot be reached.
+        UnreachableRatioError: (a ``ValueError``) if the rank is larger than the data allows, or a compression
+            factor cannot be reached.
     """
     bound = full_rank(tokens, group_size, dim)
     if setting.kind == "rank":
         rank = int(setting.value)
         if rank > bound:
-            raise ValueError(
+            raise UnreachableRatioError(
                 f"`{field_name}` must be in [1, {bound}] (min(tokens={tokens}, group_size*dim={group_size * dim})) "
                 f"but got {rank}"
             )
@@ -86,7 +87,7 @@ def resolve_rank(setting: ResolvedRank, tokens: int, group_size: int, dim: int, 
         return max(1, min(bound, round(setting.value * bound)))
     rank = min(bound, rank_for_compression_factor(tokens, group_size, dim, setting.value))
     if rank < 1:
-        raise ValueError(
+        raise UnreachableRatioError(
             f"`{field_name}` asks for {setting.value:g}x, which {tokens} tokens of a {group_size}-layer group "
             f"cannot reach even at rank 1 (at most "
             f"{group_size * tokens * dim / (tokens + group_size * dim):.2f}x): use a longer context, a lower factor "

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from xkv.config import UnreachableRatioError
 from xkv.memory import MemoryReport, dense_kv_bytes, tensor_bytes
 
 if TYPE_CHECKING:  # for annotations only: importing kvpress patches transformers
@@ -96,11 +97,11 @@ def make_press(name: str, compression_factor: float) -> BasePress:
 
 
 def _check_min_tokens(press: BasePress | None, tokens: int) -> None:
-    """Raise a ValueError naming the field where kvpress would only assert on a too-short context."""
+    """Raise an ``UnreachableRatioError`` (a ValueError) naming the field where kvpress would only assert."""
     for field_name in _MIN_TOKEN_FIELDS:
         bound = getattr(press, field_name, None)
         if isinstance(bound, int) and tokens <= bound:
-            raise ValueError(
+            raise UnreachableRatioError(
                 f"`context_ids` must have more than the press's `{field_name}` = {bound} tokens but has {tokens}"
             )
 

@@ -36,7 +36,7 @@ from xkv.baselines.quantized import (
     tail_tokens,
 )
 from xkv.cache import XKVCache
-from xkv.config import XKVConfig
+from xkv.config import UnreachableRatioError, XKVConfig
 from xkv.generation import prefill
 from xkv.memory import dense_kv_bytes, tensor_bytes
 
@@ -193,7 +193,7 @@ class XKVMethod(Method):
         config = self.config_for(factor)
         try:
             cache = self._compress(ctx, config)
-        except ValueError as err:
+        except UnreachableRatioError as err:
             raise UnreachableError(str(err)) from err
         report = cache.memory_report()
         details = {
@@ -265,7 +265,7 @@ class PressMethod(Method):
         """Prune the captured prefill, answer with positions continuing from the original length."""
         try:
             pressed = replay_press(ctx.model, make_press(self.press_name, factor), ctx.capture)
-        except ValueError as err:
+        except UnreachableRatioError as err:
             raise UnreachableError(str(err)) from err
         report = press_memory_report(pressed)
         tokens = greedy_answer(ctx, lambda ids: press_forward(ctx.model, pressed, ids))
