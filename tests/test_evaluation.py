@@ -105,6 +105,11 @@ def test_summary_drops_weak_tasks_and_marks_unreachable():
     assert next(e for e in data["rows"] if e["method"] == "minicache")["unreachable"]
     table = markdown_tables(summary)
     assert "| xkv | 4x | 50 | 50.0 +- 50.0 | 4.10x | 2 |" in table
+    # The overview first: methods x targets, full repeated across, xkv and svd ahead of the other methods.
+    assert (
+        "| method | 4x |\n|---|---|\n| full | 100.0 (1.00x) |\n| xkv | 50.0 (4.10x) |\n| minicache | unreachable |"
+        in table
+    )
     assert "unreachable" in table and "b (25%, n=2)" in table
 
 

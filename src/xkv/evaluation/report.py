@@ -16,6 +16,14 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+#: Methods listed first, in this order (the rest follow alphabetically).
+_LEADING_METHODS = ("full", "xkv", "svd")
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (_LEADING_METHODS.index(method) if method in _LEADING_METHODS else len(_LEADING_METHODS), method)
+
+
 def _task_mean_se(per_task: dict[str, list[float]]) -> tuple[float, float]:
     """Mean of the per-task means and its standard error (tasks weigh the same whatever their sample counts)."""
     means = [sum(v) / len(v) for v in per_task.values()]
@@ -57,7 +65,7 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
             if row["task"] in kept:
                 groups[(row["method"], float(row["target_ratio"]))].append(row)
         entries = []
-        for (method, ratio), group in sorted(groups.items(), key=lambda item: (item[0][0] != "full", item[0])):
+        for (method, ratio), group in sorted(groups.items(), key=lambda item: (_method_rank(item[0][0]), item[0])):
             ok = [r for r in group if r["status"] == "ok"]
             entry: dict[str, Any] = {"method": method, "target_ratio": ratio, "samples": len(group)}
             if not ok:
@@ -91,13 +99,42 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
     return summary
 
 
+def _overview(data: dict[str, Any]) -> list[str]:
+    """Methods x target ratios, each cell the average and the measured ratio: equal memory side by side."""
+    targets = sorted({e["target_ratio"] for e in data["rows"] if e["method"] != "full"})
+    cells: dict[str, dict[float, str]] = {}
+    for entry in data["rows"]:
+        if entry["unreachable"]:
+            text = "unreachable"
+        else:
+            text = f"{100 * entry['average']:.1f} ({entry['measured_ratio']:.2f}x)" + _flags(entry)
+        cells.setdefault(entry["method"], {})[entry["target_ratio"]] = text
+    head = ["method", *(f"{t:g}x" for t in targets)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in cells.items():
+        # The full cache is the same at every target: its one result is repeated for reading across.
+        values = [row[1.0]] * len(targets) if method == "full" else [row.get(t, "—") for t in targets]
+        lines.append("| " + " | ".join([method, *values]) + " |")
+    return lines
+
+
 def markdown_tables(summary: dict[str, Any]) -> str:
-    """One table per length: rows method x target ratio, columns tasks, average +- s.e., measured ratio."""
+    """Per length: an overview, then the table per task.
+
+    The overview has methods x target ratios, each cell the average and the measured ratio; the table per task has
+    rows method x target ratio and columns tasks, average +- s.e., measured ratio and samples.
+    """
     parts = []
     for length, data in summary["lengths"].items():
         tasks = data["kept"]
         head = ["method", "target", *tasks, "average +- s.e.", "measured ratio", "n"]
-        lines = [f"### {length} tokens", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [
+            f"### {length} tokens",
+            "",
+            "Average accuracy (%) over the kept tasks, and the measured compression ratio:",
+        ]
+        lines += ["", *_overview(data), "", "Per task:", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for entry in data["rows"]:
             target = "1x" if entry["method"] == "full" else f"{entry['target_ratio']:g}x"
             if entry["unreachable"]:
