@@ -130,6 +130,12 @@ def test_summary_flags_averages_that_do_not_compare():
     table = markdown_tables(summarize(rows))
     assert "| xkv | 8x | 100 | — | 100.0 +- 0.0 (1 tasks missing; 1 samples unreachable) | 8.10x | 2 |" in table
     assert "6.60x (below target)" in table
+    complete = summarize(rows, complete_only=True)["lengths"]["2048"]
+    assert complete["kept"] == ["a"] and complete["left_out"] == {"b": 1.0}  # xkv has no row for b
+    rows.append(_row("b", "xkv", 8.0, 1.0, 8.1))
+    complete = summarize(rows, complete_only=True)["lengths"]["2048"]
+    assert complete["kept"] == ["a", "b"] and not complete["left_out"]
+    assert "Left out" in markdown_tables(summarize(rows[:-1], complete_only=True))
 
 
 def test_missing_packages_are_named_before_the_model_loads(monkeypatch, capsys):

@@ -274,7 +274,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows = merge_runs(Path(run) for run in args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = write_reports(rows, out, args.min_full_score)
+    written = write_reports(rows, out, args.min_full_score, args.complete_only)
     print((out / "results.md").read_text())
     print(f"wrote {', '.join(written)} in {out} ({len(rows)} rows)")
     return 0
@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN", help="`xkv eval` output folders")
     report.add_argument("--out", required=True, help="folder for the merged report")
     report.add_argument("--min-full-score", type=float, default=0.5, help="drop tasks where full scores less")
+    report.add_argument(
+        "--complete-only",
+        action="store_true",
+        help="leave out (and list) kept tasks that some method has not run on every sample, e.g. a stopped run",
+    )
     report.set_defaults(func=cmd_report)
 
     config = commands.add_parser(

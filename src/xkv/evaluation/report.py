@@ -31,12 +31,14 @@ def _task_mean_se(per_task: dict[str, list[float]]) -> tuple[float, float]:
     return sum(means) / len(means), math.sqrt(variance)
 
 
-def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5, complete_only: bool = False) -> dict[str, Any]:
     """Aggregate rows per length, method and target ratio.
 
     Args:
         rows: per-sample rows from ``results.jsonl``.
         min_full_score: tasks where the full cache scores under this are listed as dropped.
+        complete_only: leave out (and list as ``left_out``) kept tasks where some method and ratio of that length
+            has fewer rows than the full cache, e.g. a run stopped before it reached them.
 
     Returns:
         ``{"lengths": {length: {"dropped": {task: full_score}, "dropped_samples": {task: n}, "kept": [tasks],
@@ -60,6 +62,16 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
         full_scores = {task: sum(v) / len(v) for task, v in full.items()}
         kept = sorted(task for task, score in full_scores.items() if score >= min_full_score)
         dropped = {task: score for task, score in sorted(full_scores.items()) if score < min_full_score}
+        left_out = {}
+        if complete_only:
+            jobs = {(r["method"], float(r["target_ratio"])) for r in length_rows}
+            counts: dict[tuple[str, str, float], int] = defaultdict(int)
+            for r in length_rows:
+                counts[(r["task"], r["method"], float(r["target_ratio"]))] += 1
+            for task in kept:
+                if any(counts[(task, *job)] < len(full[task]) for job in jobs):
+                    left_out[task] = full_scores[task]
+            kept = [task for task in kept if task not in left_out]
         groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
         for row in length_rows:
             if row["task"] in kept:
@@ -94,6 +106,7 @@ def summarize(rows: list[dict[str, Any]], min_full_score: float = 0.5) -> dict[s
             "kept": kept,
             "dropped": dropped,
             "dropped_samples": {task: len(full[task]) for task in dropped},
+            "left_out": left_out,
             "rows": entries,
         }
     return summary
@@ -156,6 +169,9 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                 for task, score in data["dropped"].items()
             )
             lines += ["", f"Dropped (full cache under the threshold): {dropped}"]
+        if data.get("left_out"):
+            left = ", ".join(f"{task} ({100 * score:.0f}%)" for task, score in data["left_out"].items())
+            lines += ["", f"Left out (kept, but not run with every method; full-cache score): {left}"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -212,9 +228,11 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_reports(rows: list[dict[str, Any]], out_dir: Path, min_full_score: float = 0.5) -> list[str]:
+def write_reports(
+    rows: list[dict[str, Any]], out_dir: Path, min_full_score: float = 0.5, complete_only: bool = False
+) -> list[str]:
     """Write ``summary.json``, ``results.md`` and (with matplotlib) ``accuracy_vs_ratio.png``; return their names."""
-    summary = summarize(rows, min_full_score)
+    summary = summarize(rows, min_full_score, complete_only)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown_tables(summary))
     written = ["summary.json", "results.md"]
