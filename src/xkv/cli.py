@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -260,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = runner.run()
     if not rows:
         raise ValueError(f"nothing was run: no sample matched --sample {args.sample!r}")
-    written = write_reports(rows, plan.out_dir, plan.min_full_score)
+    written = write_reports(rows, plan.out_dir, plan.min_full_score, command=args.command_line)
     console.print((plan.out_dir / "results.md").read_text())
     console.print(f"wrote {plan.results_path}, {', '.join(written)} in {plan.out_dir}")
     return 0
@@ -274,7 +275,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows = merge_runs(Path(run) for run in args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = write_reports(rows, out, args.min_full_score, args.complete_only)
+    written = write_reports(rows, out, args.min_full_score, args.complete_only, command=args.command_line)
     print((out / "results.md").read_text())
     print(f"wrote {', '.join(written)} in {out} ({len(rows)} rows)")
     return 0
@@ -374,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xkv`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "xkv " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:

@@ -229,12 +229,20 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
 
 
 def write_reports(
-    rows: list[dict[str, Any]], out_dir: Path, min_full_score: float = 0.5, complete_only: bool = False
+    rows: list[dict[str, Any]],
+    out_dir: Path,
+    min_full_score: float = 0.5,
+    complete_only: bool = False,
+    command: str | None = None,
 ) -> list[str]:
-    """Write ``summary.json``, ``results.md`` and (with matplotlib) ``accuracy_vs_ratio.png``; return their names."""
+    """Write ``summary.json``, ``results.md`` and (with matplotlib) ``accuracy_vs_ratio.png``; return their names.
+
+    ``command``, the command line that made them, ends ``results.md`` so every figure there names its source.
+    """
     summary = summarize(rows, min_full_score, complete_only)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown_tables(summary))
+    footer = f"\nWritten by `{command}`\n" if command else ""
+    (out_dir / "results.md").write_text(markdown_tables(summary) + footer)
     written = ["summary.json", "results.md"]
     if plot(summary, out_dir / "accuracy_vs_ratio.png"):
         written.append("accuracy_vs_ratio.png")
