@@ -277,7 +277,12 @@ class Runner:
         self.stop_ids = stop_ids
         self.progress = progress or (lambda row: None)
         self.methods = {name: METHODS[name](**plan.method_options.get(name, {})) for name in {"full", *plan.methods}}
-        self.done = {_row_key(row) for row in load_rows(plan.results_path)}
+        rows = load_rows(plan.results_path)
+        self.done = {_row_key(row) for row in rows}
+        #: The full cache's scores per (task, length), kept up to date as rows are written (screening reads them).
+        self.full_scores: dict[tuple[str, int], list[float]] = {}
+        for row in rows:
+            self._note_full_score(row)
 
     def total_jobs(self) -> int:
         """Upper bound of (sample, method, factor) jobs, for progress bars."""
@@ -311,11 +316,13 @@ class Runner:
 
     def kept_tasks(self) -> set[tuple[str, int]]:
         """(task, length) pairs where the full cache reaches ``min_full_score``."""
-        scores: dict[tuple[str, int], list[float]] = {}
-        for row in load_rows(self.plan.results_path):
-            if row["method"] == "full":
-                scores.setdefault((row["task"], row["length"]), []).append(row["score"])
-        return {key for key, values in scores.items() if sum(values) / len(values) >= self.plan.min_full_score}
+        return {
+            key for key, values in self.full_scores.items() if sum(values) / len(values) >= self.plan.min_full_score
+        }
+
+    def _note_full_score(self, row: dict[str, Any]) -> None:
+        if row["method"] == "full":
+            self.full_scores.setdefault((row["task"], int(row["length"])), []).append(row["score"])
 
     def _run_task(self, task: str, length: int, methods: Iterable[str], screening: bool = False) -> None:
         """Run ``methods`` on every sample of one task and length.
@@ -353,11 +360,7 @@ class Runner:
 
     def _screened_out(self, task: str, length: int, total: int) -> bool:
         """Whether the full cache's scores so far keep ``task`` under the threshold whatever the rest score."""
-        scores = [
-            row["score"]
-            for row in load_rows(self.plan.results_path)
-            if row["method"] == "full" and row["task"] == task and row["length"] == length
-        ]
+        scores = self.full_scores.get((task, length), [])
         return sum(scores) + (total - len(scores)) < self.plan.min_full_score * total
 
     def _context(self, encoded: Any) -> SampleContext:
@@ -418,4 +421,5 @@ class Runner:
             with self.plan.results_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             self.done.add(_row_key(row))
+            self._note_full_score(row)
             self.progress(row)
