@@ -141,7 +141,7 @@ def test_from_dense_equals_compressing_during_prefill(tiny_llama):
 
 def test_materialize_decodes_like_the_cache(tiny_llama):
     prompt = ids(1, 40)
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=4, rank_k=3, rank_v=5))
+    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=4, rank_k=3, rank_v=5, decode="rebuild"))
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=cache)
         dense = cache.materialize()
@@ -205,7 +205,9 @@ def test_batch_ops_crop_and_reset(tiny_llama):
 
 
 def test_randomized_svd_cache_runs(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="3x", svd="randomized"))
+    cache = XKVCache(
+        tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="3x", svd="randomized", decode="rebuild")
+    )
     with torch.no_grad():
         tiny_llama(ids(1, 64), past_key_values=cache)
         tiny_llama(ids(1, 1), past_key_values=cache)

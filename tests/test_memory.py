@@ -24,7 +24,9 @@ def test_tensor_bytes_counts_storages_once_and_whole():
 )
 def test_measured_bytes_equal_the_formula(tiny_llama, tokens, group_size, rank_k, rank_v):
     # D = kv_heads * head_dim = 2 * 8 = 16 on the tiny model.
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=group_size, rank_k=rank_k, rank_v=rank_v))
+    cache = XKVCache(
+        tiny_llama, XKVConfig(min_tokens=0, group_size=group_size, rank_k=rank_k, rank_v=rank_v, decode="rebuild")
+    )
     with torch.no_grad():
         tiny_llama(torch.randint(0, 99, (1, tokens)), past_key_values=cache)
     report = cache.memory_report()
@@ -39,23 +41,28 @@ def test_measured_bytes_equal_the_formula(tiny_llama, tokens, group_size, rank_k
 
 
 def test_report_splits_tail_and_dense_layers(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, first_layer=2, rank_k=4, rank_v=4))
+    cache = XKVCache(
+        tiny_llama, XKVConfig(min_tokens=0, group_size=2, first_layer=2, rank_k=4, rank_v=4, decode="rebuild")
+    )
     with torch.no_grad():
         tiny_llama(torch.randint(0, 99, (1, 50)), past_key_values=cache)
         tiny_llama(torch.randint(0, 99, (1, 7)), past_key_values=cache)
     report = cache.memory_report()
     assert [g.layers for g in report.groups] == [(2, 3)]
-    assert report.tail_bytes == 2 * 2 * 7 * 16 * 4  # layers 2, 3: keys + values, 7 tokens
+    # Layers 2, 3: keys + values in tail buffers preallocated for 16 tokens (7 used; they double when full).
+    assert report.tail_bytes == 2 * 2 * 16 * 16 * 4
     assert report.dense_layer_bytes == 2 * 2 * 57 * 16 * 4  # layers 0, 1 keep everything
     assert report.dense_bytes == dense_kv_bytes(1, 57, 4, 16, torch.float32)
-    assert report.held_bytes == report.groups[0].held_bytes + report.tail_bytes + report.dense_layer_bytes
+    assert report.table_bytes == 50 * 2 * 8 * 4  # cos and sin (rot_dim 8) of the 50 prefix positions
+    held = report.groups[0].held_bytes + report.tail_bytes + report.dense_layer_bytes + report.table_bytes
+    assert report.held_bytes == held
     data = report.to_dict()
     assert data["compression_factor"] == pytest.approx(report.compression_factor)
 
 
 def test_bf16_model_cache_follows_dtype():
     model = build_tiny("llama").to(torch.bfloat16)
-    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
+    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4, decode="rebuild"))
     with torch.no_grad():
         model(torch.randint(0, 99, (1, 30)), past_key_values=cache)
     store = cache.group_stores[0]

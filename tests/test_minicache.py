@@ -182,7 +182,7 @@ def test_memory_report_equals_a_hand_count(tiny_llama):
     f32, i32, kept = 4, 4, 10
     side = batch * HEADS * (tokens * HEAD_DIM * f32 + 2 * tokens * f32 + 2 * kept * HEAD_DIM * f32 + kept * i32)
     pair = 2 * side
-    tails = 2 * 2 * batch * HEADS * decoded * HEAD_DIM * f32
+    tails = 2 * 2 * batch * HEADS * 16 * HEAD_DIM * f32  # tail buffers for 16 tokens (3 used; doubled when full)
     dense_layers = 2 * 2 * batch * HEADS * (tokens + decoded) * HEAD_DIM * f32
     report = cache.memory_report()
     assert [g.layers for g in report.groups] == [(2, 3)] and report.groups[0].held_bytes == pair

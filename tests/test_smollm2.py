@@ -18,7 +18,9 @@ def test_full_rank_gives_the_same_greedy_tokens_on_1k(smollm2):
     prompt = torch.tensor([sample.context_ids + sample.question_ids])
     stops = stop_token_ids(tokenizer)
     expected = greedy_generate(model, prompt, DynamicCache(), 24, stops).tokens
-    got = greedy_generate(model, prompt, XKVCache(model, XKVConfig(group_size=4, rank_k=1.0, rank_v=1.0)), 24, stops)
+    got = greedy_generate(
+        model, prompt, XKVCache(model, XKVConfig(group_size=4, rank_k=1.0, rank_v=1.0, decode="rebuild")), 24, stops
+    )
     assert got.tokens == expected
     assert sample.answer in tokenizer.decode(expected)
 
@@ -31,7 +33,7 @@ def test_g4_at_4x_holds_at_most_26_percent_on_2k(smollm2):
     dense_bytes = tensor_bytes(t for layer in dense.layers for t in (layer.keys, layer.values))
     del dense
     # Keys at 8x and values at 2.67x: 4x for every group (the 2-layer remainder group included).
-    cache = XKVCache(model, XKVConfig(group_size=4, rank_k="8x", rank_v="2.67x"))
+    cache = XKVCache(model, XKVConfig(group_size=4, rank_k="8x", rank_v="2.67x", decode="rebuild"))
     prefill(model, context, cache)
     report = cache.memory_report()
     assert report.dense_bytes == dense_bytes

@@ -19,22 +19,36 @@ drive any :class:`CompressedStore`, so cross-layer baselines (``xkv.baselines.mi
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
+from xkv import attention
 from xkv.adapters import ModelSpec, describe_model
 from xkv.compat import UpdateInputs, query_length, read_update_inputs
 from xkv.config import XKVConfig
+from xkv.decode import (
+    SelectiveIndex,
+    attend_absorbed,
+    attend_selective,
+    build_selective_index,
+    check_prefix_visible,
+    group_queries,
+    tail_mask,
+    ungroup_output,
+)
 from xkv.factorization import LowRankFactors, cross_layer_svd, full_rank, resolve_rank
 from xkv.groups import LayerGroup, build_groups
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
-from xkv.rope import RotaryAngles, apply_rope, unapply_rope
+from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, unapply_rope
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +113,21 @@ class CompressedStore(ABC):
         """``(rank_k, rank_v)`` for the memory report; ``None`` where the notion does not apply."""
         return None, None
 
+    def attention_inputs(
+        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``update`` returns at decode: by default the rebuilt prefix followed by the exact tail.
+
+        Args:
+            slot: the layer's position in the store.
+            layer_idx: the model layer.
+            tail_keys: ``(batch, kv_heads, tail_len, head_dim)`` post-RoPE, the new tokens last.
+            tail_values: like ``tail_keys``.
+        """
+        keys = torch.cat([self.rebuild_keys(slot), tail_keys], dim=-2)
+        values = torch.cat([self.rebuild_values(slot), tail_values], dim=-2)
+        return keys, values
+
 
 def _states(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A layer's ``(keys, values)`` once it holds 4-D tensors, else ``None`` (not initialised yet)."""
@@ -130,6 +159,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store = store
         self.slot = slot
         self.cumulative_length = 0
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Empty tails with the model's dtype and device."""
@@ -165,12 +195,35 @@ class CompressedLayer(CacheLayerMixin):
                 f"{list(self.store.layers)} finished the prefill"
             )
         self.cumulative_length += key_states.shape[-2]
+        tail_keys, tail_values = self._append_tail(key_states, value_states)
+        return self.store.attention_inputs(self.slot, self.store.layers[self.slot], tail_keys, tail_values)
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens into the tail's buffers, which double when full (as gpt-fast's KV buffers grow).
+
+        ``keys``/``values`` stay views of the buffers' first ``tail_len`` tokens; ``memory_report()`` charges the
+        whole buffers. A tail replaced by a batch edit or a crop starts new buffers.
+        """
         tail_keys, tail_values = self.tail()
-        self.keys = tail_keys = torch.cat([tail_keys, key_states], dim=-2)
-        self.values = tail_values = torch.cat([tail_values, value_states], dim=-2)
-        keys = torch.cat([self.store.rebuild_keys(self.slot), tail_keys], dim=-2)
-        values = torch.cat([self.store.rebuild_values(self.slot), tail_values], dim=-2)
-        return keys, values
+        old, new = tail_keys.shape[-2], key_states.shape[-2]
+        buffers = self._buffers
+        if (
+            buffers is None
+            or buffers[0].shape[-2] < old + new
+            or buffers[0].shape[:2] != key_states.shape[:2]
+            or tail_keys.untyped_storage().data_ptr() != buffers[0].untyped_storage().data_ptr()
+        ):
+            capacity = max(16, 2 * (old + new))
+            grown = []
+            for tail, incoming in ((tail_keys, key_states), (tail_values, value_states)):
+                buffer = incoming.new_empty((*incoming.shape[:2], capacity, incoming.shape[-1]))
+                buffer[:, :, :old] = tail
+                grown.append(buffer)
+            buffers = self._buffers = (grown[0], grown[1])
+        buffers[0][:, :, old : old + new] = key_states
+        buffers[1][:, :, old : old + new] = value_states
+        self.keys, self.values = buffers[0][:, :, : old + new], buffers[1][:, :, : old + new]
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         """Tokens seen by this layer (compressed prefix plus tail)."""
@@ -204,12 +257,14 @@ class CompressedLayer(CacheLayerMixin):
         states = _states(self)
         if states is not None and length < states[0].shape[-2]:
             self.keys, self.values = states[0][:, :, :length].clone(), states[1][:, :, :length].clone()
+            self._buffers = None
 
     def reset(self) -> None:
         """Empty the tail (freeing it) and the length counter."""
         states = _states(self)
         if states is not None:
             self.keys, self.values = _emptied(states[0]), _emptied(states[1])
+        self._buffers = None
         self.cumulative_length = 0
 
 
@@ -321,6 +376,8 @@ class GroupedCache(Cache):
         for layer in self.layers:
             if (states := _states(layer)) is not None:
                 layer.keys, layer.values = fn(states[0]), fn(states[1])
+            if isinstance(layer, CompressedLayer):
+                layer._buffers = None  # the edited tail is a new tensor; the old buffers must not stay alive
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search."""
@@ -368,9 +425,19 @@ class GroupedCache(Cache):
                 (tail if isinstance(layer, CompressedLayer) else dense).extend(states)
         report.tail_bytes = tensor_bytes(tail)
         report.dense_layer_bytes = tensor_bytes(dense)
-        report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
+        report.table_bytes, report.workspace_bytes = self._decode_bytes()
+        report.held_bytes = (
+            sum(g.held_bytes for g in report.groups)
+            + report.tail_bytes
+            + report.dense_layer_bytes
+            + report.table_bytes
+        )
         report.dense_bytes = sum(dense_kv_bytes(batch, layer.get_seq_length(), 1, dim, dtype) for layer in self.layers)
         return report
+
+    def _decode_bytes(self) -> tuple[int, int]:
+        """``(table bytes held, workspace bytes)`` of the decode paths; none in this base class."""
+        return 0, 0
 
     def _dtype_and_batch(self) -> tuple[torch.dtype | None, int]:
         for layer in self.layers:
@@ -424,6 +491,50 @@ class GroupedCache(Cache):
         return self
 
 
+class Workspace:
+    """Buffers reused by every layer's rebuild (one layer is rebuilt at a time), grown by doubling.
+
+    The rebuild path returns views of these buffers from ``update``; attention reads them before the next layer
+    overwrites them. ``memory_report()`` lists them as ``workspace_bytes``, apart from the bytes the cache holds.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` backed by the buffer ``name`` (contents undefined)."""
+        need = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < need or buffer.dtype != dtype or buffer.device != device:
+            size = need if buffer is None or buffer.dtype != dtype else max(need, 2 * buffer.numel())
+            buffer = self.buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:need].view(shape)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The buffers held."""
+        return list(self.buffers.values())
+
+    def reset(self) -> None:
+        """Free the buffers."""
+        self.buffers.clear()
+
+
+@dataclass
+class DecodeRuntime:
+    """What the groups of one cache share at decode.
+
+    Attributes:
+        fast: whether the model runs attention through ``"xkv"`` (:mod:`xkv.attention`), so the absorb and selective
+            paths can see the query; if ``False`` every layer uses the rebuild path.
+        table: RoPE angles of the prefix positions (``None`` for a model without RoPE).
+        workspace: the rebuild path's buffers.
+    """
+
+    fast: bool
+    table: PrefixAngles | None
+    workspace: Workspace = field(default_factory=Workspace)
+
+
 class XKVGroupStore(CompressedStore):
     """State shared by the layers of one group: pending prefill tensors, then the factors of the prefix.
 
@@ -433,12 +544,21 @@ class XKVGroupStore(CompressedStore):
         num_groups: groups in the cache (to resolve per-group rank lists).
         spec: the model's attention geometry.
         angles: RoPE cos/sin at given positions (``None`` for a model without RoPE).
+        runtime: decode state shared by the cache's groups; a private one (rebuild path only) if ``None``.
     """
 
     def __init__(
-        self, group: LayerGroup, config: XKVConfig, num_groups: int, spec: ModelSpec, angles: RotaryAngles | None
+        self,
+        group: LayerGroup,
+        config: XKVConfig,
+        num_groups: int,
+        spec: ModelSpec,
+        angles: RotaryAngles | None,
+        runtime: DecodeRuntime | None = None,
     ):
         self.group = group
+        self.runtime = runtime or DecodeRuntime(False, PrefixAngles(angles) if angles is not None else None)
+        self._fallbacks_logged: set[str] = set()
         self.index = group.index
         self.layers = group.layers
         self.config = config
@@ -462,6 +582,8 @@ class XKVGroupStore(CompressedStore):
         self.rank_v: int | None = None
         # Set by the cache for a prefill shorter than `config.min_tokens`: the group keeps it exact.
         self.exact_prefill = False
+        # Selective Reconstruction: landmarks and exact chunks per slot (built at prefill when decode="selective").
+        self.selective: dict[int, SelectiveIndex] = {}
 
     # ------------------------------------------------------------------ prefill
     def check_ranks(self, tokens: int) -> tuple[int | None, int | None]:
@@ -520,6 +642,19 @@ class XKVGroupStore(CompressedStore):
             self.pending_values[slot] = value_states.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         else:
             self.pending_values[slot] = value_states.clone()
+        config = self.config
+        if (
+            config.decode == "selective"
+            and self.runtime.fast
+            and config.compress_keys
+            and config.compress_values
+            and not self.exact_prefill
+            and tokens >= config.sr_min_tokens
+        ):
+            self.selective[slot] = build_selective_index(
+                key_states, value_states, config.sr_chunk_size, config.sr_sink_chunks, config.sr_local_chunks,
+                config.sr_outlier_chunks,
+            )  # fmt: skip
         if len(self.pending_keys) == self.group.size:
             self._factor()
 
@@ -538,7 +673,7 @@ class XKVGroupStore(CompressedStore):
         self.pending_keys.clear()
         self.pending_values.clear()
 
-    def truncated(self, config: XKVConfig, num_groups: int) -> XKVGroupStore:
+    def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
         """A copy of this factored store keeping the first ``r`` singular directions of each side.
 
         With exact SVD factors this equals factoring the same prefix at rank ``r`` (singular values are sorted), so
@@ -547,6 +682,7 @@ class XKVGroupStore(CompressedStore):
         Args:
             config: settings whose ranks are resolved for this group and its prefix length.
             num_groups: groups in the cache (for per-group rank lists).
+            runtime: decode state of the copy's cache (this store's if ``None``).
 
         Raises:
             ValueError: if the store is not factored, a side asked for is not factored here, or a rank exceeds the
@@ -554,7 +690,9 @@ class XKVGroupStore(CompressedStore):
         """
         if not self.is_ready or self.exact_prefill:
             raise ValueError(f"group {self.index} holds no factors to truncate")
-        new = XKVGroupStore(self.group, config, num_groups, self.spec, self.angles)
+        new = XKVGroupStore(self.group, config, num_groups, self.spec, self.angles, runtime or self.runtime)
+        if config.decode == "selective":
+            new.selective = dict(self.selective)  # rank-independent, never edited in place
         new.prefix_len = self.prefix_len
         new.rank_k, new.rank_v = new.check_ranks(self.prefix_len)
         for side, rank, held, exact in (
@@ -603,10 +741,10 @@ class XKVGroupStore(CompressedStore):
         flat = self.key_factors.layer(slot)  # (batch, T, D), pre-RoPE
         batch, tokens, _ = flat.shape
         keys = flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
-        if self.angles is None:
+        if self.runtime.table is None:
             return keys
-        cos, sin = self.angles(self.positions(batch, keys.device))
-        return apply_rope(keys, cos, sin)
+        cos, sin = self.runtime.table.get(tokens, keys.device)
+        return apply_rope(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
 
     def rebuild_values(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` values of one layer, rebuilt from the factors."""
@@ -617,10 +755,110 @@ class XKVGroupStore(CompressedStore):
         batch, tokens, _ = flat.shape
         return flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
 
+    # ------------------------------------------------------------------ decode
+    def decode_path(self, slot: int) -> str:
+        """The path this group's layer at ``slot`` decodes with.
+
+        ``config.decode`` where it can serve, else a fallback, logged once per reason.
+        """
+        wanted = self.config.decode
+        reason = None
+        if wanted == "rebuild":
+            return wanted
+        if not self.runtime.fast:
+            reason = "the model does not run attention through 'xkv'"
+        elif self.key_factors is None or self.value_factors is None:
+            reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
+        elif wanted == "selective" and slot not in self.selective:
+            reason = "the prefix is shorter than sr_min_tokens or was cropped: no Selective Reconstruction index"
+            if reason not in self._fallbacks_logged:
+                self._fallbacks_logged.add(reason)
+                logger.info("group %d decodes with 'absorb' instead of 'selective': %s", self.index, reason)
+            return "absorb"
+        if reason is not None:
+            if reason not in self._fallbacks_logged:
+                self._fallbacks_logged.add(reason)
+                logger.info("group %d decodes with 'rebuild' instead of %r: %s", self.index, wanted, reason)
+            return "rebuild"
+        return wanted
+
+    def attention_inputs(
+        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuild path: prefix and tail in one reused workspace. Fast paths: the tail, plus a pending request.
+
+        On the fast paths attention itself (:func:`xkv.attention.xkv_attention_forward`) reads the factors; the
+        tensors returned here are the exact tail only.
+        """
+        path = self.decode_path(slot)
+        if path == "rebuild":
+            return self._rebuilt("k", slot, tail_keys), self._rebuilt("v", slot, tail_values)
+        attend = functools.partial(self._attend, slot, path, tail_keys, tail_values)
+        attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend))
+        return tail_keys, tail_values
+
+    def _rebuilt(self, side: str, slot: int, tail: torch.Tensor) -> torch.Tensor:
+        """``(batch, kv_heads, prefix_len + tail_len, head_dim)``: a view of the workspace (keys post-RoPE)."""
+        factors = self.key_factors if side == "k" else self.value_factors
+        if factors is None:
+            exact = self.exact_keys if side == "k" else self.exact_values
+            assert exact is not None, "rebuild before the group was factored"
+            return torch.cat([exact[slot], tail], dim=-2)
+        basis, recon = factors.token_basis, factors.reconstruction
+        batch, tokens, _ = basis.shape
+        heads, head_dim, length = self.spec.num_kv_heads, self.spec.head_dim, tail.shape[-2]
+        flat = self.runtime.workspace.get(side, (batch, tokens + length, heads * head_dim), basis.dtype, basis.device)
+        for i in range(batch):  # `out=` needs a contiguous target: one (T, D) block per sequence
+            torch.matmul(basis[i], recon[i, slot], out=flat[i, :tokens])
+        view = flat.view(batch, tokens + length, heads, head_dim)
+        if side == "k" and self.runtime.table is not None:
+            cos, sin = self.runtime.table.get(tokens, basis.device)
+            prefix = view[:, :tokens]
+            if self.runtime.table.halves_equal and basis.dtype in (torch.float32, torch.float64):
+                apply_rope_(prefix, cos, sin)
+            else:
+                rotated = apply_rope(prefix.transpose(1, 2), cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+                prefix.copy_(rotated.transpose(1, 2))
+        if length:
+            view[:, tokens:] = tail.transpose(1, 2)
+        return view.transpose(1, 2)
+
+    def _attend(
+        self,
+        slot: int,
+        path: str,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Attention of ``query`` ``(b, Hq, q, hd)`` over this layer's prefix and tail: ``(b, q, Hq, hd)``."""
+        assert self.key_factors is not None and self.value_factors is not None
+        tokens, heads = self.prefix_len, self.spec.num_kv_heads
+        num_heads, length = query.shape[1], query.shape[2]
+        check_prefix_visible(attention_mask, tokens)
+        grouped = group_queries(query, heads)
+        mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads)
+        if path == "absorb":
+            keys = self._rebuilt("k", slot, tail_keys[:, :, :0])
+            out = attend_absorbed(grouped, keys, self.value_factors, slot, tail_keys, tail_values, scaling, mask)
+        else:
+            table = self.runtime.table
+            angles = table.joint_table(tokens, query.device) if table is not None else None
+            out = attend_selective(
+                grouped, self.selective[slot], self.key_factors, self.value_factors, slot, angles,
+                self.config.budget_chunks(tokens), tail_keys, tail_values, scaling, mask,
+            )  # fmt: skip
+        return ungroup_output(out.to(query.dtype), num_heads, length)
+
     # ------------------------------------------------------------------ bookkeeping
     def prefix_tensors(self) -> list[torch.Tensor]:
-        """Every tensor held for the factored prefix (factors, or exact sides)."""
-        tensors: list[torch.Tensor] = []
+        """Every tensor held for the factored prefix.
+
+        The factors (or exact sides), and Selective Reconstruction's landmarks and exact chunks.
+        """
+        tensors: list[torch.Tensor] = [t for index in self.selective.values() for t in index.tensors()]
         for factors in (self.key_factors, self.value_factors):
             if factors is not None:
                 tensors += [factors.token_basis, factors.reconstruction]
@@ -646,6 +884,7 @@ class XKVGroupStore(CompressedStore):
         for pending in (self.pending_keys, self.pending_values):
             for slot in pending:
                 pending[slot] = fn(pending[slot])
+        self.selective = {slot: index.map(fn) for slot, index in self.selective.items()}
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` prefix tokens (rows of the token basis; the reconstruction is unchanged)."""
@@ -654,6 +893,7 @@ class XKVGroupStore(CompressedStore):
         if length <= 0:
             self._reset_state()
             return
+        self.selective = {}  # its chunks described the whole prefix: decode falls back to "absorb"
         for factors in (self.key_factors, self.value_factors):
             if factors is not None:
                 factors.token_basis = factors.token_basis[:, :length].clone()  # a view would keep all rows alive
@@ -695,8 +935,12 @@ class XKVCache(GroupedCache):
             self.config.last_layer,
         )
         self.angles = RotaryAngles(spec.rotary_emb) if spec.rotary_emb is not None else None
+        # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
+        fast = self.config.decode != "rebuild" and attention.enable(model)
+        self.runtime = DecodeRuntime(fast, PrefixAngles(self.angles) if self.angles is not None else None)
         self.xkv_stores = [
-            XKVGroupStore(group, self.config, len(self.groups), spec, self.angles) for group in self.groups
+            XKVGroupStore(group, self.config, len(self.groups), spec, self.angles, self.runtime)
+            for group in self.groups
         ]
         for store in self.xkv_stores:
             self._check_static_ranks(store, spec)
@@ -788,7 +1032,9 @@ class XKVCache(GroupedCache):
             raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")
         new = copy.copy(self)
         new.config = config
-        new.xkv_stores = [store.truncated(config, len(groups)) for store in self.xkv_stores]
+        # Its own tables and workspace: what a copy holds is counted for that copy alone.
+        new.runtime = DecodeRuntime(self.runtime.fast, PrefixAngles(self.angles) if self.angles is not None else None)
+        new.xkv_stores = [store.truncated(config, len(groups), new.runtime) for store in self.xkv_stores]
         new.stores = list(new.xkv_stores)
         store_of = {layer_idx: store for store in new.xkv_stores for layer_idx in store.layers}
         layers: list[CacheLayerMixin] = []
@@ -808,6 +1054,18 @@ class XKVCache(GroupedCache):
                 layers.append(dense)
         new.layers = layers
         return new
+
+    def _decode_bytes(self) -> tuple[int, int]:
+        table = self.runtime.table.tensors() if self.runtime.table is not None else []
+        return tensor_bytes(table), tensor_bytes(self.runtime.workspace.tensors())
+
+    def reset(self) -> None:
+        """Drop every stored token, the decode tables and workspaces; the cache can be reused for a new prompt."""
+        super().reset()
+        attention.discard()
+        if self.runtime.table is not None:
+            self.runtime.table.reset()
+        self.runtime.workspace.reset()
 
     @property
     def group_stores(self) -> list[XKVGroupStore]:

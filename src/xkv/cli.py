@@ -281,6 +281,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Decode ms per step, prefill time, KV bytes and peak memory of every method, side by side in one process."""
+    import torch
+    import transformers
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from xkv.bench import BENCH_METHODS, run_bench, write_report
+    from xkv.evaluation.runner import parse_lengths
+    from xkv.models import load
+
+    lengths = parse_lengths(args.lengths)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if unknown:
+        raise ValueError(f"unknown bench method(s) {unknown}; known: {list(BENCH_METHODS)}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1 but got {args.steps}")
+    config = _load_config(args.config)
+    console = Console()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load(args.model)
+    per_length = len(set(methods) | {"dense"}) + args.steps + 2
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        bar = progress.add_task("bench", total=per_length * len(lengths))
+        rows = run_bench(
+            model, lengths, methods, steps=args.steps, seed=args.seed, config=config,
+            on_progress=lambda label: progress.update(bar, advance=1, description=label),
+        )  # fmt: skip
+    path = write_report(rows, args.out, args.command_line)
+    console.print(path.read_text())
+    console.print(f"wrote results.json, results.md and decode_ms.png in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xkv`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -359,6 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out (and list) kept tasks that some method has not run on every sample, e.g. a stopped run",
     )
     report.set_defaults(func=cmd_report)
+
+    bench = commands.add_parser(
+        "bench",
+        help="decode speed, prefill time, KV bytes and peak memory of every cache, side by side",
+        description="Prefill one random-token prompt per length with every method, interleave their decode steps, "
+        "and write results.json, results.md and decode_ms.png to --out.",
+    )
+    bench.add_argument("--model", default="smollm2-135m", help="embedded model name, hub id or local path")
+    bench.add_argument("--lengths", default="1k,2k,4k,7k", help="context lengths, e.g. 1k,2k,4k,7k")
+    bench.add_argument(
+        "--methods",
+        default="dense,quantized-int4,xkv-rebuild,xkv-absorb,xkv-selective",
+        help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective",
+    )
+    bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    bench.add_argument("--config", help="xKV config file (YAML/JSON) for ranks, groups and SR settings")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--out", default="benchmarks/decode", help="output folder")
+    bench.add_argument("--quiet", action="store_true", help="no progress display")
+    bench.set_defaults(func=cmd_bench)
 
     config = commands.add_parser(
         "config",

@@ -25,6 +25,10 @@ RankValue = int | float | str
 RankSpec = RankValue | list[RankValue]
 
 
+#: Ways attention reads a factored prefix at decode (``XKVConfig.decode``).
+DECODE_PATHS = ("rebuild", "absorb", "selective")
+
+
 class UnreachableRatioError(ValueError):
     """A rank or compression factor that the data at hand cannot give (too few tokens, a rank above the data's).
 
@@ -124,6 +128,21 @@ class XKVConfig:
         svd_seed: seed of the randomized SVD's test matrix, so factors are reproducible.
         min_tokens: a first prefill shorter than this is kept exact (no group is factored; ``memory_report()``
             shows 1x), so short chat prompts behave like a dense cache instead of getting tiny ranks.
+        decode: how attention reads the factored prefix at decode: ``"rebuild"`` (every layer's prefix rebuilt into
+            a reused workspace: the fallback every model gets), ``"absorb"`` (keys rebuilt, values absorbed:
+            ``(p @ U_v) @ B_v``) or ``"selective"`` (Selective Reconstruction: only the chunks the query needs are
+            rebuilt, values absorbed). The two fast paths run through the ``"xkv"`` attention implementation
+            (:mod:`xkv.attention`), which the cache sets on the model.
+        sr_chunk_size: tokens per chunk of Selective Reconstruction; each chunk keeps one landmark (its mean
+            post-RoPE key) per layer and KV head.
+        sr_budget: compressed tokens rebuilt per step and KV head: an int (tokens) or a float in (0, 1] (fraction
+            of the prefix); rounded up to whole chunks.
+        sr_min_tokens: prefixes shorter than this decode with ``"absorb"`` instead of ``"selective"``: there the
+            budget is a large part of the prefix, and landmarks and exact chunks would cost bytes for little speed.
+        sr_sink_chunks: first chunks of the prefix kept exact (attention sinks).
+        sr_local_chunks: last chunks of the prefix kept exact (the most recent context).
+        sr_outlier_chunks: further chunks kept exact per layer and KV head: those whose keys agree least with
+            their landmark.
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
@@ -143,11 +162,26 @@ class XKVConfig:
     # At 512 tokens a G=8 group of SmolLM2 (D=192) at the default 6x keeps 64 key directions; a 42-token chat
     # prompt would keep 6 and answer wrongly while reporting 4x (review of the foundation). Below it: exact.
     min_tokens: int = 512
+    decode: Literal["rebuild", "absorb", "selective"] = "selective"
+    # Chunks of 8 and a budget of 256 tokens: on calibration samples (benchmarks/decode/calibration.json, seeds
+    # 100-109) they matched the rebuild path at 4x and beat it at 8x, where chunks of 16 or a budget of 128 lost.
+    sr_chunk_size: int = 8
+    # 256 tokens: on SmolLM2 (r_k ~ 186 > head_dim 64) rebuilding a token costs ~3x reading a dense one, so a
+    # larger budget costs more than dense attention at 4k (benchmarks/decode).
+    sr_budget: int | float = 256
+    # 4 budgets: below it SR rebuilds a quarter of the prefix or more while its tables cost ~5% of the dense bytes.
+    sr_min_tokens: int = 1024
+    sr_sink_chunks: int = 1
+    sr_local_chunks: int = 1
+    sr_outlier_chunks: int = 2
     _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
     _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed", "min_tokens"):
+        for name in (
+            "group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed", "min_tokens", "sr_chunk_size",
+            "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"`{name}` must be an int but got {value!r}")
@@ -175,6 +209,20 @@ class XKVConfig:
             raise ValueError(f"`svd_niter` must be >= 0 but got {self.svd_niter}")
         if self.min_tokens < 0:
             raise ValueError(f"`min_tokens` must be >= 0 but got {self.min_tokens}")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"`decode` must be one of {list(DECODE_PATHS)} but got {self.decode!r}")
+        if self.sr_chunk_size < 1:
+            raise ValueError(f"`sr_chunk_size` must be >= 1 but got {self.sr_chunk_size}")
+        for name in ("sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0 but got {getattr(self, name)}")
+        budget = self.sr_budget
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+            raise ValueError(f"`sr_budget` must be an int (tokens) or a float in (0, 1] but got {budget!r}")
+        if isinstance(budget, numbers.Integral) and budget < 1:
+            raise ValueError(f"`sr_budget` as tokens must be >= 1 but got {budget}")
+        if not isinstance(budget, numbers.Integral) and not 0.0 < float(budget) <= 1.0:
+            raise ValueError(f"`sr_budget` as a fraction of the prefix must be in (0, 1] but got {budget}")
         for name in ("rank_k", "rank_v"):  # tuples become lists, so a config equals its YAML/JSON round trip
             if isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, list(getattr(self, name)))
@@ -191,6 +239,11 @@ class XKVConfig:
                 raise ValueError(f"`{name}` as a per-group list must not be empty")
             return [parse_rank(item, f"{name}[{i}]") for i, item in enumerate(spec)]
         return parse_rank(spec, name)
+
+    def budget_chunks(self, prefix_len: int) -> int:
+        """Chunks Selective Reconstruction rebuilds per step for a prefix of ``prefix_len`` tokens (at least 1)."""
+        tokens = self.sr_budget if isinstance(self.sr_budget, int) else math.ceil(self.sr_budget * prefix_len)
+        return max(1, math.ceil(tokens / self.sr_chunk_size))
 
     def rank_setting(self, side: Literal["k", "v"], group_idx: int, num_groups: int) -> ResolvedRank:
         """The rank setting of one side for one group.

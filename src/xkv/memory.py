@@ -88,13 +88,18 @@ class MemoryReport:
         tail_bytes: exact (uncompressed) tokens of compressed layers: decode tokens and turns appended after the
             compressed context, plus prefill tensors of groups not yet factored.
         dense_layer_bytes: layers outside the compressed range, kept as a dense cache.
-        held_bytes: everything the cache holds.
+        table_bytes: tables kept for decoding (the prefix's RoPE angles), shared by all layers.
+        workspace_bytes: reusable scratch of the rebuild path (one layer's rebuilt prefix at a time): not part of
+            ``held_bytes``, like the transient buffers attention allocates over any cache.
+        held_bytes: everything the cache holds (groups, tails, dense layers, tables).
         dense_bytes: what a dense cache of the model's dtype holds for the same tokens in every layer.
     """
 
     groups: list[GroupMemory] = field(default_factory=list)
     tail_bytes: int = 0
     dense_layer_bytes: int = 0
+    table_bytes: int = 0
+    workspace_bytes: int = 0
     held_bytes: int = 0
     dense_bytes: int = 0
 

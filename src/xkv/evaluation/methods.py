@@ -180,13 +180,20 @@ def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: floa
 
 
 class XKVMethod(Method):
-    """xKV at the configuration's group size, ranks derived from the target factor."""
+    """xKV at the configuration's group size, ranks derived from the target factor, decoded with the rebuild path.
+
+    The rebuild path gives attention the whole rebuilt prefix, so the answer is decoded through a materialized copy
+    (the same attention, at dense speed; tested). Subclasses with another ``decode`` path decode through the real
+    cache, since their attention sees something else.
+    """
 
     name = "xkv"
+    decode: ClassVar[str] = "rebuild"
 
     def config_for(self, factor: float) -> XKVConfig:
         """The config run at ``factor`` (ranks from :func:`xkv_config_for`, other fields from the base config)."""
-        return xkv_config_for(factor, self.options.get("config"))
+        config = xkv_config_for(factor, self.options.get("config"))
+        return XKVConfig.from_dict({**config.to_dict(), "decode": self.decode})
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
@@ -201,6 +208,9 @@ class XKVMethod(Method):
             "rank_k": [g.rank_k for g in report.groups],
             "rank_v": [g.rank_v for g in report.groups],
         }
+        if self.decode != "rebuild":
+            details["decode"] = self.decode
+            return Outcome(answer_through(ctx, cache), report.held_bytes, report.dense_bytes, details)
         # Decoding through the rebuilt dense copy is the same attention as through the cache (tests/test_cache.py).
         dense = cache.materialize()
         del cache
@@ -213,12 +223,30 @@ class XKVMethod(Method):
         """
         if config.svd != "exact":
             return XKVCache.from_dense(ctx.model, ctx.dense, config)
-        key = f"{self.name}:full-rank"
+        # One full-rank factorization per group size serves every decode path; it is built for "selective" so it
+        # holds the landmarks, which only copies that decode selectively keep (XKVGroupStore.truncated).
+        key = f"xkv:full-rank:G{config.group_size}:{config.grouping}"
         full = ctx.scratch.get(key)
         if full is None:
-            full_config = XKVConfig.from_dict({**config.to_dict(), "rank_k": 1.0, "rank_v": 1.0})
+            full_config = XKVConfig.from_dict(
+                {**config.to_dict(), "rank_k": 1.0, "rank_v": 1.0, "decode": "selective"}
+            )
             full = ctx.scratch[key] = XKVCache.from_dense(ctx.model, ctx.dense, full_config)
         return full.with_ranks(config)
+
+
+class XKVAbsorbMethod(XKVMethod):
+    """xKV decoded through the real cache with value absorption (keys rebuilt, values never)."""
+
+    name = "xkv-absorb"
+    decode = "absorb"
+
+
+class XKVSelectiveMethod(XKVMethod):
+    """xKV decoded through the real cache with Selective Reconstruction (landmarks and exact chunks counted)."""
+
+    name = "xkv-selective"
+    decode = "selective"
 
 
 class SingleLayerSVD(XKVMethod):
@@ -229,7 +257,7 @@ class SingleLayerSVD(XKVMethod):
     def config_for(self, factor: float) -> XKVConfig:
         """Same ranks rule as xKV, one layer per group."""
         base = self.options.get("config") or XKVConfig()
-        return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), "group_size": 1}))
+        return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), "group_size": 1, "decode": self.decode}))
 
 
 class MiniCacheMethod(Method):
@@ -343,6 +371,8 @@ METHODS: dict[str, type[Method]] = {
     for cls in (
         FullCache,
         XKVMethod,
+        XKVAbsorbMethod,
+        XKVSelectiveMethod,
         SingleLayerSVD,
         MiniCacheMethod,
         QuantizedMethod,

@@ -1,0 +1,140 @@
+"""The ``"xkv"`` attention implementation: how the fast decode paths see the query, through public extension points.
+
+``Cache.update`` never sees the query, but Selective Reconstruction scores it against the landmarks and value
+absorption multiplies the attention weights into the factors. So a compressed layer in a fast decode mode returns
+only its exact tail from ``update`` and leaves a :class:`PendingAttention` for the attention function, which
+transformers calls right after ``update`` in the same layer. That function is registered with transformers'
+``AttentionInterface`` (and its mask with ``AttentionMaskInterface``) under the name ``"xkv"``; every call that
+carries no pending request (prefills, dense layers, other caches) goes to transformers' own SDPA function, so a model
+set to ``"xkv"`` computes exactly what it computes with ``"sdpa"`` everywhere else.
+
+Nothing is registered at import: :func:`enable` registers (once) and switches one model with
+``model.set_attn_implementation`` (a public API). No function of transformers is patched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Name of the attention implementation registered by :func:`enable`.
+IMPLEMENTATION = "xkv"
+#: Implementations a model may have before :func:`enable`: their calls are what ``"xkv"`` falls back to.
+REPLACEABLE = ("sdpa", "eager", IMPLEMENTATION)
+
+
+@dataclass
+class PendingAttention:
+    """Left by a compressed layer's ``update`` for the attention call that follows it.
+
+    Attributes:
+        layer_idx: the model layer.
+        keys: the tensor ``update`` returned as keys (the attention call must receive this very tensor).
+        attend: ``(query (b, Hq, q, hd), attention_mask, scaling) -> (b, q, Hq, hd)``.
+    """
+
+    layer_idx: int
+    keys: torch.Tensor
+    attend: Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+
+
+_local = threading.local()
+
+
+def leave(request: PendingAttention) -> None:
+    """Hand ``request`` to the next attention call of this thread.
+
+    Raises:
+        RuntimeError: if a request of an earlier layer was never taken: the model did not run attention through
+            ``"xkv"`` (its implementation was changed after the cache was built), so it saw only the exact tail.
+    """
+    stale = getattr(_local, "pending", None)
+    if stale is not None:
+        _local.pending = None
+        raise RuntimeError(
+            f"layer {stale.layer_idx}'s attention did not run through the {IMPLEMENTATION!r} implementation, so it "
+            "saw only the exact tail of an XKVCache in a fast decode mode; keep "
+            f"model.set_attn_implementation({IMPLEMENTATION!r}) or use XKVConfig(decode='rebuild')"
+        )
+    _local.pending = request
+
+
+def discard() -> None:
+    """Drop a request nobody took (e.g. after an exception inside the layer)."""
+    _local.pending = None
+
+
+def xkv_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Transformers attention function: the pending fast path if one is waiting for this layer, else SDPA.
+
+    Args:
+        module: the attention module (its ``layer_idx`` matches the request).
+        query: ``(b, Hq, q, hd)``.
+        key: ``(b, H, kv, hd)`` as ``Cache.update`` returned it.
+        value: like ``key``.
+        attention_mask: the model's mask for this layer, or ``None``.
+        dropout: must be 0 on a fast path (inference only).
+        scaling: score scale; ``1/sqrt(hd)`` if ``None``.
+        **kwargs: passed to SDPA on the fallback (arguments in SDPA's order).
+
+    Returns:
+        ``(b, q, Hq, hd)`` and no attention weights.
+    """
+    request = getattr(_local, "pending", None)
+    if request is not None and request.keys is key and request.layer_idx == getattr(module, "layer_idx", None):
+        _local.pending = None
+        if dropout:
+            raise ValueError("XKVCache's fast decode paths are for inference: attention dropout must be 0")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return request.attend(query, attention_mask, scale), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def enable(model: nn.Module) -> bool:
+    """Register ``"xkv"`` (once) and switch ``model`` to it.
+
+    Returns:
+        ``True`` if the model now runs attention through ``"xkv"``; ``False`` (with a log line saying why) if its
+        implementation is one ``"xkv"`` cannot stand in for (e.g. FlashAttention), so the caller keeps the rebuild
+        path.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current not in REPLACEABLE:
+        logger.info(
+            "attention implementation %r is kept: XKVCache's fast decode paths stand in for 'sdpa' or 'eager' "
+            "only; decoding with the lean rebuild",
+            current,
+        )
+        return False
+    if IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(IMPLEMENTATION, xkv_attention_forward)
+        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    if current != IMPLEMENTATION:
+        model.set_attn_implementation(IMPLEMENTATION)  # type: ignore[operator]  # a PreTrainedModel method
+        logger.info("attention implementation %r -> %r for XKVCache's fast decode", current, IMPLEMENTATION)
+    return True

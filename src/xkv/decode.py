@@ -1,0 +1,317 @@
+"""Attention over a factored prefix without rebuilding it whole: value absorption and Selective Reconstruction.
+
+Pure tensor code (no transformers): the cache hands these functions the factors of a layer, its exact tail and the
+query; :mod:`xkv.attention` reaches them through transformers' ``AttentionInterface``.
+
+Shapes: ``b`` batch, ``H`` KV heads, ``R`` query heads per KV head (GQA), ``q`` query tokens, ``T`` prefix tokens,
+``L`` tail tokens (the query's own tokens last), ``r`` rank, ``hd`` head dim, ``D = H * hd``. Queries are grouped
+per KV head, ``(b, H, R*q, hd)``, so keys and values are never repeated for GQA.
+
+* **Value absorption** (xKV, "absorb"): the prefix's values are ``U_v @ B_v`` and the attention output is
+  ``p @ V = (p @ U_v) @ B_v``: the ``(T, D)`` values are never rebuilt; ``p @ U_v`` costs ``R*q*T*r`` per KV head.
+* **Selective Reconstruction** (xKV v2, after ShadowKV): the prefix is split into chunks of ``c`` tokens, each with
+  a landmark (its mean post-RoPE key). A few chunks are kept exact: the first (attention sinks), the last (local
+  context) and the outliers (keys least like their landmark). At each step the query is scored against the
+  landmarks and only the top chunks for a token budget are rebuilt (``U[idx] @ B_l``, RoPE at their positions);
+  attention runs over them, the exact chunks and the tail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from xkv.factorization import LowRankFactors
+
+
+def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(b, Hq, q, hd)`` -> ``(b, H, R*q, hd)``: query head ``i`` belongs to KV head ``i // R`` (``repeat_kv``)."""
+    batch, num_heads, tokens, head_dim = query.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
+    return query.reshape(batch, num_kv_heads, num_heads // num_kv_heads * tokens, head_dim)
+
+
+def ungroup_output(out: torch.Tensor, num_heads: int, tokens: int) -> torch.Tensor:
+    """``(b, H, R*q, hd)`` -> ``(b, q, Hq, hd)``, the layout transformers' attention functions return."""
+    batch, _, _, head_dim = out.shape
+    return out.reshape(batch, num_heads, tokens, head_dim).transpose(1, 2).contiguous()
+
+
+def per_head(reconstruction: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """One layer's ``B_l`` ``(b, r, D)`` -> ``(b, H, r, hd)`` (features are head-major: ``h * hd + d``)."""
+    batch, rank, dim = reconstruction.shape
+    return reconstruction.view(batch, rank, num_kv_heads, dim // num_kv_heads).permute(0, 2, 1, 3)
+
+
+def tail_mask(
+    attention_mask: torch.Tensor | None, prefix_len: int, tail_len: int, tokens: int, repeats: int
+) -> torch.Tensor | None:
+    """Additive mask ``(b or 1, 1, R*q, L)`` of the tail for grouped queries; ``None`` when nothing is masked.
+
+    Uses the model's mask where it gives one; else the causal pattern of the ``q`` newest tail tokens. The prefix
+    is visible to every query: the cache refuses padded or shifted positions at the first prefill, and
+    :func:`check_prefix_visible` checks the model's mask agrees.
+    """
+    if attention_mask is not None:
+        cols = attention_mask[..., prefix_len : prefix_len + tail_len]  # (b, 1|Hq, q, L)
+        if cols.dtype == torch.bool:
+            cols = torch.zeros(cols.shape, dtype=torch.float32, device=cols.device).masked_fill(~cols, -math.inf)
+        cols = cols[:, :1].float()
+        return cols.repeat(1, 1, repeats, 1)
+    if tokens == 1:
+        return None
+    rows = torch.arange(tokens, device="cpu") + (tail_len - tokens)
+    allowed = torch.arange(tail_len).unsqueeze(0) <= rows.unsqueeze(1)  # (q, L)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, -math.inf)
+    return mask.repeat(repeats, 1).view(1, 1, repeats * tokens, tail_len)
+
+
+def check_prefix_visible(attention_mask: torch.Tensor | None, prefix_len: int) -> None:
+    """Raise if the model's mask hides part of the compressed prefix (these paths assume it never does)."""
+    if attention_mask is None or prefix_len == 0:
+        return
+    cols = attention_mask[..., :prefix_len]
+    visible = cols.all() if cols.dtype == torch.bool else bool((cols == 0).all())
+    if not visible:
+        raise ValueError(
+            "the attention mask hides tokens of the compressed prefix; XKVCache's fast decode paths (and the cache "
+            "itself) support unpadded sequences only"
+        )
+
+
+def softmax_blocks(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One softmax over score blocks concatenated along the last axis, in float32; returned split the same way."""
+    sizes = [block.shape[-1] for block in blocks]
+    probs = torch.softmax(torch.cat([block.float() for block in blocks], dim=-1), dim=-1)
+    return list(probs.split(sizes, dim=-1))
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate rows of ``x`` ``(..., n, hd)`` by angles ``(..., n, rot)`` of the same leading shape (rotate-half)."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    x_rot = x[..., :rot].float()
+    out = x_rot * cos
+    out[..., :half].addcmul_(x_rot[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x_rot[..., :half], sin[..., half:])
+    out = out.to(x.dtype)
+    return torch.cat((out, x[..., rot:]), dim=-1) if rot < x.shape[-1] else out
+
+
+def attend_absorbed(
+    grouped_query: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    value_factors: LowRankFactors,
+    slot: int,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention with the prefix's values absorbed into the factors.
+
+    Args:
+        grouped_query: ``(b, H, M, hd)`` with ``M = R*q``.
+        prefix_keys: ``(b, H, T, hd)`` post-RoPE keys of the prefix (rebuilt, any strides).
+        value_factors: the group's value factors (``token_basis`` ``(b, T, r)``, ``reconstruction`` ``(b, G, r, D)``).
+        slot: the layer's position in its group.
+        tail_keys: ``(b, H, L, hd)`` post-RoPE.
+        tail_values: ``(b, H, L, hd)``.
+        scaling: the score scale (``1/sqrt(hd)`` for most models).
+        mask: additive ``(·, 1, M, L)`` tail mask or ``None``.
+
+    Returns:
+        ``(b, H, M, hd)``.
+    """
+    batch, heads, rows, _ = grouped_query.shape
+    scores_prefix = torch.matmul(grouped_query, prefix_keys.transpose(-1, -2)) * scaling  # (b, H, M, T)
+    scores_tail = torch.matmul(grouped_query, tail_keys.transpose(-1, -2)) * scaling  # (b, H, M, L)
+    if mask is not None:
+        scores_tail = scores_tail + mask
+    probs_prefix, probs_tail = softmax_blocks([scores_prefix, scores_tail])
+    basis = value_factors.token_basis  # (b, T, r)
+    mixed = torch.matmul(probs_prefix.to(basis.dtype).reshape(batch, heads * rows, -1), basis)  # (b, H*M, r)
+    recon = per_head(value_factors.reconstruction[:, slot], heads)  # (b, H, r, hd)
+    out = torch.matmul(mixed.view(batch, heads, rows, -1), recon)
+    return out + torch.matmul(probs_tail.to(tail_values.dtype), tail_values)
+
+
+@dataclass
+class SelectiveIndex:
+    """What Selective Reconstruction keeps for one layer of a factored group (bytes counted by the cache).
+
+    Attributes:
+        chunk_size: tokens per chunk ``c``.
+        landmarks: ``(b, H, C, hd)`` mean post-RoPE key of each of the ``C = T // c`` chunks.
+        exact_chunks: ``(b, H, E)`` int64 chunk indices kept exact per KV head (sinks, local, outliers), sorted.
+        exact_keys: ``(b, H, E*c + rest, hd)`` post-RoPE keys of those chunks, then of the ``T % c`` last tokens.
+        exact_values: ``(b, H, E*c + rest, hd)`` values, same rows.
+    """
+
+    chunk_size: int
+    landmarks: torch.Tensor
+    exact_chunks: torch.Tensor
+    exact_keys: torch.Tensor
+    exact_values: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor held."""
+        return [self.landmarks, self.exact_chunks, self.exact_keys, self.exact_values]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SelectiveIndex:
+        """A copy with ``fn`` applied to every tensor (batch edits)."""
+        return SelectiveIndex(self.chunk_size, *(fn(t) for t in self.tensors()))
+
+    @property
+    def num_chunks(self) -> int:
+        """``C``, chunks of the prefix (the last ``T % c`` tokens are exact and belong to none)."""
+        return self.landmarks.shape[-2]
+
+
+def gather_chunks(x: torch.Tensor, chunks: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Rows of whole chunks, ``(b, H, k*c, d)``.
+
+    ``x`` is ``(b, T, d)`` (or ``(T, d)``, shared by the batch) and ``chunks`` ``(b, H, k)``. One
+    ``index_select`` of contiguous ``c*d`` blocks per sequence: several times faster on CPU than advanced indexing
+    of single token rows.
+    """
+    batch, heads, count = chunks.shape
+    shared = x.dim() == 2
+    rows = x if shared else x[0]
+    dim = rows.shape[-1]
+    num = rows.shape[0] // chunk_size
+    out = []
+    for i in range(batch):
+        source = (x if shared else x[i])[: num * chunk_size].reshape(num, chunk_size * dim)
+        out.append(source.index_select(0, chunks[i].reshape(-1)))
+    gathered = out[0].unsqueeze(0) if batch == 1 else torch.stack(out)  # stack would copy even one block
+    return gathered.view(batch, heads, count * chunk_size, dim)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(b, H, N, d)`` rows at ``index`` ``(b, H, n)`` -> ``(b, H, n, d)``."""
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def build_selective_index(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    chunk_size: int,
+    sink_chunks: int,
+    local_chunks: int,
+    outlier_chunks: int,
+) -> SelectiveIndex:
+    """Landmarks and exact chunks of one layer, from its exact prefill states.
+
+    Args:
+        keys: ``(b, H, T, hd)`` post-RoPE keys of the prefix.
+        values: ``(b, H, T, hd)``.
+        chunk_size: ``c``.
+        sink_chunks: first chunks kept exact (attention sinks).
+        local_chunks: last chunks kept exact (the most recent context).
+        outlier_chunks: further chunks kept exact per KV head: those whose least similar key has the lowest cosine
+            to the chunk's landmark (ShadowKV's outlier rule).
+
+    Returns:
+        The index; when ``sink + local + outlier`` reach ``C`` every chunk is exact.
+    """
+    batch, heads, tokens, head_dim = keys.shape
+    num_chunks = tokens // chunk_size
+    body = num_chunks * chunk_size
+    chunked = keys[:, :, :body].reshape(batch, heads, num_chunks, chunk_size, head_dim)
+    landmarks = chunked.float().mean(dim=3)  # (b, H, C, hd)
+    fixed = [*range(min(sink_chunks, num_chunks)), *range(max(0, num_chunks - local_chunks), num_chunks)]
+    fixed_set = sorted(set(fixed))
+    fixed_index = torch.tensor(fixed_set, dtype=torch.long, device=keys.device).expand(batch, heads, -1)
+    num_outliers = min(outlier_chunks, num_chunks - len(fixed_set))
+    if num_outliers > 0:
+        cosine = torch.nn.functional.cosine_similarity(chunked.float(), landmarks.unsqueeze(3), dim=-1)
+        worst = cosine.min(dim=-1).values  # (b, H, C): the least similar key of each chunk
+        worst[:, :, fixed_set] = math.inf
+        outliers = worst.topk(num_outliers, dim=-1, largest=False).indices
+        exact_chunks = torch.cat([fixed_index, outliers], dim=-1).sort(dim=-1).values
+    else:
+        exact_chunks = fixed_index.clone()
+    rows = (exact_chunks.unsqueeze(-1) * chunk_size + torch.arange(chunk_size, device=keys.device)).flatten(2)
+    rest = torch.arange(body, tokens, device=keys.device).expand(batch, heads, -1)
+    rows = torch.cat([rows, rest], dim=-1)
+    return SelectiveIndex(
+        chunk_size=chunk_size,
+        landmarks=landmarks.to(keys.dtype).contiguous(),
+        exact_chunks=exact_chunks.contiguous(),
+        exact_keys=_gather_rows(keys, rows).contiguous(),
+        exact_values=_gather_rows(values, rows).contiguous(),
+    )
+
+
+def select_chunks(grouped_query: torch.Tensor, index: SelectiveIndex, count: int, scaling: float) -> torch.Tensor:
+    """The ``count`` compressed chunks each KV head attends most, ``(b, H, count)`` (in no particular order).
+
+    A chunk scores ``softmax(q . landmarks * scaling)`` maxed over the query heads of its KV head and the query
+    tokens; exact chunks are never picked (they are attended anyway).
+    """
+    scores = torch.matmul(grouped_query, index.landmarks.transpose(-1, -2)).float() * scaling  # (b, H, M, C)
+    best = torch.softmax(scores, dim=-1).amax(dim=2)  # (b, H, C)
+    best.scatter_(-1, index.exact_chunks, -1.0)
+    return best.topk(count, dim=-1).indices
+
+
+def attend_selective(
+    grouped_query: torch.Tensor,
+    index: SelectiveIndex,
+    key_factors: LowRankFactors,
+    value_factors: LowRankFactors,
+    slot: int,
+    angles: torch.Tensor | None,
+    budget_chunks: int,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Selective Reconstruction: attention over the top chunks (rebuilt), the exact chunks and the tail.
+
+    Args:
+        grouped_query: ``(b, H, M, hd)``.
+        index: the layer's landmarks and exact chunks.
+        key_factors: the group's key factors (pre-RoPE).
+        value_factors: the group's value factors (absorbed, never rebuilt).
+        slot: the layer's position in its group.
+        angles: ``(T, 2*rot)`` float32 cos then sin of the prefix positions (``None`` for a model without RoPE).
+        budget_chunks: compressed chunks rebuilt per KV head (clipped to those not exact).
+        tail_keys: ``(b, H, L, hd)``.
+        tail_values: ``(b, H, L, hd)``.
+        scaling: score scale.
+        mask: additive tail mask or ``None``.
+
+    Returns:
+        ``(b, H, M, hd)``.
+    """
+    batch, heads, rows, _ = grouped_query.shape
+    count = min(budget_chunks, index.num_chunks - index.exact_chunks.shape[-1])
+    blocks_k, blocks_v = [index.exact_keys, tail_keys], [index.exact_values, tail_values]
+    scores = [torch.matmul(grouped_query, k.transpose(-1, -2)) * scaling for k in blocks_k]
+    if mask is not None:
+        scores[-1] = scores[-1] + mask
+    if count > 0:
+        chunks = select_chunks(grouped_query, index, count, scaling)  # (b, H, n_c)
+        c = index.chunk_size
+        basis_k = gather_chunks(key_factors.token_basis, chunks, c)  # (b, H, n, r_k)
+        keys = torch.matmul(basis_k, per_head(key_factors.reconstruction[:, slot], heads))  # (b, H, n, hd) pre-RoPE
+        if angles is not None:
+            picked = gather_chunks(angles, chunks, c)  # (b, H, n, 2*rot): one gather for cos and sin
+            rot = angles.shape[-1] // 2
+            keys = rope_rows(keys, picked[..., :rot], picked[..., rot:])
+        scores.insert(0, torch.matmul(grouped_query, keys.transpose(-1, -2)) * scaling)
+    probs = softmax_blocks(scores)
+    out = torch.matmul(probs[-2].to(blocks_v[0].dtype), blocks_v[0])
+    out = out + torch.matmul(probs[-1].to(blocks_v[1].dtype), blocks_v[1])
+    if count > 0:
+        basis_v = gather_chunks(value_factors.token_basis, chunks, index.chunk_size)  # (b, H, n, r_v)
+        mixed = torch.matmul(probs[0].to(basis_v.dtype), basis_v)  # (b, H, M, r_v)
+        out = out + torch.matmul(mixed, per_head(value_factors.reconstruction[:, slot], heads))
+    return out

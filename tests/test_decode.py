@@ -1,0 +1,198 @@
+"""The decode paths: rebuild (lean), value absorption and Selective Reconstruction, on tiny models of every family."""
+
+import logging
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tests.conftest import TINY_FAMILIES, build_tiny
+from xkv import XKVCache, XKVConfig
+from xkv.attention import IMPLEMENTATION
+from xkv.compat import cache_kwargs
+from xkv.decode import build_selective_index, select_chunks
+from xkv.memory import tensor_bytes
+
+
+def ids(batch, tokens, seed=0):
+    return torch.randint(0, 99, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def config(decode, **overrides):
+    base = dict(
+        min_tokens=0, group_size=2, rank_k=0.5, rank_v=0.6, decode=decode, sr_chunk_size=4, sr_budget=8,
+        sr_sink_chunks=1, sr_local_chunks=1, sr_outlier_chunks=1, sr_min_tokens=0,
+    )  # fmt: skip
+    return XKVConfig(**{**base, **overrides})
+
+
+@torch.no_grad()
+def logits_after(model, cfg, prompt, turns):
+    """Prefill ``prompt`` into an XKVCache, then feed each of ``turns``; logits of every turn, concatenated."""
+    cache = XKVCache(model, cfg)
+    model(prompt, use_cache=True, **cache_kwargs(cache))
+    return torch.cat([model(t, use_cache=True, **cache_kwargs(cache)).logits for t in turns], dim=1), cache
+
+
+TURNS = [ids(1, 5, seed=1), ids(1, 1, seed=2), ids(1, 1, seed=3)]  # a 5-token turn (causal tail), then decode
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_absorb_equals_rebuild(family):
+    model = build_tiny(family)
+    prompt = ids(1, 64)
+    rebuilt, _ = logits_after(model, config("rebuild"), prompt, TURNS)
+    absorbed, cache = logits_after(model, config("absorb"), prompt, TURNS)
+    assert model.config._attn_implementation == IMPLEMENTATION
+    torch.testing.assert_close(absorbed, rebuilt, atol=1e-4, rtol=1e-4)
+    assert all(store.decode_path(0) == "absorb" for store in cache.group_stores)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_selective_with_a_budget_covering_the_prefix_equals_rebuild(family):
+    model = build_tiny(family)
+    prompt = ids(1, 64)
+    # No exact chunks and a budget of every chunk: attention sees exactly the rebuilt prefix.
+    exact_free = dict(sr_budget=64, sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)  # 64 = 4 budgets
+    rebuilt, _ = logits_after(model, config("rebuild"), prompt, TURNS)
+    selective, cache = logits_after(model, config("selective", **exact_free), prompt, TURNS)
+    torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
+    # With exact chunks, at full rank, every token is exact either way.
+    full = dict(rank_k=1.0, rank_v=1.0)
+    rebuilt, _ = logits_after(model, config("rebuild", **full), prompt, TURNS)
+    selective, cache = logits_after(model, config("selective", sr_budget=64, **full), prompt, TURNS)
+    torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
+    assert all(store.decode_path(0) == "selective" for store in cache.group_stores)
+
+
+def test_selective_at_a_small_budget_still_attends_every_exact_token():
+    torch.manual_seed(0)
+    batch, heads, tokens, head_dim, chunk = 2, 3, 70, 8, 4  # 17 chunks and 2 trailing tokens
+    keys, values = torch.randn(batch, heads, tokens, head_dim), torch.randn(batch, heads, tokens, head_dim)
+    index = build_selective_index(keys, values, chunk, sink_chunks=1, local_chunks=2, outlier_chunks=3)
+    chunks = index.exact_chunks
+    assert chunks.shape == (batch, heads, 6)
+    assert (chunks[..., 0] == 0).all() and (chunks[..., -2:] == torch.tensor([15, 16])).all()
+    # Exact rows: the exact chunks' tokens, then the 2 trailing tokens of no chunk; values untouched.
+    rows = (chunks.unsqueeze(-1) * chunk + torch.arange(chunk)).flatten(2)
+    rows = torch.cat([rows, torch.tensor([68, 69]).expand(batch, heads, -1)], dim=-1)
+    expected = torch.gather(keys, 2, rows.unsqueeze(-1).expand(-1, -1, -1, head_dim))
+    torch.testing.assert_close(index.exact_keys, expected)
+    torch.testing.assert_close(index.exact_values, torch.gather(values, 2, rows.unsqueeze(-1).expand_as(expected)))
+    # Outliers: the chunks whose least similar key agrees least with their landmark.
+    cos = torch.nn.functional.cosine_similarity(
+        keys[:, :, :68].reshape(batch, heads, 17, chunk, head_dim), index.landmarks.unsqueeze(3), dim=-1
+    ).amin(-1)
+    cos[:, :, [0, 15, 16]] = float("inf")
+    assert torch.equal(chunks[..., 1:4].sort(-1).values, cos.topk(3, largest=False).indices.sort(-1).values)
+    # The selection never picks an exact chunk, even when the query points straight at one.
+    query = index.landmarks[:, :, 0:1].repeat(1, 1, 2, 1) * 50
+    picked = select_chunks(query, index, count=2, scaling=1.0)
+    assert not (picked.unsqueeze(-1) == chunks.unsqueeze(-2)).any()
+
+
+def test_selective_attention_includes_exact_tokens_at_the_smallest_budget():
+    # Keys of one sink token made huge: whatever is selected, the output must follow that token's value.
+    model = build_tiny("llama")
+    prompt = ids(1, 64)
+    cfg = config("selective", sr_budget=1)
+    _, cache = logits_after(model, cfg, prompt, TURNS[:1])
+    store = cache.group_stores[0]
+    index = store.selective[0]
+    assert store.config.budget_chunks(store.prefix_len) == 1 and index.exact_keys.shape[2] == 3 * 4
+    index.exact_values[:, :, 0] = 1e3
+    index.exact_keys[:, :, 0] = 0.0
+    query = torch.zeros(1, 4, 1, 8)  # every score 0 => uniform weights over what is attended
+    tail_k, tail_v = cache.layers[0].tail()
+    out = store._attend(0, "selective", tail_k, tail_v, query, None, 1.0)
+    attended = 4 + index.exact_keys.shape[2] + tail_k.shape[2]  # one chunk, the exact rows, the tail
+    assert torch.allclose(out[0, 0, :, :], torch.full((4, 8), 1e3 / attended), rtol=1e-3, atol=1.0)
+
+
+def test_decode_bytes_are_counted():
+    model = build_tiny("llama")
+    prompt = ids(1, 64)
+    _, cache = logits_after(model, config("selective"), prompt, TURNS)
+    report = cache.memory_report()
+    f32, heads, head_dim = 4, 2, 8
+    chunks, exact_chunks, rows = 16, 3, 3 * 4
+    for group, store in zip(report.groups, cache.group_stores, strict=True):
+        factors = sum(
+            t.numel() * f32
+            for f in (store.key_factors, store.value_factors)
+            for t in (f.token_basis, f.reconstruction)
+        )
+        per_layer = heads * (chunks * head_dim * f32 + exact_chunks * 8 + 2 * rows * head_dim * f32)
+        assert group.held_bytes == factors + 2 * per_layer
+    assert report.table_bytes == 2 * 64 * head_dim * f32  # cos and sin of the 64 prefix positions
+    assert report.held_bytes == sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.table_bytes
+    # The exact tail grows by doubling in preallocated buffers; bytes are the buffers'.
+    tails = [layer.keys for layer in cache.layers]
+    assert report.tail_bytes == tensor_bytes(tails + [layer.values for layer in cache.layers])
+    assert all(t.untyped_storage().nbytes() == heads * 16 * head_dim * f32 for t in tails)
+
+
+def test_rebuild_workspace_is_reported_apart():
+    model = build_tiny("llama")
+    _, cache = logits_after(model, config("rebuild"), ids(1, 64), TURNS)
+    report = cache.memory_report()
+    assert report.workspace_bytes >= 2 * (64 + 7) * 16 * 4
+    assert report.held_bytes == sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.table_bytes
+
+
+def test_fast_paths_work_in_generate_and_beam_search():
+    model = build_tiny("llama")
+    prompt = ids(2, 64)
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        expected = model.generate(
+            prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+            **cache_kwargs(XKVCache(model, config("rebuild"))),
+        )  # fmt: skip
+        for decode in ("absorb", "selective"):
+            cfg = config(decode, sr_budget=64, sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)
+            got = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                **cache_kwargs(XKVCache(model, cfg)),
+            )  # fmt: skip
+            assert torch.equal(got, expected)
+            beams = model.generate(
+                prompt[:1], max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0,
+                **cache_kwargs(XKVCache(model, config(decode))),
+            )  # fmt: skip
+            assert beams.shape == (1, 68)
+
+
+def test_other_caches_are_untouched_by_the_xkv_implementation():
+    model = build_tiny("qwen2", seed=3)
+    prompt = ids(1, 30)
+    with torch.no_grad():
+        before = model(prompt, use_cache=True, past_key_values=DynamicCache()).logits
+        XKVCache(model, config("selective"))
+        assert model.config._attn_implementation == IMPLEMENTATION
+        after = model(prompt, use_cache=True, past_key_values=DynamicCache()).logits
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def test_fallbacks_are_logged(caplog):
+    model = build_tiny("llama")
+    with caplog.at_level(logging.INFO, logger="xkv"):
+        logits_after(model, config("selective", compress_values=False), ids(1, 64), TURNS)
+    assert "decodes with 'rebuild' instead of 'selective'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xkv"):
+        logits_after(model, config("selective", sr_min_tokens=65), ids(1, 64), TURNS)
+    assert "decodes with 'absorb' instead of 'selective'" in caplog.text
+
+
+def test_bad_decode_settings_name_the_field():
+    with pytest.raises(ValueError, match="`decode`"):
+        XKVConfig(decode="fast")
+    with pytest.raises(ValueError, match="`sr_budget`"):
+        XKVConfig(sr_budget=0)
+    with pytest.raises(ValueError, match="`sr_budget`"):
+        XKVConfig(sr_budget=1.5)
+    with pytest.raises(ValueError, match="`sr_chunk_size`"):
+        XKVConfig(sr_chunk_size=0)
+    with pytest.raises(ValueError, match="`sr_outlier_chunks`"):
+        XKVConfig(sr_outlier_chunks=-1)
