@@ -132,12 +132,41 @@ def test_decode_bytes_are_counted():
     assert all(t.untyped_storage().nbytes() == heads * 16 * head_dim * f32 for t in tails)
 
 
-def test_rebuild_workspace_is_reported_apart():
+def test_rebuild_workspace_is_counted():
     model = build_tiny("llama")
     _, cache = logits_after(model, config("rebuild"), ids(1, 64), TURNS)
     report = cache.memory_report()
-    assert report.workspace_bytes >= 2 * (64 + 7) * 16 * 4
-    assert report.held_bytes == sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.table_bytes
+    need = (64 + 5) * 16  # sized at the first turn: one layer's prefix and 5-token tail, D = 16
+    assert report.workspace_bytes == 2 * (need + need // 16) * 4  # keys and values; 1/16 headroom holds 2 more
+    groups = sum(g.held_bytes for g in report.groups)
+    assert report.held_bytes == groups + report.tail_bytes + report.table_bytes + report.workspace_bytes
+
+
+def test_a_request_left_untaken_is_reported_before_anything_is_stored():
+    model = build_tiny("llama")
+    cache = XKVCache(model, config("absorb"))
+    with torch.no_grad():
+        model(ids(1, 64), use_cache=True, **cache_kwargs(cache))
+        k = torch.zeros(1, 2, 1, 8)
+        cache.update(k, k, 0)  # as if attention had not run through "xkv"
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        with pytest.raises(RuntimeError, match="did not run through the 'xkv'"):
+            cache.update(k, k, 1)
+        assert [layer.get_seq_length() for layer in cache.layers] == lengths
+        # A request another cache left behind is dropped, not blamed on this one.
+        cache.update(k, k, 0)
+        other = XKVCache(model, config("absorb"))
+        model(ids(1, 64), use_cache=True, **cache_kwargs(other))
+        model(ids(1, 1), use_cache=True, **cache_kwargs(other))
+
+
+def test_a_copy_at_other_sr_settings_does_not_reuse_the_index():
+    model = build_tiny("llama")
+    _, cache = logits_after(model, config("selective", rank_k=1.0, rank_v=1.0), ids(1, 64), TURNS)
+    same = cache.with_ranks(config("selective"))
+    other = cache.with_ranks(config("selective", sr_chunk_size=8))
+    assert all(store.selective for store in same.group_stores)
+    assert all(not store.selective and store.decode_path(0) == "absorb" for store in other.group_stores)
 
 
 def test_fast_paths_work_in_generate_and_beam_search():

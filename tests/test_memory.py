@@ -54,8 +54,10 @@ def test_report_splits_tail_and_dense_layers(tiny_llama):
     assert report.dense_layer_bytes == 2 * 2 * 57 * 16 * 4  # layers 0, 1 keep everything
     assert report.dense_bytes == dense_kv_bytes(1, 57, 4, 16, torch.float32)
     assert report.table_bytes == 50 * 2 * 8 * 4  # cos and sin (rot_dim 8) of the 50 prefix positions
+    # The rebuild path's workspace: one layer's keys and values for prefix and tail, with 1/16 headroom.
+    assert report.workspace_bytes == 2 * ((50 + 7) * 16 + (50 + 7) * 16 // 16) * 4
     held = report.groups[0].held_bytes + report.tail_bytes + report.dense_layer_bytes + report.table_bytes
-    assert report.held_bytes == held
+    assert report.held_bytes == held + report.workspace_bytes
     data = report.to_dict()
     assert data["compression_factor"] == pytest.approx(report.compression_factor)
 

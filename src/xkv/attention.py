@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 #: Name of the attention implementation registered by :func:`enable`.
 IMPLEMENTATION = "xkv"
-#: Implementations a model may have before :func:`enable`: their calls are what ``"xkv"`` falls back to.
-REPLACEABLE = ("sdpa", "eager", IMPLEMENTATION)
+#: Implementations a model may have before :func:`enable`: ``"xkv"`` falls back to SDPA, so only an SDPA model is
+#: switched (an eager model would lose ``output_attentions``; it keeps the rebuild path).
+REPLACEABLE = ("sdpa", IMPLEMENTATION)
 
 
 @dataclass
@@ -39,31 +40,45 @@ class PendingAttention:
         layer_idx: the model layer.
         keys: the tensor ``update`` returned as keys (the attention call must receive this very tensor).
         attend: ``(query (b, Hq, q, hd), attention_mask, scaling) -> (b, q, Hq, hd)``.
+        owner: the cache (or its shared decode state) that left the request.
     """
 
     layer_idx: int
     keys: torch.Tensor
     attend: Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+    owner: object = None
 
 
 _local = threading.local()
 
 
-def leave(request: PendingAttention) -> None:
-    """Hand ``request`` to the next attention call of this thread.
+def check_stale(owner: object) -> None:
+    """Call before a cache changes any state for a new token: fail if its own last request was never taken.
+
+    A request left by another cache (e.g. one whose forward pass raised) is dropped with a warning.
 
     Raises:
-        RuntimeError: if a request of an earlier layer was never taken: the model did not run attention through
-            ``"xkv"`` (its implementation was changed after the cache was built), so it saw only the exact tail.
+        RuntimeError: if ``owner``'s request of an earlier layer was never taken: the model did not run attention
+            through ``"xkv"`` (its implementation was changed after the cache was built), so that layer saw only
+            the exact tail. Nothing of the new token has been stored yet.
     """
     stale = getattr(_local, "pending", None)
-    if stale is not None:
-        _local.pending = None
-        raise RuntimeError(
-            f"layer {stale.layer_idx}'s attention did not run through the {IMPLEMENTATION!r} implementation, so it "
-            "saw only the exact tail of an XKVCache in a fast decode mode; keep "
-            f"model.set_attn_implementation({IMPLEMENTATION!r}) or use XKVConfig(decode='rebuild')"
-        )
+    if stale is None:
+        return
+    _local.pending = None
+    if stale.owner is not owner:
+        logger.warning("dropped a fast-decode request of layer %d that another cache left untaken", stale.layer_idx)
+        return
+    raise RuntimeError(
+        f"layer {stale.layer_idx}'s attention did not run through the {IMPLEMENTATION!r} implementation, so it "
+        "saw only the exact tail of an XKVCache in a fast decode mode; keep "
+        f"model.set_attn_implementation({IMPLEMENTATION!r}) or use XKVConfig(decode='rebuild')"
+    )
+
+
+def leave(request: PendingAttention) -> None:
+    """Hand ``request`` to the next attention call of this thread (after :func:`check_stale`)."""
+    check_stale(request.owner)
     _local.pending = request
 
 
@@ -126,8 +141,8 @@ def enable(model: nn.Module) -> bool:
     current = getattr(config, "_attn_implementation", None)
     if current not in REPLACEABLE:
         logger.info(
-            "attention implementation %r is kept: XKVCache's fast decode paths stand in for 'sdpa' or 'eager' "
-            "only; decoding with the lean rebuild",
+            "attention implementation %r is kept: XKVCache's fast decode paths stand in for 'sdpa' only; "
+            "decoding with the lean rebuild",
             current,
         )
         return False

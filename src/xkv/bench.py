@@ -48,6 +48,7 @@ class BenchRow:
         prefill_s: wall time of the prefill (compression included).
         prefill_vs_dense: ``prefill_s`` over the dense cache's.
         kv_bytes: bytes the cache holds after the prefill (from its tensors).
+        kv_bytes_decoded: bytes it holds after the timed decode steps (tail buffers and decode workspaces too).
         peak_rss_mb: the process's peak resident memory while this method prefilled.
         peak_delta_mb: that peak above the resident memory just before the prefill.
     """
@@ -59,6 +60,7 @@ class BenchRow:
     prefill_s: float
     prefill_vs_dense: float
     kv_bytes: int
+    kv_bytes_decoded: int
     peak_rss_mb: float
     peak_delta_mb: float
 
@@ -184,6 +186,7 @@ def run_bench(
                     times[method].append(time.perf_counter() - start)
             if on_progress:
                 on_progress(f"{length} tokens: decode step {step + 1}/{steps + 2}")
+        kv_decoded = {method: cache_bytes(cache) for method, cache in caches.items()}
         dense_ms = statistics.median(times["dense"]) * 1e3
         for method in methods:
             ms = statistics.median(times[method]) * 1e3
@@ -196,6 +199,7 @@ def run_bench(
                     prefill_s=prefill_s[method],
                     prefill_vs_dense=prefill_s[method] / prefill_s["dense"],
                     kv_bytes=kv[method],
+                    kv_bytes_decoded=kv_decoded[method],
                     peak_rss_mb=peaks[method][0],
                     peak_delta_mb=peaks[method][1],
                 )
@@ -214,14 +218,15 @@ def write_report(rows: list[BenchRow], out_dir: str | Path, command: str) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     lines = [
-        "| context | method | decode ms/step | vs dense | prefill s | vs dense | KV MiB held | prefill peak RSS MiB "
-        "| peak above start MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| context | method | decode ms/step | vs dense | prefill s | vs dense | KV MiB after prefill "
+        "| KV MiB after decode | prefill peak RSS MiB | peak above start MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.context} | {r.method} | {r.decode_ms:.1f} | {r.decode_vs_dense:.2f}x | {r.prefill_s:.2f} | "
-            f"{r.prefill_vs_dense:.2f}x | {r.kv_bytes / 2**20:.1f} | {r.peak_rss_mb:.0f} | {r.peak_delta_mb:.0f} |"
+            f"{r.prefill_vs_dense:.2f}x | {r.kv_bytes / 2**20:.1f} | {r.kv_bytes_decoded / 2**20:.1f} | "
+            f"{r.peak_rss_mb:.0f} | {r.peak_delta_mb:.0f} |"
         )
     lines += ["", f"Command: `{command}`", ""]
     path = out / "results.md"

@@ -181,7 +181,8 @@ class CompressedLayer(CacheLayerMixin):
 
         Returns:
             Keys and values ``(batch, kv_heads, seen_tokens, head_dim)``: on the layer's first call (prefill) the
-            exact inputs; later, the rebuilt prefix followed by the exact tail.
+            exact inputs; later what the store's decode path gives attention (:meth:`CompressedStore.
+            attention_inputs`: the rebuilt prefix followed by the exact tail, or on a fast path the tail alone).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -194,6 +195,7 @@ class CompressedLayer(CacheLayerMixin):
                 f"layer {self.store.layers[self.slot]} got new tokens before every layer of its group "
                 f"{list(self.store.layers)} finished the prefill"
             )
+        attention.check_stale(getattr(self.store, "runtime", None))  # before anything of the new tokens is stored
         self.cumulative_length += key_states.shape[-2]
         tail_keys, tail_values = self._append_tail(key_states, value_states)
         return self.store.attention_inputs(self.slot, self.store.layers[self.slot], tail_keys, tail_values)
@@ -426,17 +428,13 @@ class GroupedCache(Cache):
         report.tail_bytes = tensor_bytes(tail)
         report.dense_layer_bytes = tensor_bytes(dense)
         report.table_bytes, report.workspace_bytes = self._decode_bytes()
-        report.held_bytes = (
-            sum(g.held_bytes for g in report.groups)
-            + report.tail_bytes
-            + report.dense_layer_bytes
-            + report.table_bytes
-        )
+        report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
+        report.held_bytes += report.table_bytes + report.workspace_bytes
         report.dense_bytes = sum(dense_kv_bytes(batch, layer.get_seq_length(), 1, dim, dtype) for layer in self.layers)
         return report
 
     def _decode_bytes(self) -> tuple[int, int]:
-        """``(table bytes held, workspace bytes)`` of the decode paths; none in this base class."""
+        """``(table bytes, workspace bytes)`` the decode paths hold; none in this base class."""
         return 0, 0
 
     def _dtype_and_batch(self) -> tuple[torch.dtype | None, int]:
@@ -491,11 +489,16 @@ class GroupedCache(Cache):
         return self
 
 
+#: Settings the Selective Reconstruction index is built with: a copy at other settings cannot reuse it.
+_INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks")
+
+
 class Workspace:
-    """Buffers reused by every layer's rebuild (one layer is rebuilt at a time), grown by doubling.
+    """Buffers reused by every layer's rebuild (one layer is rebuilt at a time), with 1/16 headroom for the tail.
 
     The rebuild path returns views of these buffers from ``update``; attention reads them before the next layer
-    overwrites them. ``memory_report()`` lists them as ``workspace_bytes``, apart from the bytes the cache holds.
+    overwrites them. They live as long as the cache: ``memory_report()`` counts them in ``held_bytes`` (and shows
+    them as ``workspace_bytes``) from the first decode step on.
     """
 
     def __init__(self) -> None:
@@ -506,7 +509,7 @@ class Workspace:
         need = math.prod(shape)
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < need or buffer.dtype != dtype or buffer.device != device:
-            size = need if buffer is None or buffer.dtype != dtype else max(need, 2 * buffer.numel())
+            size = need + need // 16  # headroom for the tail: a new buffer every ~T/16 decode steps, not each one
             buffer = self.buffers[name] = torch.empty(size, dtype=dtype, device=device)
         return buffer[:need].view(shape)
 
@@ -691,7 +694,11 @@ class XKVGroupStore(CompressedStore):
         if not self.is_ready or self.exact_prefill:
             raise ValueError(f"group {self.index} holds no factors to truncate")
         new = XKVGroupStore(self.group, config, num_groups, self.spec, self.angles, runtime or self.runtime)
-        if config.decode == "selective":
+        if (
+            config.decode == "selective"
+            and self.prefix_len >= config.sr_min_tokens
+            and all(getattr(config, name) == getattr(self.config, name) for name in _INDEX_FIELDS)
+        ):
             new.selective = dict(self.selective)  # rank-independent, never edited in place
         new.prefix_len = self.prefix_len
         new.rank_k, new.rank_v = new.check_ranks(self.prefix_len)
@@ -794,7 +801,7 @@ class XKVGroupStore(CompressedStore):
         if path == "rebuild":
             return self._rebuilt("k", slot, tail_keys), self._rebuilt("v", slot, tail_values)
         attend = functools.partial(self._attend, slot, path, tail_keys, tail_values)
-        attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend))
+        attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend, self.runtime))
         return tail_keys, tail_values
 
     def _rebuilt(self, side: str, slot: int, tail: torch.Tensor) -> torch.Tensor:
@@ -839,7 +846,7 @@ class XKVGroupStore(CompressedStore):
         num_heads, length = query.shape[1], query.shape[2]
         check_prefix_visible(attention_mask, tokens)
         grouped = group_queries(query, heads)
-        mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads)
+        mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads, query.device)
         if path == "absorb":
             keys = self._rebuilt("k", slot, tail_keys[:, :, :0])
             out = attend_absorbed(grouped, keys, self.value_factors, slot, tail_keys, tail_values, scaling, mask)
@@ -848,7 +855,8 @@ class XKVGroupStore(CompressedStore):
             angles = table.joint_table(tokens, query.device) if table is not None else None
             out = attend_selective(
                 grouped, self.selective[slot], self.key_factors, self.value_factors, slot, angles,
-                self.config.budget_chunks(tokens), tail_keys, tail_values, scaling, mask,
+                self.config.budget_chunks(tokens, self.selective[slot].chunk_size), tail_keys, tail_values, scaling,
+                mask,
             )  # fmt: skip
         return ungroup_output(out.to(query.dtype), num_heads, length)
 
@@ -1034,6 +1042,9 @@ class XKVCache(GroupedCache):
         new.config = config
         # Its own tables and workspace: what a copy holds is counted for that copy alone.
         new.runtime = DecodeRuntime(self.runtime.fast, PrefixAngles(self.angles) if self.angles is not None else None)
+        if new.runtime.table is not None and self.runtime.table is not None:  # shared: never written in place
+            new.runtime.table.joint = self.runtime.table.joint
+            new.runtime.table.halves_equal = self.runtime.table.halves_equal
         new.xkv_stores = [store.truncated(config, len(groups), new.runtime) for store in self.xkv_stores]
         new.stores = list(new.xkv_stores)
         store_of = {layer_idx: store for store in new.xkv_stores for layer_idx in store.layers}

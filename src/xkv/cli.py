@@ -17,6 +17,17 @@ def _load_config(path: str | None) -> XKVConfig:
     return XKVConfig.load(path) if path else XKVConfig()
 
 
+def _quiet_library_output(threads: int) -> None:
+    """No weight-loading bars or warnings from transformers (rich draws our progress); torch threads if given."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _human_bytes(num: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(num) < 1024 or unit == "GiB":
@@ -28,7 +39,6 @@ def _human_bytes(num: float) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Compress a long haystack with one hidden fact; answer with a full cache and with XKVCache."""
     import torch
-    import transformers
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -42,10 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = _load_config(args.config)
     console = Console()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _quiet_library_output(args.threads)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=args.quiet) as progress:
         task = progress.add_task(f"loading {args.model} (the first load converts it once)")
@@ -216,8 +223,6 @@ def _eval_plan(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the RULER-style suite for every method at every target ratio; write JSONL, JSON, Markdown and a plot."""
-    import torch
-    import transformers
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -234,10 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     plan = _eval_plan(args)  # every argument is checked before the model loads
     console = Console()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _quiet_library_output(args.threads)
     model, tokenizer = load(args.model)
     columns = (
         TextColumn("{task.description}"),
@@ -283,8 +285,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Decode ms per step, prefill time, KV bytes and peak memory of every method, side by side in one process."""
-    import torch
-    import transformers
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -301,10 +301,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1 but got {args.steps}")
     config = _load_config(args.config)
     console = Console()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _quiet_library_output(args.threads)
     model, _ = load(args.model)
     per_length = len(set(methods) | {"dense"}) + args.steps + 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

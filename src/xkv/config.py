@@ -240,10 +240,14 @@ class XKVConfig:
             return [parse_rank(item, f"{name}[{i}]") for i, item in enumerate(spec)]
         return parse_rank(spec, name)
 
-    def budget_chunks(self, prefix_len: int) -> int:
-        """Chunks Selective Reconstruction rebuilds per step for a prefix of ``prefix_len`` tokens (at least 1)."""
-        tokens = self.sr_budget if isinstance(self.sr_budget, int) else math.ceil(self.sr_budget * prefix_len)
-        return max(1, math.ceil(tokens / self.sr_chunk_size))
+    def budget_chunks(self, prefix_len: int, chunk_size: int | None = None) -> int:
+        """Chunks Selective Reconstruction rebuilds per step for a prefix of ``prefix_len`` tokens (at least 1).
+
+        ``chunk_size`` defaults to ``sr_chunk_size``.
+        """
+        budget = self.sr_budget
+        tokens = int(budget) if isinstance(budget, numbers.Integral) else math.ceil(float(budget) * prefix_len)
+        return max(1, math.ceil(tokens / (chunk_size or self.sr_chunk_size)))
 
     def rank_setting(self, side: Literal["k", "v"], group_idx: int, num_groups: int) -> ResolvedRank:
         """The rank setting of one side for one group.

@@ -48,11 +48,17 @@ def per_head(reconstruction: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def tail_mask(
-    attention_mask: torch.Tensor | None, prefix_len: int, tail_len: int, tokens: int, repeats: int
+    attention_mask: torch.Tensor | None,
+    prefix_len: int,
+    tail_len: int,
+    tokens: int,
+    repeats: int,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor | None:
     """Additive mask ``(b or 1, 1, R*q, L)`` of the tail for grouped queries; ``None`` when nothing is masked.
 
-    Uses the model's mask where it gives one; else the causal pattern of the ``q`` newest tail tokens. The prefix
+    Uses the model's mask where it gives one; else the causal pattern of the ``q`` newest tail tokens, built on
+    ``device``. The prefix
     is visible to every query: the cache refuses padded or shifted positions at the first prefill, and
     :func:`check_prefix_visible` checks the model's mask agrees.
     """
@@ -64,9 +70,9 @@ def tail_mask(
         return cols.repeat(1, 1, repeats, 1)
     if tokens == 1:
         return None
-    rows = torch.arange(tokens, device="cpu") + (tail_len - tokens)
-    allowed = torch.arange(tail_len).unsqueeze(0) <= rows.unsqueeze(1)  # (q, L)
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, -math.inf)
+    rows = torch.arange(tokens, device=device) + (tail_len - tokens)
+    allowed = torch.arange(tail_len, device=device).unsqueeze(0) <= rows.unsqueeze(1)  # (q, L)
+    mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, -math.inf)
     return mask.repeat(repeats, 1).view(1, 1, repeats * tokens, tail_len)
 
 

@@ -85,13 +85,14 @@ class MemoryReport:
 
     Attributes:
         groups: one entry per factored group.
-        tail_bytes: exact (uncompressed) tokens of compressed layers: decode tokens and turns appended after the
-            compressed context, plus prefill tensors of groups not yet factored.
+        tail_bytes: exact (uncompressed) tokens of compressed layers: the buffers of the decode tokens and turns
+            appended after the compressed context (their capacity: at least 16 tokens, doubled when full), plus
+            prefill tensors of groups not yet factored.
         dense_layer_bytes: layers outside the compressed range, kept as a dense cache.
         table_bytes: tables kept for decoding (the prefix's RoPE angles), shared by all layers.
-        workspace_bytes: reusable scratch of the rebuild path (one layer's rebuilt prefix at a time): not part of
-            ``held_bytes``, like the transient buffers attention allocates over any cache.
-        held_bytes: everything the cache holds (groups, tails, dense layers, tables).
+        workspace_bytes: the rebuild buffers of the "rebuild" and "absorb" decode paths (one layer's rebuilt prefix
+            at a time, kept from the first decode step on).
+        held_bytes: everything the cache holds (groups, tails, dense layers, tables, workspace).
         dense_bytes: what a dense cache of the model's dtype holds for the same tokens in every layer.
     """
 
