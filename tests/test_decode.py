@@ -80,13 +80,16 @@ def test_selective_at_a_small_budget_still_attends_every_exact_token():
     torch.testing.assert_close(index.exact_keys, expected)
     torch.testing.assert_close(index.exact_values, torch.gather(values, 2, rows.unsqueeze(-1).expand_as(expected)))
     # Outliers: the chunks whose least similar key agrees least with their landmark.
-    cos = torch.nn.functional.cosine_similarity(
-        keys[:, :, :68].reshape(batch, heads, 17, chunk, head_dim), index.landmarks.unsqueeze(3), dim=-1
-    ).amin(-1)
+    chunked = keys[:, :, :68].reshape(batch, heads, 17, chunk, head_dim)
+    means = chunked.mean(dim=3)
+    # Landmarks are int8 with one absmax scale each: within half a step of the mean key.
+    step = means.abs().amax(-1, keepdim=True) / 127
+    assert index.landmarks.dtype == torch.int8 and (index.landmark_values() - means).abs().le(step / 2 + 1e-6).all()
+    cos = torch.nn.functional.cosine_similarity(chunked, means.unsqueeze(3), dim=-1).amin(-1)
     cos[:, :, [0, 15, 16]] = float("inf")
     assert torch.equal(chunks[..., 1:4].sort(-1).values, cos.topk(3, largest=False).indices.sort(-1).values)
     # The selection never picks an exact chunk, even when the query points straight at one.
-    query = index.landmarks[:, :, 0:1].repeat(1, 1, 2, 1) * 50
+    query = index.landmark_values()[:, :, 0:1].repeat(1, 1, 2, 1) * 50
     picked = select_chunks(query, index, count=2, scaling=1.0)
     assert not (picked.unsqueeze(-1) == chunks.unsqueeze(-2)).any()
 
@@ -122,7 +125,8 @@ def test_decode_bytes_are_counted():
             for f in (store.key_factors, store.value_factors)
             for t in (f.token_basis, f.reconstruction)
         )
-        per_layer = heads * (chunks * head_dim * f32 + exact_chunks * 8 + 2 * rows * head_dim * f32)
+        # int8 landmarks + one float32 scale each, int64 chunk ids, exact keys and values
+        per_layer = heads * (chunks * (head_dim + f32) + exact_chunks * 8 + 2 * rows * head_dim * f32)
         assert group.held_bytes == factors + 2 * per_layer
     assert report.table_bytes == 2 * 64 * head_dim * f32  # cos and sin of the 64 prefix positions
     assert report.held_bytes == sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.table_bytes
