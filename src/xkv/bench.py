@@ -119,7 +119,7 @@ def cache_bytes(cache: Any) -> int:
     """Bytes a cache of any bench method holds, from its tensors."""
     if isinstance(cache, XKVCache):
         return cache.memory_report().held_bytes
-    if isinstance(cache, DynamicCache) and type(cache) is DynamicCache:
+    if type(cache) is DynamicCache:  # QuantizedCache subclasses it
         return tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
     return quantized_cache_bytes(cache)
 
