@@ -46,6 +46,7 @@ from xkv.decode import (
     ungroup_output,
 )
 from xkv.factorization import LowRankFactors, cross_layer_svd, full_rank, resolve_rank
+from xkv.forms import StoredFactors
 from xkv.groups import LayerGroup, build_groups
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
 from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, unapply_rope
@@ -575,8 +576,9 @@ class XKVGroupStore(CompressedStore):
         # Prefill: slot -> (batch, tokens, D) pre-RoPE keys / values when compressed, else exact (batch, H, T, hd).
         self.pending_keys: dict[int, torch.Tensor] = {}
         self.pending_values: dict[int, torch.Tensor] = {}
-        self.key_factors: LowRankFactors | None = None
-        self.value_factors: LowRankFactors | None = None
+        self.key_factors: StoredFactors | None = None
+        self.value_factors: StoredFactors | None = None
+        self.dtype: torch.dtype | None = None  # the model's, set at the first prefill
         # Exact prefix per slot, when a side is not compressed: (batch, H, T, hd), keys post-RoPE.
         self.exact_keys: list[torch.Tensor] | None = None
         self.exact_values: list[torch.Tensor] | None = None
@@ -589,22 +591,29 @@ class XKVGroupStore(CompressedStore):
         self.selective: dict[int, SelectiveIndex] = {}
 
     # ------------------------------------------------------------------ prefill
-    def check_ranks(self, tokens: int) -> tuple[int | None, int | None]:
-        """Resolve both ranks for a prefill of ``tokens`` tokens without changing any state.
+    def check_ranks(self, tokens: int, dtype: torch.dtype) -> tuple[int | None, int | None]:
+        """Resolve both ranks for a prefill of ``tokens`` tokens in ``dtype`` without changing any state.
+
+        A compression factor counts the bytes of ``config.factor_form`` against a dense cache in ``dtype``.
 
         Raises:
             ValueError: if a rank does not fit the data; the message names the field and the group.
         """
-        dim = self.spec.kv_dim
-        size = self.group.size
-        rank_k = rank_v = None
         if self.exact_prefill:
             return None, None
-        if self.config.compress_keys:
-            rank_k = resolve_rank(self.setting_k, tokens, size, dim, field_name=f"rank_k for group {self.group.index}")
-        if self.config.compress_values:
-            rank_v = resolve_rank(self.setting_v, tokens, size, dim, field_name=f"rank_v for group {self.group.index}")
-        return rank_k, rank_v
+        fmt, itemsize = self.config.factor_format, torch.empty((), dtype=dtype).element_size()
+        ranks: list[int | None] = []
+        for side, setting, wanted in (
+            ("k", self.setting_k, self.config.compress_keys),
+            ("v", self.setting_v, self.config.compress_values),
+        ):
+            field_name = f"rank_{side} for group {self.group.index}"
+            ranks.append(
+                resolve_rank(setting, tokens, self.group.size, self.spec.kv_dim, field_name=field_name, fmt=fmt,
+                             itemsize=itemsize)
+                if wanted else None
+            )  # fmt: skip
+        return ranks[0], ranks[1]
 
     @property
     def is_ready(self) -> bool:
@@ -630,6 +639,7 @@ class XKVGroupStore(CompressedStore):
                 f"layer {self.group.layers[slot]} prefilled {tokens} tokens, its group started with {self.prefix_len}"
             )
         self.prefix_len = tokens
+        self.dtype = key_states.dtype
         # Sides kept exact are cloned: the caller (e.g. `from_dense` with a DynamicCache) may reuse its tensors.
         if self.config.compress_keys and not self.exact_prefill:
             keys = key_states
@@ -662,7 +672,8 @@ class XKVGroupStore(CompressedStore):
             self._factor()
 
     def _factor(self) -> None:
-        self.rank_k, self.rank_v = self.check_ranks(self.prefix_len)
+        assert self.dtype is not None
+        self.rank_k, self.rank_v = self.check_ranks(self.prefix_len, self.dtype)
         keys = [self.pending_keys[s] for s in range(self.group.size)]
         values = [self.pending_values[s] for s in range(self.group.size)]
         if self.rank_k is not None:
@@ -701,7 +712,9 @@ class XKVGroupStore(CompressedStore):
         ):
             new.selective = dict(self.selective)  # rank-independent, never edited in place
         new.prefix_len = self.prefix_len
-        new.rank_k, new.rank_v = new.check_ranks(self.prefix_len)
+        new.dtype = self.dtype
+        assert self.dtype is not None
+        new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
         for side, rank, held, exact in (
             ("k", new.rank_k, self.key_factors, self.exact_keys),
             ("v", new.rank_v, self.value_factors, self.exact_values),
@@ -718,22 +731,24 @@ class XKVGroupStore(CompressedStore):
             if held is None or rank > held.rank:
                 have = None if held is None else held.rank
                 raise ValueError(f"`rank_{side}` for group {self.index} is {rank} but only rank {have} is held")
-            factors = LowRankFactors(
-                token_basis=held.token_basis[..., :rank].clone(),
-                reconstruction=held.reconstruction[:, :, :rank].clone(),
-            )
+            if not isinstance(held, LowRankFactors):
+                raise ValueError(
+                    f"group {self.index} holds {self.config.factor_form} factors: truncating them would quantize "
+                    "twice; lower ranks from factors in the model's dtype (factor_form='model')"
+                )
+            factors = held.truncate(rank).stored(config.factor_format)
             if side == "k":
                 new.key_factors = factors
             else:
                 new.value_factors = factors
         return new
 
-    def _svd(self, layers: list[torch.Tensor], rank: int) -> LowRankFactors:
+    def _svd(self, layers: list[torch.Tensor], rank: int) -> StoredFactors:
         config = self.config
         return cross_layer_svd(
             layers, rank, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
             seed=config.svd_seed,
-        )  # fmt: skip
+        ).stored(config.factor_format)  # fmt: skip
 
     # ------------------------------------------------------------------ rebuild
     def positions(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -811,12 +826,12 @@ class XKVGroupStore(CompressedStore):
             exact = self.exact_keys if side == "k" else self.exact_values
             assert exact is not None, "rebuild before the group was factored"
             return torch.cat([exact[slot], tail], dim=-2)
-        basis, recon = factors.token_basis, factors.reconstruction
+        basis, matrix = factors.basis(), factors.matrix(slot)
         batch, tokens, _ = basis.shape
         heads, head_dim, length = self.spec.num_kv_heads, self.spec.head_dim, tail.shape[-2]
         flat = self.runtime.workspace.get(side, (batch, tokens + length, heads * head_dim), basis.dtype, basis.device)
         for i in range(batch):  # `out=` needs a contiguous target: one (T, D) block per sequence
-            torch.matmul(basis[i], recon[i, slot], out=flat[i, :tokens])
+            torch.matmul(basis[i], matrix[i], out=flat[i, :tokens])
         view = flat.view(batch, tokens + length, heads, head_dim)
         if side == "k" and self.runtime.table is not None:
             cos, sin = self.runtime.table.get(tokens, basis.device)
@@ -869,7 +884,7 @@ class XKVGroupStore(CompressedStore):
         tensors: list[torch.Tensor] = [t for index in self.selective.values() for t in index.tensors()]
         for factors in (self.key_factors, self.value_factors):
             if factors is not None:
-                tensors += [factors.token_basis, factors.reconstruction]
+                tensors += factors.tensors()
         for exact in (self.exact_keys, self.exact_values):
             if exact is not None:
                 tensors += exact
@@ -881,10 +896,10 @@ class XKVGroupStore(CompressedStore):
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every held tensor (batch-dimension edits: beam reorder, select, repeat)."""
-        for factors in (self.key_factors, self.value_factors):
-            if factors is not None:
-                factors.token_basis = fn(factors.token_basis)
-                factors.reconstruction = fn(factors.reconstruction)
+        if self.key_factors is not None:
+            self.key_factors = self.key_factors.map(fn)
+        if self.value_factors is not None:
+            self.value_factors = self.value_factors.map(fn)
         for name in ("exact_keys", "exact_values"):
             exact = getattr(self, name)
             if exact is not None:
@@ -902,9 +917,10 @@ class XKVGroupStore(CompressedStore):
             self._reset_state()
             return
         self.selective = {}  # its chunks described the whole prefix: decode falls back to "absorb"
-        for factors in (self.key_factors, self.value_factors):
-            if factors is not None:
-                factors.token_basis = factors.token_basis[:, :length].clone()  # a view would keep all rows alive
+        if self.key_factors is not None:
+            self.key_factors = self.key_factors.crop(length)
+        if self.value_factors is not None:
+            self.value_factors = self.value_factors.crop(length)
         for name in ("exact_keys", "exact_values"):
             exact = getattr(self, name)
             if exact is not None:
@@ -1001,7 +1017,7 @@ class XKVCache(GroupedCache):
             logger.info("prefill of %d tokens < min_tokens=%d: kept exact", tokens, self.config.min_tokens)
         for store in self.xkv_stores:
             store.exact_prefill = exact
-            store.check_ranks(tokens)
+            store.check_ranks(tokens, key_states.dtype)
         expected = torch.arange(tokens, device=key_states.device).unsqueeze(0).expand(batch, -1)
         if inputs.position_ids is not None and not torch.equal(
             inputs.position_ids.to(expected.device).expand_as(expected), expected

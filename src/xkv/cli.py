@@ -183,12 +183,12 @@ def _check_packages(methods: list[str]) -> None:
 def _eval_plan(args: argparse.Namespace):
     """Check every eval argument before any model is loaded; return the plan."""
     from xkv.evaluation.methods import METHODS
-    from xkv.evaluation.runner import EvalPlan, parse_lengths, parse_methods, parse_ratios
+    from xkv.evaluation.runner import EvalPlan, parse_lengths, parse_method_files, parse_ratios
     from xkv.evaluation.tasks import load_haystack, parse_tasks
 
     tasks = parse_tasks(args.tasks)
     lengths = parse_lengths(args.lengths)
-    methods = parse_methods(args.methods, METHODS)
+    methods, method_configs = parse_method_files(args.methods, METHODS)
     ratios = parse_ratios(args.ratios)
     if args.samples < 1:
         raise ValueError(f"`--samples` must be >= 1 but got {args.samples}")
@@ -201,7 +201,9 @@ def _eval_plan(args: argparse.Namespace):
     _check_packages(methods)
     haystack = load_haystack(args.haystack) if args.haystack else None
     base = XKVConfig.load(args.config) if args.config else None
-    options: dict[str, dict] = {name: {"config": base} for name in ("xkv", "svd") if base is not None}
+    xkv_names = [name for name in METHODS if name.startswith("xkv") or name == "svd"]
+    options: dict[str, dict] = {name: {"config": base} for name in xkv_names if base is not None}
+    options.update({label: {"config": config} for label, config in method_configs.items()})
     options["quantized"] = _quantized_axes(args.quantized_axes)
     return EvalPlan(
         tasks=tasks,
@@ -352,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
     evaluate.add_argument("--tasks", default="ruler-lite", help="'ruler-lite' or a comma list of task names")
     evaluate.add_argument("--lengths", default="2k", help="total prompt lengths in tokens, e.g. 2k,4k")
-    evaluate.add_argument("--methods", default="full,xkv,svd", help="comma list of methods")
+    evaluate.add_argument(
+        "--methods", default="full,xkv,svd", help="comma list of methods; label=config.yaml runs an xKV config file"
+    )
     evaluate.add_argument("--ratios", default="2,4,8", help="target compression factors, e.g. 2,4,8")
     evaluate.add_argument("--samples", type=int, default=20, help="samples per task and length")
     evaluate.add_argument("--first-seed", type=int, default=0, help="seed of the first sample")

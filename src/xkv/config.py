@@ -4,8 +4,9 @@ A rank is given in one of four forms (per side, keys and values separately):
 
 * an ``int`` ``r >= 1``: that many singular vectors are kept for every group;
 * a ``float`` in ``(0, 1]``: that fraction of the group's full rank ``min(tokens, group_size * dim)``;
-* a string ``"<factor>x"`` such as ``"8x"``: the rank that gives this compression factor
-  ``G*T*D / (T*r + r*G*D)`` for the group, derived from the number of tokens ``T`` when the group is factored;
+* a string ``"<factor>x"`` such as ``"8x"``: the largest rank whose bytes are at most ``1/factor`` of the dense
+  group in the model's dtype, derived from the number of tokens ``T`` when the group is factored; in the model's
+  dtype that is ``G*T*D / (T*r + r*G*D)``, in a quantized ``factor_form`` the packed values and scales count;
 * a list of the above, one entry per layer group.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from xkv.forms import FactorFormat
 
 RankValue = int | float | str
 RankSpec = RankValue | list[RankValue]
@@ -143,6 +146,13 @@ class XKVConfig:
         sr_local_chunks: last chunks of the prefix kept exact (the most recent context).
         sr_outlier_chunks: further chunks kept exact per layer and KV head: those whose keys agree least with
             their landmark.
+        factor_form: storage of the factors (:mod:`xkv.forms`): ``"model"`` (the model's dtype), ``"int8"`` or
+            ``"int4"`` (packed two a byte), with float32 scales. Compression factors in ``rank_k``/``rank_v``
+            count the bytes of this form, so a quantized form buys rank at the same factor.
+        factor_group_size: values per scale of a quantized form, along the rank axis of the token basis and the
+            feature axis of the reconstruction matrices.
+        factor_rotation: ``"none"`` or ``"hadamard"``: rotate blocks of ``factor_group_size`` values by a
+            Hadamard matrix before quantizing (spreads outliers; undone on the small matrices at read time).
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
@@ -177,6 +187,9 @@ class XKVConfig:
     sr_sink_chunks: int = 1
     sr_local_chunks: int = 1
     sr_outlier_chunks: int = 2
+    factor_form: Literal["model", "int8", "int4"] = "model"
+    factor_group_size: int = 64
+    factor_rotation: Literal["none", "hadamard"] = "none"
     _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
     _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
 
@@ -226,6 +239,7 @@ class XKVConfig:
             raise ValueError(f"`sr_budget` as tokens must be >= 1 but got {budget}")
         if not isinstance(budget, numbers.Integral) and not 0.0 < float(budget) <= 1.0:
             raise ValueError(f"`sr_budget` as a fraction of the prefix must be in (0, 1] but got {budget}")
+        FactorFormat(self.factor_form, self.factor_group_size, self.factor_rotation)  # raises naming the field
         for name in ("rank_k", "rank_v"):  # tuples become lists, so a config equals its YAML/JSON round trip
             if isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, list(getattr(self, name)))
@@ -242,6 +256,11 @@ class XKVConfig:
                 raise ValueError(f"`{name}` as a per-group list must not be empty")
             return [parse_rank(item, f"{name}[{i}]") for i, item in enumerate(spec)]
         return parse_rank(spec, name)
+
+    @property
+    def factor_format(self) -> FactorFormat:
+        """The storage form of the factors."""
+        return FactorFormat(self.factor_form, self.factor_group_size, self.factor_rotation)
 
     def budget_chunks(self, prefix_len: int, chunk_size: int | None = None) -> int:
         """Chunks Selective Reconstruction rebuilds per step for a prefix of ``prefix_len`` tokens (at least 1).

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xkv.factorization import LowRankFactors
+from xkv.forms import StoredFactors, gather_chunks
 
 
 def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 def attend_absorbed(
     grouped_query: torch.Tensor,
     prefix_keys: torch.Tensor,
-    value_factors: LowRankFactors,
+    value_factors: StoredFactors,
     slot: int,
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
@@ -123,7 +123,7 @@ def attend_absorbed(
     Args:
         grouped_query: ``(b, H, M, hd)`` with ``M = R*q``.
         prefix_keys: ``(b, H, T, hd)`` post-RoPE keys of the prefix (rebuilt, any strides).
-        value_factors: the group's value factors (``token_basis`` ``(b, T, r)``, ``reconstruction`` ``(b, G, r, D)``).
+        value_factors: the group's value factors (any storage form).
         slot: the layer's position in its group.
         tail_keys: ``(b, H, L, hd)`` post-RoPE.
         tail_values: ``(b, H, L, hd)``.
@@ -139,9 +139,9 @@ def attend_absorbed(
     if mask is not None:
         scores_tail = scores_tail + mask
     probs_prefix, probs_tail = softmax_blocks([scores_prefix, scores_tail])
-    basis = value_factors.token_basis  # (b, T, r)
+    basis = value_factors.basis()  # (b, T, r)
     mixed = torch.matmul(probs_prefix.to(basis.dtype).reshape(batch, heads * rows, -1), basis)  # (b, H*M, r)
-    recon = per_head(value_factors.reconstruction[:, slot], heads)  # (b, H, r, hd)
+    recon = per_head(value_factors.matrix(slot), heads)  # (b, H, r, hd)
     out = torch.matmul(mixed.view(batch, heads, rows, -1), recon)
     return out + torch.matmul(probs_tail.to(tail_values.dtype), tail_values)
 
@@ -184,26 +184,6 @@ class SelectiveIndex:
     def num_chunks(self) -> int:
         """``C``, chunks of the prefix (the last ``T % c`` tokens are exact and belong to none)."""
         return self.landmarks.shape[-2]
-
-
-def gather_chunks(x: torch.Tensor, chunks: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Rows of whole chunks, ``(b, H, k*c, d)``.
-
-    ``x`` is ``(b, T, d)`` (or ``(T, d)``, shared by the batch) and ``chunks`` ``(b, H, k)``. One
-    ``index_select`` of contiguous ``c*d`` blocks per sequence: several times faster on CPU than advanced indexing
-    of single token rows.
-    """
-    batch, heads, count = chunks.shape
-    shared = x.dim() == 2
-    rows = x if shared else x[0]
-    dim = rows.shape[-1]
-    num = rows.shape[0] // chunk_size
-    out = []
-    for i in range(batch):
-        source = (x if shared else x[i])[: num * chunk_size].reshape(num, chunk_size * dim)
-        out.append(source.index_select(0, chunks[i].reshape(-1)))
-    gathered = out[0].unsqueeze(0) if batch == 1 else torch.stack(out)  # stack would copy even one block
-    return gathered.view(batch, heads, count * chunk_size, dim)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -282,8 +262,8 @@ def select_chunks(grouped_query: torch.Tensor, index: SelectiveIndex, count: int
 def attend_selective(
     grouped_query: torch.Tensor,
     index: SelectiveIndex,
-    key_factors: LowRankFactors,
-    value_factors: LowRankFactors,
+    key_factors: StoredFactors,
+    value_factors: StoredFactors,
     slot: int,
     angles: torch.Tensor | None,
     budget_chunks: int,
@@ -319,8 +299,8 @@ def attend_selective(
     if count > 0:
         chunks = select_chunks(grouped_query, index, count, scaling)  # (b, H, n_c)
         c = index.chunk_size
-        basis_k = gather_chunks(key_factors.token_basis, chunks, c)  # (b, H, n, r_k)
-        keys = torch.matmul(basis_k, per_head(key_factors.reconstruction[:, slot], heads))  # (b, H, n, hd) pre-RoPE
+        basis_k = key_factors.chunk_rows(chunks, c)  # (b, H, n, r_k)
+        keys = torch.matmul(basis_k, per_head(key_factors.matrix(slot), heads))  # (b, H, n, hd) pre-RoPE
         if angles is not None:
             picked = gather_chunks(angles, chunks, c)  # (b, H, n, 2*rot): one gather for cos and sin
             rot = angles.shape[-1] // 2
@@ -330,7 +310,7 @@ def attend_selective(
     out = torch.matmul(probs[-2].to(blocks_v[0].dtype), blocks_v[0])
     out = out + torch.matmul(probs[-1].to(blocks_v[1].dtype), blocks_v[1])
     if count > 0:
-        basis_v = gather_chunks(value_factors.token_basis, chunks, index.chunk_size)  # (b, H, n, r_v)
+        basis_v = value_factors.chunk_rows(chunks, index.chunk_size)  # (b, H, n, r_v)
         mixed = torch.matmul(probs[0].to(basis_v.dtype), basis_v)  # (b, H, M, r_v)
-        out = out + torch.matmul(mixed, per_head(value_factors.reconstruction[:, slot], heads))
+        out = out + torch.matmul(mixed, per_head(value_factors.matrix(slot), heads))
     return out

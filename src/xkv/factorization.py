@@ -2,28 +2,32 @@
 
 The caches of the G layers of a group are concatenated along the feature axis, ``A = [X_1 | ... | X_G]`` of shape
 ``(tokens, G * D)``, and one truncated SVD ``A ~ U_r S_r V_r^T`` gives a token basis shared by the group plus one
-small reconstruction matrix per layer: ``X_l ~ U_r @ B_l`` with ``B_l = S_r V_r^T[:, l*D:(l+1)*D]`` of shape
-``(r, D)``. Storing ``U_r`` once and the ``B_l`` costs ``T*r + r*G*D`` numbers instead of ``G*T*D``.
+small reconstruction matrix per layer: ``X_l ~ U_r @ B_l`` of shape ``(r, D)``. Storing ``U_r`` once and the
+``B_l`` costs ``T*r + r*G*D`` numbers instead of ``G*T*D``. The singular values are split between the factors
+(``U_r sqrt(S_r)`` and ``sqrt(S_r) V_r^T``): ``S_r V_r^T`` alone grows like ``|x| sqrt(T)`` and overflows float16 on
+long prefixes, the split keeps both near ``|x|``. Quantized storage forms live in :mod:`xkv.forms`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from xkv.config import ResolvedRank, UnreachableRatioError
+from xkv.forms import FactorFormat, QuantizedFactors, StoredFactors, gather_chunks
 
 
 @dataclass
-class LowRankFactors:
-    """The factors of one group and one side (keys or values).
+class LowRankFactors(StoredFactors):
+    """The factors of one group and one side (keys or values), in a floating dtype (the ``"model"`` form).
 
     Attributes:
-        token_basis: ``(batch, tokens, rank)``, ``U_r``, shared by the group's layers.
-        reconstruction: ``(batch, group_size, rank, dim)``, ``B_l = S_r V_r^T`` restricted to layer ``l``'s columns.
+        token_basis: ``(batch, tokens, rank)``, ``U_r sqrt(S_r)``, shared by the group's layers.
+        reconstruction: ``(batch, group_size, rank, dim)``, ``sqrt(S_r) V_r^T`` restricted to layer ``l``'s columns.
     """
 
     token_basis: torch.Tensor
@@ -34,13 +38,49 @@ class LowRankFactors:
         """Number of singular vectors kept."""
         return self.token_basis.shape[-1]
 
-    def layer(self, slot: int) -> torch.Tensor:
-        """Rebuild the ``slot``-th layer of the group.
+    @property
+    def tokens(self) -> int:
+        """Rows of the token basis."""
+        return self.token_basis.shape[1]
 
-        Returns:
-            ``(batch, tokens, dim)`` in the factors' dtype.
+    def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(batch, tokens, rank)`` token basis (the stored tensor itself when ``dtype`` matches)."""
+        return self.token_basis if dtype is None else self.token_basis.to(dtype)
+
+    def chunk_rows(self, chunks: torch.Tensor, chunk_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows of whole chunks: ``chunks`` ``(b, H, k)`` -> ``(b, H, k*c, rank)``."""
+        rows = gather_chunks(self.token_basis, chunks, chunk_size)
+        return rows if dtype is None else rows.to(dtype)
+
+    def matrix(self, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(batch, rank, dim)`` reconstruction matrix of layer ``slot``."""
+        matrix = self.reconstruction[:, slot]
+        return matrix if dtype is None else matrix.to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Both factors."""
+        return [self.token_basis, self.reconstruction]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LowRankFactors:
+        """A copy with ``fn`` applied to both factors."""
+        return LowRankFactors(fn(self.token_basis), fn(self.reconstruction))
+
+    def crop(self, length: int) -> LowRankFactors:
+        """The first ``length`` token rows (copied; the reconstruction is shared)."""
+        return LowRankFactors(self.token_basis[:, :length].clone(), self.reconstruction)
+
+    def truncate(self, rank: int) -> LowRankFactors:
+        """The first ``rank`` directions, copied.
+
+        Singular values are sorted: these are the best rank-``rank`` factors when they came from an exact SVD.
         """
-        return torch.matmul(self.token_basis, self.reconstruction[:, slot])
+        return LowRankFactors(self.token_basis[..., :rank].clone(), self.reconstruction[:, :, :rank].clone())
+
+    def stored(self, fmt: FactorFormat) -> StoredFactors:
+        """These factors in storage form ``fmt`` (``self`` for ``"model"``)."""
+        if fmt.form == "model":
+            return self
+        return QuantizedFactors.from_float(self.token_basis, self.reconstruction, fmt)
 
 
 def full_rank(tokens: int, group_size: int, dim: int) -> int:
@@ -48,16 +88,51 @@ def full_rank(tokens: int, group_size: int, dim: int) -> int:
     return min(tokens, group_size * dim)
 
 
-def rank_for_compression_factor(tokens: int, group_size: int, dim: int, factor: float) -> int:
-    """Largest rank whose storage is at most ``1 / factor`` of the dense group.
+def rank_for_compression_factor(
+    tokens: int,
+    group_size: int,
+    dim: int,
+    factor: float,
+    fmt: FactorFormat | None = None,
+    itemsize: int = 4,
+) -> int:
+    """Largest rank whose bytes are at most ``1 / factor`` of the dense group in the model's dtype.
 
-    Inverse of :func:`xkv.memory.compression_factor`: ``G*T*D / (T*r + r*G*D) >= factor``.
-    Returns 0 when even rank 1 cannot reach ``factor``.
+    In the model's dtype this is the inverse of :func:`xkv.memory.compression_factor`: ``G*T*D / (T*r + r*G*D) >=
+    factor``. In a quantized form the packed values and their scales are counted (:meth:`FactorFormat.
+    factor_bytes`, what ``memory_report()`` measures). Returns 0 when even rank 1 cannot reach ``factor``.
+
+    Args:
+        tokens: T.
+        group_size: G.
+        dim: D.
+        factor: target compression factor (> 1).
+        fmt: storage form of the factors (default: the model's dtype).
+        itemsize: bytes per value of the model's dtype (the dense cache's, and the ``"model"`` form's).
     """
-    return int(math.floor(group_size * tokens * dim / (factor * (tokens + group_size * dim)) + 1e-9))
+    if fmt is None or fmt.form == "model":
+        return int(math.floor(group_size * tokens * dim / (factor * (tokens + group_size * dim)) + 1e-9))
+    budget = group_size * tokens * dim * itemsize / factor
+    low, high = 0, full_rank(tokens, group_size, dim)
+    while low < high:  # bytes grow with the rank: the largest rank within the budget
+        mid = (low + high + 1) // 2
+        if fmt.factor_bytes(tokens, group_size, dim, mid, itemsize) <= budget * (1 + 1e-9):
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
-def resolve_rank(setting: ResolvedRank, tokens: int, group_size: int, dim: int, *, field_name: str) -> int:
+def resolve_rank(
+    setting: ResolvedRank,
+    tokens: int,
+    group_size: int,
+    dim: int,
+    *,
+    field_name: str,
+    fmt: FactorFormat | None = None,
+    itemsize: int = 4,
+) -> int:
     """Turn a rank setting into a number of singular vectors for a group of known shape.
 
     Args:
@@ -66,6 +141,8 @@ def resolve_rank(setting: ResolvedRank, tokens: int, group_size: int, dim: int, 
         group_size: G, layers in the group.
         dim: D, features per layer (``kv_heads * head_dim``).
         field_name: named in error messages (e.g. ``"rank_k for group 3"``).
+        fmt: storage form of the factors: a compression factor counts its bytes (default: the model's dtype).
+        itemsize: bytes per value of the model's dtype.
 
     Returns:
         ``r`` with ``1 <= r <= min(T, G*D)``.
@@ -85,13 +162,14 @@ def resolve_rank(setting: ResolvedRank, tokens: int, group_size: int, dim: int, 
         return rank
     if setting.kind == "fraction":
         return max(1, min(bound, round(setting.value * bound)))
-    rank = min(bound, rank_for_compression_factor(tokens, group_size, dim, setting.value))
+    rank = min(bound, rank_for_compression_factor(tokens, group_size, dim, setting.value, fmt, itemsize))
     if rank < 1:
+        fmt = fmt or FactorFormat()
+        best = group_size * tokens * dim * itemsize / fmt.factor_bytes(tokens, group_size, dim, 1, itemsize)
         raise UnreachableRatioError(
             f"`{field_name}` asks for {setting.value:g}x, which {tokens} tokens of a {group_size}-layer group "
-            f"cannot reach even at rank 1 (at most "
-            f"{group_size * tokens * dim / (tokens + group_size * dim):.2f}x): use a longer context, a lower factor "
-            "or a larger group"
+            f"cannot reach even at rank 1 (at most {best:.2f}x with {fmt.form} factors): use a longer context, a "
+            "lower factor or a larger group"
         )
     return rank
 
@@ -139,8 +217,8 @@ def cross_layer_svd(
         out_dtype: dtype of the stored factors; defaults to the input dtype.
 
     Returns:
-        Factors with ``token_basis`` ``(batch, tokens, rank)`` and ``reconstruction``
-        ``(batch, G, rank, dim)``, both contiguous, each in a storage of its own size.
+        Factors with ``token_basis`` ``(batch, tokens, rank)`` (``U sqrt(S)``) and ``reconstruction``
+        ``(batch, G, rank, dim)`` (``sqrt(S) V^T``), both contiguous, each in a storage of its own size.
 
     Raises:
         ValueError: if the layers disagree in shape or the rank is out of range.
@@ -169,7 +247,9 @@ def cross_layer_svd(
     else:
         raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
     u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
-    reconstruction = (s.unsqueeze(-1) * vh).reshape(batch, rank, group_size, dim).transpose(1, 2)
+    root = s.sqrt()
+    u = u * root.unsqueeze(-2)
+    reconstruction = (root.unsqueeze(-1) * vh).reshape(batch, rank, group_size, dim).transpose(1, 2)
     # clone(): a slice of the SVD output would keep the discarded directions' storage alive (memory.tensor_bytes
     # charges for it), and LAPACK returns U column-major, where even a "contiguous" slice shares that storage.
     return LowRankFactors(

@@ -165,15 +165,25 @@ class FullCache(Method):
         return Outcome(answer_through(ctx, cache), held, ctx.dense_bytes())
 
 
-def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: float = 2.0) -> XKVConfig:
+def key_share_of(config: XKVConfig) -> float:
+    """How many times harder ``config`` compresses keys than values (2 unless both ranks are one factor each)."""
+    k, v = config.rank_setting("k", 0, 1), config.rank_setting("v", 0, 1)
+    if isinstance(config.rank_k, list) or isinstance(config.rank_v, list) or k.kind != "factor" or v.kind != "factor":
+        return 2.0
+    return k.value / v.value
+
+
+def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: float | None = None) -> XKVConfig:
     """Ranks for ``factor`` overall, keys compressed ``key_share`` times harder than values.
 
     With ``1/f_k + 1/f_v = 2/f`` and ``f_k = key_share * f_v``: ``f_v = f (1 + key_share) / (2 key_share)``.
-    At 4x and ``key_share=2`` this is the default K@6x / V@3x (benchmarks/defaults).
+    ``key_share`` defaults to the base config's split (:func:`key_share_of`): the default config's K@6x / V@3x gives
+    2, and at 4x this is that default again (benchmarks/defaults). Every other field comes from ``base``.
     """
+    base = base or XKVConfig()
+    key_share = key_share_of(base) if key_share is None else key_share
     f_v = factor * (1 + key_share) / (2 * key_share)
     f_k = key_share * f_v
-    base = base or XKVConfig()
     # min_tokens=0: the harness asked for this factor, so short contexts are compressed too (or reported unreachable).
     data = {**base.to_dict(), "rank_k": f"{f_k:.4g}x", "rank_v": f"{f_v:.4g}x", "min_tokens": 0}
     return XKVConfig.from_dict(data)
@@ -189,11 +199,18 @@ class XKVMethod(Method):
 
     name = "xkv"
     decode: ClassVar[str] = "rebuild"
+    #: Config fields this method sets over the base config (e.g. a storage form).
+    overrides: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, label: str | None = None, **options: Any):
+        super().__init__(**options)
+        if label is not None:  # a method named after a config file (``--methods tuned=best.yaml``)
+            self.name = label
 
     def config_for(self, factor: float) -> XKVConfig:
         """The config run at ``factor`` (ranks from :func:`xkv_config_for`, other fields from the base config)."""
         config = xkv_config_for(factor, self.options.get("config"))
-        return XKVConfig.from_dict({**config.to_dict(), "decode": self.decode})
+        return XKVConfig.from_dict({**config.to_dict(), **self.overrides, "decode": self.decode})
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
@@ -208,6 +225,10 @@ class XKVMethod(Method):
             "rank_k": [g.rank_k for g in report.groups],
             "rank_v": [g.rank_v for g in report.groups],
         }
+        if config.factor_form != "model":
+            details["factor_form"] = config.factor_form
+            details["factor_group_size"] = config.factor_group_size
+            details["factor_rotation"] = config.factor_rotation
         if self.decode != "rebuild":
             details["decode"] = self.decode
             return Outcome(answer_through(ctx, cache), report.held_bytes, report.dense_bytes, details)
@@ -228,8 +249,8 @@ class XKVMethod(Method):
         key = f"xkv:full-rank:G{config.group_size}:{config.grouping}"
         full = ctx.scratch.get(key)
         if full is None:
-            full_config = XKVConfig.from_dict(
-                {**config.to_dict(), "rank_k": 1.0, "rank_v": 1.0, "decode": "selective"}
+            full_config = XKVConfig.from_dict(  # in the model's dtype: each copy quantizes its own truncation
+                {**config.to_dict(), "rank_k": 1.0, "rank_v": 1.0, "decode": "selective", "factor_form": "model"}
             )
             full = ctx.scratch[key] = XKVCache.from_dense(ctx.model, ctx.dense, full_config)
         return full.with_ranks(config)
@@ -247,6 +268,20 @@ class XKVSelectiveMethod(XKVMethod):
 
     name = "xkv-selective"
     decode = "selective"
+
+
+class XKVInt8Method(XKVMethod):
+    """xKV with int8 factors (one float32 scale per 64 values); compression factors count the packed bytes."""
+
+    name = "xkv-int8"
+    overrides = {"factor_form": "int8", "factor_group_size": 64}
+
+
+class XKVInt4Method(XKVMethod):
+    """xKV with packed int4 factors (one float32 scale per 64 values); factors count the packed bytes."""
+
+    name = "xkv-int4"
+    overrides = {"factor_form": "int4", "factor_group_size": 64}
 
 
 class SingleLayerSVD(XKVMethod):
@@ -373,9 +408,24 @@ METHODS: dict[str, type[Method]] = {
         XKVMethod,
         XKVAbsorbMethod,
         XKVSelectiveMethod,
+        XKVInt8Method,
+        XKVInt4Method,
         SingleLayerSVD,
         MiniCacheMethod,
         QuantizedMethod,
         *(_press_method(press) for press in PRESSES),
     )
 }
+
+
+def build_method(name: str, options: dict[str, Any]) -> Method:
+    """The method registered as ``name``, or an xKV method named ``name`` running ``options["config"]``.
+
+    Raises:
+        ValueError: for a name that is neither registered nor given a config.
+    """
+    if name in METHODS:
+        return METHODS[name](**options)
+    if isinstance(options.get("config"), XKVConfig):
+        return XKVMethod(label=name, **options)
+    raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)} or label=config.yaml")

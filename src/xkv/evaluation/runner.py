@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 from xkv import __version__ as xkv_version
 from xkv.baselines.presses import capture_prefill
-from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError
+from xkv.config import XKVConfig
+from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError, build_method
 from xkv.evaluation.tasks import generate, string_match_all
 from xkv.generation import prefill
 
@@ -75,19 +76,51 @@ def parse_ratios(spec: str) -> list[float]:
 
 
 def parse_methods(spec: str, registry: dict[str, type[Method]] | None = None) -> list[str]:
-    """Comma list of method names, checked against the registry.
+    """Comma list of method names, checked against the registry (config-file methods: :func:`parse_method_files`).
 
     Raises:
         ValueError: naming an unknown method and listing the known ones.
     """
+    names, _ = parse_method_files(spec, registry)
+    return names
+
+
+def parse_method_files(
+    spec: str, registry: dict[str, type[Method]] | None = None
+) -> tuple[list[str], dict[str, XKVConfig]]:
+    """Comma list of method names and ``label=config.yaml`` entries (an xKV config run as a method of its own).
+
+    A config file's ranks set the key/value split; each target factor scales them (:func:`xkv_config_for`), so a
+    file written by ``xkv tune`` for one factor runs at that factor exactly.
+
+    Returns:
+        The method names in order (labels for files) and the config of each label.
+
+    Raises:
+        ValueError: naming an unknown method (listing the known ones), a label that shadows a registered method,
+            or a config file that cannot be read (the file and the problem named).
+    """
     registry = registry or METHODS
-    names = [part.strip() for part in spec.split(",") if part.strip()]
-    for name in names:
-        if name not in registry:
-            raise ValueError(f"unknown method {name!r}; known methods: {sorted(registry)}")
+    names: list[str] = []
+    configs: dict[str, XKVConfig] = {}
+    for part in (part.strip() for part in spec.split(",")):
+        if not part:
+            continue
+        if "=" in part:
+            label, path = (item.strip() for item in part.split("=", 1))
+            if not label or label in registry:
+                raise ValueError(f"method label {label!r} in {part!r} must be new (not one of {sorted(registry)})")
+            configs[label] = XKVConfig.load(path)
+            names.append(label)
+        elif part not in registry:
+            raise ValueError(f"unknown method {part!r}; known methods: {sorted(registry)} or label=config.yaml")
+        else:
+            names.append(part)
     if not names:
         raise ValueError("`--methods` must name at least one method")
-    return names
+    if len(set(names)) != len(names):
+        raise ValueError(f"`--methods` names a method twice: {names}")
+    return names, configs
 
 
 @dataclass
@@ -233,7 +266,12 @@ def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
         if first is None:
             first = (run_dir, plan)
         for key in _MERGE_KEYS:
-            if plan.get(key) != first[1].get(key):
+            mine, theirs = plan.get(key), first[1].get(key)
+            if key == "method_options" and mine is not None and theirs is not None:
+                # Runs may hold different methods: only methods run in both must have been run the same way.
+                mine = {name: opts for name, opts in mine.items() if name in theirs}
+                theirs = {name: opts for name, opts in theirs.items() if name in mine}
+            if mine != theirs:
                 raise ValueError(
                     f"{run_dir} was run with {key}={plan.get(key)!r} but {first[0]} with {first[1].get(key)!r}: "
                     "their rows do not belong in one report"
@@ -276,7 +314,9 @@ class Runner:
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.progress = progress or (lambda row: None)
-        self.methods = {name: METHODS[name](**plan.method_options.get(name, {})) for name in {"full", *plan.methods}}
+        self.methods = {
+            name: build_method(name, plan.method_options.get(name, {})) for name in {"full", *plan.methods}
+        }
         rows = load_rows(plan.results_path)
         self.done = {_row_key(row) for row in rows}
         #: The full cache's scores per (task, length), kept up to date as rows are written (screening reads them).
