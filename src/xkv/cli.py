@@ -1,4 +1,4 @@
-"""The ``xkv`` command line: ``xkv demo``, ``xkv config``. The only module that prints or draws progress."""
+"""The ``xkv`` command line (demo, eval, report, tune, bench, config): the only module that prints."""
 
 from __future__ import annotations
 
@@ -285,6 +285,57 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search an xKV configuration for one target factor on calibration samples; write best.yaml."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from xkv.evaluation.runner import parse_lengths
+    from xkv.evaluation.tasks import parse_tasks
+    from xkv.evaluation.tune import TunePlan, parse_axes, run_tune
+    from xkv.models import load, stop_token_ids
+
+    lengths = parse_lengths(args.length)
+    if len(lengths) != 1:
+        raise ValueError(f"`--length` takes one length but got {args.length!r}")
+    if args.target <= 1:
+        raise ValueError(f"`--target` must be a compression factor > 1 but got {args.target}")
+    if args.samples < 1:
+        raise ValueError(f"`--samples` must be >= 1 but got {args.samples}")
+    plan = TunePlan(
+        target=args.target,
+        axes=parse_axes(args.axes),
+        base=_load_config(args.config),
+        tasks=parse_tasks(args.tasks),
+        length=lengths[0],
+        samples=args.samples,
+        first_seed=args.first_seed,
+        out_dir=Path(args.out),
+        max_new_tokens=args.max_new_tokens,
+    )
+    console = Console()
+    _quiet_library_output(args.threads)
+    model, tokenizer = load(args.model)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        bar = progress.add_task("tuning", total=None)
+
+        def on_step(axis: str, jobs: int) -> None:
+            progress.reset(bar, total=jobs, description=f"axis {axis}")
+
+        def on_row(row: dict) -> None:
+            progress.update(bar, advance=1, description=f"{row['method']} {row['sample_id']}")
+
+        result = run_tune(
+            plan, model, tokenizer, stop_token_ids(tokenizer, args.model), args.model, progress=on_row,
+            on_step=on_step, command=args.command_line,
+        )  # fmt: skip
+    console.print((plan.out_dir / "tune.md").read_text())
+    assert result.best is not None
+    console.print(f"best: {result.best.label}; wrote {plan.out_dir / 'best.yaml'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Decode ms per step, prefill time, KV bytes and peak memory of every method, side by side in one process."""
     from rich.console import Console
@@ -399,6 +450,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out (and list) kept tasks that some method has not run on every sample, e.g. a stopped run",
     )
     report.set_defaults(func=cmd_report)
+
+    tune = commands.add_parser(
+        "tune",
+        help="search group size, K/V split, factor bits, scale group and rotation for one target factor",
+        description="Greedy search, one axis at a time, of xKV settings at a target compression factor (bytes "
+        "measured), scored on RULER-lite calibration samples (seeds the reports never use). Each step is an "
+        "`xkv eval` folder under --out (a rerun resumes); writes tune.json, tune.md and best.yaml.",
+    )
+    tune.add_argument("--target", type=float, required=True, help="compression factor to reach, e.g. 8")
+    tune.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
+    tune.add_argument(
+        "--tasks",
+        default="niah_single_2,niah_single_1,niah_multikey_1,niah_single_3,niah_multivalue",
+        help="comma list of calibration tasks (default: the 5 RULER-lite tasks the 2k report keeps)",
+    )
+    tune.add_argument("--length", default="2k", help="prompt length in tokens")
+    tune.add_argument("--samples", type=int, default=2, help="samples per task")
+    tune.add_argument("--first-seed", type=int, default=1000, help="first seed (the reports use 0-19)")
+    tune.add_argument(
+        "--axes",
+        help="axes in search order, e.g. 'factor_form=int4/int8,key_share=1/2/3,group_size=4/8' (default: "
+        "factor_form, key_share, group_size, factor_group_size, factor_rotation with their default values)",
+    )
+    tune.add_argument("--config", help="base XKVConfig file (fields outside the axes are kept)")
+    tune.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap")
+    tune.add_argument("--out", required=True, help="output folder")
+    tune.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    tune.add_argument("--quiet", action="store_true", help="no progress display")
+    tune.set_defaults(func=cmd_tune)
 
     bench = commands.add_parser(
         "bench",
