@@ -320,3 +320,72 @@ def test_only_an_unreachable_ratio_is_reported_as_unreachable():
     ctx.dense = ctx.dense[:-1]  # a bug, not a ratio out of reach: it must surface
     with pytest.raises(ValueError, match="layers but the model has"):
         METHODS["xkv"]().run(ctx, 2.0)
+
+
+def test_config_files_run_as_methods_and_keep_their_split(tmp_path):
+    from xkv import XKVConfig
+    from xkv.evaluation.methods import build_method, key_share_of
+    from xkv.evaluation.runner import parse_method_files
+
+    path = tmp_path / "tuned.yaml"
+    XKVConfig(rank_k="12x", rank_v="4x", factor_form="int4", group_size=4).save(path)
+    names, configs = parse_method_files(f"full, tuned={path}")
+    assert names == ["full", "tuned"] and configs["tuned"].factor_form == "int4"
+    assert key_share_of(configs["tuned"]) == pytest.approx(3.0)
+    method = build_method("tuned", {"config": configs["tuned"]})
+    assert method.name == "tuned"
+    at_six = method.config_for(6.0)  # the file's 6x split (12x/4x) runs exactly at 6x, scaled at other factors
+    assert (at_six.rank_k, at_six.rank_v, at_six.factor_form, at_six.group_size) == ("12x", "4x", "int4", 4)
+    assert method.config_for(12.0).rank_k == "24x"
+    with pytest.raises(ValueError, match="must be new"):
+        parse_method_files(f"xkv={path}")
+    with pytest.raises(ValueError, match="names a method twice"):
+        parse_method_files("full,xkv,xkv")
+    with pytest.raises(FileNotFoundError):
+        parse_method_files(f"tuned={tmp_path / 'missing.yaml'}")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        build_method("nope", {})
+
+
+def test_tune_axes_parse_and_name_bad_input():
+    from xkv.evaluation.tune import DEFAULT_AXES, candidate, label, parse_axes
+
+    assert parse_axes(None) == DEFAULT_AXES
+    assert parse_axes("factor_form=int4/int8, key_share=1/3, group_size") == {
+        "factor_form": ["int4", "int8"], "key_share": [1.0, 3.0], "group_size": [8, 4],
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown tune axis 'bits'"):
+        parse_axes("bits=4")
+    with pytest.raises(ValueError, match="group_size"):
+        parse_axes("group_size=four")
+    from xkv import XKVConfig
+
+    choice = {"group_size": 4, "factor_form": "int8", "factor_group_size": 32, "factor_rotation": "none"}
+    choice["key_share"] = 3
+    config = candidate(XKVConfig(), 8.0, choice)
+    assert (config.group_size, config.factor_form, config.rank_k) == (4, "int8", "16x")
+    assert label(choice) == "G4-int8-s32-none-k3"
+
+
+@pytest.mark.slow
+def test_tune_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    from xkv import XKVConfig
+
+    out = tmp_path / "tune"
+    args = [
+        "tune", "--model", str(tiny_model_dir), "--target", "4", "--tasks", "niah_single_1", "--length", "512",
+        "--samples", "1", "--axes", "factor_form=int4/int8,factor_rotation=none/hadamard", "--max-new-tokens", "2",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "tune.json").read_text())
+    assert [c["label"] for c in result["candidates"]][:2] == ["G8-int4-s64-none-k2", "G8-int8-s64-none-k2"]
+    assert len(result["candidates"]) == 3  # the second axis adds one rotation to the first axis' winner
+    assert all(c["measured_ratio"] >= 4.0 * 0.98 for c in result["candidates"])
+    best = XKVConfig.load(out / "best.yaml")
+    assert best.to_dict() == result["best"]["config"]
+    assert (out / "best.yaml").read_text().startswith("# Written by xkv tune for 4x")
+    before = sorted(p.name for p in out.iterdir())
+    rows = sum(len((out / d / "results.jsonl").read_text().splitlines()) for d in before if (out / d).is_dir())
+    assert main(args) == 0  # a rerun resumes: no new rows
+    assert rows == sum(len((out / d / "results.jsonl").read_text().splitlines()) for d in before if (out / d).is_dir())
