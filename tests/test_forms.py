@@ -12,7 +12,7 @@ from tests.conftest import build_tiny
 from xkv import XKVCache, XKVConfig
 from xkv.compat import cache_kwargs
 from xkv.factorization import LowRankFactors, cross_layer_svd, rank_for_compression_factor
-from xkv.forms import FactorFormat, QuantizedFactors, dequantize, quantize, rotate
+from xkv.forms import FactorFormat, QuantizedFactors, choose_head, dequantize, quantize, rotate
 from xkv.memory import tensor_bytes
 
 
@@ -109,6 +109,10 @@ def test_bad_form_fields_name_the_field():
         XKVConfig(factor_group_size=0)
     with pytest.raises(ValueError, match="factor_rotation"):
         XKVConfig(factor_rotation="random")
+    with pytest.raises(ValueError, match="factor_head"):
+        XKVConfig(factor_head=-1)
+    with pytest.raises(ValueError, match="factor_head"):
+        XKVConfig(factor_head="all")
     with pytest.raises(ValueError, match="power of two"):
         XKVConfig(factor_form="int4", factor_group_size=48, factor_rotation="hadamard")
 
@@ -149,13 +153,15 @@ def test_quantized_cache_decode_paths_agree_and_bytes_are_measured(form):
     torch.testing.assert_close(results["absorb"], results["rebuild"], atol=1e-4, rtol=1e-4)
     report = cache.memory_report()
     fmt = FactorFormat(form, 16)
+    dim = cache.spec.kv_dim
     for group, store in zip(report.groups, cache.group_stores, strict=True):
+        assert isinstance(store.key_factors, QuantizedFactors) and isinstance(store.value_factors, QuantizedFactors)
+        heads = (store.key_factors.head, store.value_factors.head)
         analytic = sum(
-            fmt.factor_bytes(group.tokens, len(group.layers), cache.spec.kv_dim, rank, 4)
-            for rank in (group.rank_k, group.rank_v)
+            fmt.factor_bytes(group.tokens, len(group.layers), dim, rank, 4, head)
+            for rank, head in zip((group.rank_k, group.rank_v), heads, strict=True)
         )
         assert group.held_bytes == analytic
-        assert isinstance(store.key_factors, QuantizedFactors)
     # A byte target counts the packed values: the quantized form buys more rank at the same factor.
     float_cache = XKVCache(model, XKVConfig(**{**base, "factor_form": "model"}))
     turn_logits(model, float_cache, prompt, TURNS)
@@ -179,3 +185,31 @@ def test_with_ranks_quantizes_full_rank_float_factors_like_a_fresh_prefill():
         torch.testing.assert_close(a.key_factors.layer(1), b.key_factors.layer(1), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="quantize twice"):
         copy.with_ranks(XKVConfig(**base, rank_k="4x", rank_v="4x", factor_form="int4", factor_group_size=16))
+
+
+def test_an_int8_head_is_chosen_when_a_few_directions_dominate():
+    # Keys of real models have a few massive directions (a per-channel offset): int4 rounding on them costs more
+    # than the bytes an int8 head takes from the int4 band.
+    torch.manual_seed(0)
+    tokens, group, dim = 512, 2, 64
+    layers = [torch.randn(1, tokens, dim) @ torch.randn(dim, dim) * 0.1 for _ in range(group)]
+    for layer in layers:
+        layer[..., :4] += 50.0 * torch.randn(1, tokens, 1)
+    fmt = FactorFormat("int4", 16)
+    full = cross_layer_svd(layers, 100)
+    budget = fmt.factor_bytes(tokens, group, dim, 100, 4)
+    head, rank = choose_head(full.token_basis, full.reconstruction, fmt, budget)
+    assert head > 0 and head % 16 == 0 and rank < 100
+    assert fmt.factor_bytes(tokens, group, dim, rank, 4, head) <= budget
+
+    def error(stored):
+        num = sum((stored.layer(s) - layers[s]).pow(2).sum() for s in range(group))
+        return float(num / sum(layer.pow(2).sum() for layer in layers)) ** 0.5
+
+    with_head = full.truncate(rank).stored(fmt, head)
+    assert tensor_bytes(with_head.tensors()) == fmt.factor_bytes(tokens, group, dim, rank, 4, head)
+    assert with_head.head == head and with_head.rank == rank
+    assert error(with_head) < 0.5 * error(full.stored(fmt))
+    # A fixed head is honoured; a budget too small for any head keeps everything int4.
+    assert choose_head(full.token_basis, full.reconstruction, fmt, budget, heads=[32])[0] == 32
+    assert choose_head(full.token_basis, full.reconstruction, fmt, 10, heads=[32]) == (0, 100)

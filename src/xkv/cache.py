@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from xkv import attention
 from xkv.adapters import ModelSpec, describe_model
 from xkv.compat import UpdateInputs, query_length, read_update_inputs
-from xkv.config import XKVConfig
+from xkv.config import ResolvedRank, XKVConfig
 from xkv.decode import (
     SelectiveIndex,
     attend_absorbed,
@@ -46,7 +46,7 @@ from xkv.decode import (
     ungroup_output,
 )
 from xkv.factorization import LowRankFactors, cross_layer_svd, full_rank, resolve_rank
-from xkv.forms import StoredFactors
+from xkv.forms import StoredFactors, choose_head
 from xkv.groups import LayerGroup, build_groups
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
 from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, unapply_rope
@@ -677,15 +677,18 @@ class XKVGroupStore(CompressedStore):
         keys = [self.pending_keys[s] for s in range(self.group.size)]
         values = [self.pending_values[s] for s in range(self.group.size)]
         if self.rank_k is not None:
-            self.key_factors = self._svd(keys, self.rank_k)
+            self.key_factors = self._store(self._svd(keys, self.rank_k), self.setting_k)
         else:
             self.exact_keys = keys
         if self.rank_v is not None:
-            self.value_factors = self._svd(values, self.rank_v)
+            self.value_factors = self._store(self._svd(values, self.rank_v), self.setting_v)
         else:
             self.exact_values = values
         self.pending_keys.clear()
         self.pending_values.clear()
+        # An int4 form with an int8 head may keep fewer directions than the resolved (all-int4) rank.
+        self.rank_k = self.key_factors.rank if self.key_factors is not None else None
+        self.rank_v = self.value_factors.rank if self.value_factors is not None else None
 
     def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
         """A copy of this factored store keeping the first ``r`` singular directions of each side.
@@ -736,19 +739,37 @@ class XKVGroupStore(CompressedStore):
                     f"group {self.index} holds {self.config.factor_form} factors: truncating them would quantize "
                     "twice; lower ranks from factors in the model's dtype (factor_form='model')"
                 )
-            factors = held.truncate(rank).stored(config.factor_format)
+            factors = new._store(held.truncate(rank), new.setting_k if side == "k" else new.setting_v)
             if side == "k":
-                new.key_factors = factors
+                new.key_factors, new.rank_k = factors, factors.rank
             else:
-                new.value_factors = factors
+                new.value_factors, new.rank_v = factors, factors.rank
         return new
 
-    def _svd(self, layers: list[torch.Tensor], rank: int) -> StoredFactors:
+    def _svd(self, layers: list[torch.Tensor], rank: int) -> LowRankFactors:
         config = self.config
         return cross_layer_svd(
             layers, rank, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
             seed=config.svd_seed,
-        ).stored(config.factor_format)  # fmt: skip
+        )  # fmt: skip
+
+    def _store(self, factors: LowRankFactors, setting: ResolvedRank) -> StoredFactors:
+        """``factors`` in the configured storage form.
+
+        For ``"int4"`` with a compression-factor rank, ``factors`` hold the rank that fills the byte budget at int4
+        alone; the int8 head (``factor_head``) is paid for out of that budget, so the kept rank may be lower.
+        """
+        fmt, head = self.config.factor_format, self.config.factor_head
+        if fmt.form != "int4":
+            return factors.stored(fmt)
+        if setting.kind == "factor":
+            assert self.dtype is not None
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            budget = fmt.factor_bytes(self.prefix_len, self.group.size, self.spec.kv_dim, factors.rank, itemsize)
+            heads = None if head == "auto" else [int(head)]
+            chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, budget, heads)
+            return (factors.truncate(rank) if rank < factors.rank else factors).stored(fmt, chosen)
+        return factors.stored(fmt, 0 if head == "auto" else min(int(head), factors.rank))
 
     # ------------------------------------------------------------------ rebuild
     def positions(self, batch: int, device: torch.device) -> torch.Tensor:

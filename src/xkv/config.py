@@ -153,6 +153,10 @@ class XKVConfig:
             feature axis of the reconstruction matrices.
         factor_rotation: ``"none"`` or ``"hadamard"``: rotate blocks of ``factor_group_size`` values by a
             Hadamard matrix before quantizing (spreads outliers; undone on the small matrices at read time).
+        factor_head: ``"int4"`` only: leading directions (largest singular values) stored in int8. ``"auto"``
+            picks, for a compression-factor rank, the split of the byte budget between int8 and int4 directions
+            with the least estimated error from the spectrum (:func:`xkv.forms.choose_head`); an int fixes it
+            (for a factor rank the total rank then follows from the budget; an explicit rank keeps its rank).
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
@@ -190,6 +194,9 @@ class XKVConfig:
     factor_form: Literal["model", "int8", "int4"] = "model"
     factor_group_size: int = 64
     factor_rotation: Literal["none", "hadamard"] = "none"
+    # "auto": on SmolLM2 at 8x, int8 for the leading directions cut the relative error of int4 factors from 0.23 to
+    # 0.05 (keys) and from 0.19 to 0.06 (values) at equal bytes (benchmarks/frontier/README.md).
+    factor_head: int | Literal["auto"] = "auto"
     _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
     _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
 
@@ -240,6 +247,9 @@ class XKVConfig:
         if not isinstance(budget, numbers.Integral) and not 0.0 < float(budget) <= 1.0:
             raise ValueError(f"`sr_budget` as a fraction of the prefix must be in (0, 1] but got {budget}")
         FactorFormat(self.factor_form, self.factor_group_size, self.factor_rotation)  # raises naming the field
+        head = self.factor_head
+        if head != "auto" and (isinstance(head, bool) or not isinstance(head, int) or head < 0):
+            raise ValueError(f"`factor_head` must be 'auto' or an int >= 0 but got {head!r}")
         for name in ("rank_k", "rank_v"):  # tuples become lists, so a config equals its YAML/JSON round trip
             if isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, list(getattr(self, name)))

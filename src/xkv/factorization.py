@@ -76,11 +76,11 @@ class LowRankFactors(StoredFactors):
         """
         return LowRankFactors(self.token_basis[..., :rank].clone(), self.reconstruction[:, :, :rank].clone())
 
-    def stored(self, fmt: FactorFormat) -> StoredFactors:
-        """These factors in storage form ``fmt`` (``self`` for ``"model"``)."""
+    def stored(self, fmt: FactorFormat, head: int = 0) -> StoredFactors:
+        """These factors in storage form ``fmt`` (``self`` for ``"model"``); ``head``: int8 directions of int4."""
         if fmt.form == "model":
             return self
-        return QuantizedFactors.from_float(self.token_basis, self.reconstruction, fmt)
+        return QuantizedFactors.from_float(self.token_basis, self.reconstruction, fmt, head)
 
 
 def full_rank(tokens: int, group_size: int, dim: int) -> int:

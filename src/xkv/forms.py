@@ -35,6 +35,12 @@ _BITS = {"int8": 8, "int4": 4}
 _SCALE_BYTES = 4  # float32 scales
 
 
+def packed_bytes(rows: int, length: int, bits: int, group_size: int) -> int:
+    """Bytes of a ``(rows, length)`` tensor quantized by :func:`quantize`: packed values plus float32 scales."""
+    packed = length if bits == 8 else (length + 1) // 2
+    return rows * (packed + math.ceil(length / group_size) * _SCALE_BYTES)
+
+
 @dataclass(frozen=True)
 class FactorFormat:
     """How a group's factors are stored.
@@ -71,11 +77,18 @@ class FactorFormat:
         """Bytes of a ``(rows, length)`` factor in this form, values and scales (``itemsize``: the model's dtype)."""
         if self.bits is None:
             return rows * length * itemsize
-        packed = length if self.bits == 8 else (length + 1) // 2
-        return rows * (packed + math.ceil(length / self.group_size) * _SCALE_BYTES)
+        return packed_bytes(rows, length, self.bits, self.group_size)
 
-    def factor_bytes(self, tokens: int, group_size: int, dim: int, rank: int, itemsize: int) -> int:
-        """Bytes of one group side at ``rank``: ``U`` ``(T, r)`` plus ``G`` matrices ``(r, D)`` (batch 1)."""
+    def factor_bytes(self, tokens: int, group_size: int, dim: int, rank: int, itemsize: int, head: int = 0) -> int:
+        """Bytes of one group side at ``rank``: ``U`` ``(T, r)`` plus ``G`` matrices ``(r, D)`` (batch 1).
+
+        ``head``: leading directions of an ``"int4"`` form stored in int8 (:func:`choose_head`).
+        """
+        if head and self.bits == 4:
+            int8 = FactorFormat("int8", self.group_size)
+            return int8.factor_bytes(tokens, group_size, dim, head, itemsize) + self.factor_bytes(
+                tokens, group_size, dim, rank - head, itemsize
+            )
         return self.values_bytes(tokens, rank, itemsize) + self.values_bytes(group_size * rank, dim, itemsize)
 
 
@@ -213,116 +226,255 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @dataclass
-class QuantizedFactors(StoredFactors):
-    """Factors stored as int8 or packed int4 with float32 group scales (:func:`quantize`).
+class Band:
+    """Consecutive directions of quantized factors, stored at one bit width.
 
     Attributes:
-        fmt: the storage form.
-        basis_values: ``U`` (unit-norm columns, rotated if ``fmt.rotation``): ``(b, T, r)`` int8 or
-            ``(b, T, ceil(r/2))`` uint8.
-        basis_scales: ``(b, T, ceil(r/g))`` float32.
-        matrix_values: ``B`` ``(b, G, r, D)`` (rotated along ``D`` if ``fmt.rotation``), int8 or packed.
-        matrix_scales: ``(b, G, r, ceil(D/g))`` float32.
-        num_directions: ``r``.
-        dim: ``D``.
-        dtype: the dtype reads return by default (the model's).
+        bits: 8 or 4.
+        size: directions in the band.
+        basis_values: ``U`` columns of the band (unit norm, rotated if the form rotates): ``(b, T, size)`` int8 or
+            ``(b, T, ceil(size/2))`` uint8 (int4 packed).
+        basis_scales: ``(b, T, ceil(size/g))`` float32.
+        matrix_values: the band's rows of ``B`` ``(b, G, size, D)`` (rotated along ``D`` and the band's directions if
+            the form rotates), int8 or packed.
+        matrix_scales: ``(b, G, size, ceil(D/g))`` float32.
     """
 
-    fmt: FactorFormat
+    bits: int
+    size: int
     basis_values: torch.Tensor
     basis_scales: torch.Tensor
     matrix_values: torch.Tensor
     matrix_scales: torch.Tensor
-    num_directions: int
-    dim: int
-    dtype: torch.dtype
 
     @classmethod
-    def from_float(cls, basis: torch.Tensor, matrices: torch.Tensor, fmt: FactorFormat) -> QuantizedFactors:
-        """Quantize float factors ``basis`` ``(b, T, r)`` and ``matrices`` ``(b, G, r, D)`` (any split of S).
-
-        The columns of ``basis`` are first scaled to unit norm (their norms move into the matrices), so every
-        direction of ``U`` is quantized on the same scale and each row of ``B`` gets its own.
-        """
-        bits = fmt.bits
-        if bits is None:
-            raise ValueError(f"{fmt.form!r} is not a quantized form")
-        dtype = basis.dtype
-        basis32, matrices32 = basis.float(), matrices.float()
-        norms = torch.linalg.vector_norm(basis32, dim=1, keepdim=True)  # (b, 1, r)
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        basis32 = basis32 / safe
-        matrices32 = matrices32 * safe.transpose(1, 2).unsqueeze(1)  # (b, 1, r, 1)
-        if fmt.rotation == "hadamard":
-            basis32 = rotate(basis32, fmt.group_size)
-            matrices32 = rotate(matrices32, fmt.group_size)
-            # U H and H B keep the product: rotate B's rank axis too, then undo that on read (see `matrix`).
-            matrices32 = rotate(matrices32.transpose(-1, -2), fmt.group_size).transpose(-1, -2)
-        basis_values, basis_scales = quantize(basis32, bits, fmt.group_size)
-        matrix_values, matrix_scales = quantize(matrices32, bits, fmt.group_size)
-        return cls(
-            fmt, basis_values, basis_scales, matrix_values, matrix_scales, basis.shape[-1], matrices.shape[-1], dtype
-        )
-
-    @property
-    def rank(self) -> int:
-        """Number of directions kept."""
-        return self.num_directions
-
-    @property
-    def tokens(self) -> int:
-        """Rows of the token basis."""
-        return self.basis_values.shape[1]
-
-    def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(b, T, r)``, dequantized (rotated if the form rotates: :meth:`matrix` undoes it)."""
-        bits = self.fmt.bits
-        assert bits is not None
-        return dequantize(
-            self.basis_values, self.basis_scales, bits, self.fmt.group_size, self.rank, dtype or self.dtype
-        )
-
-    def chunk_rows(self, chunks: torch.Tensor, chunk_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows of whole chunks, dequantized after the gather (only those rows are unpacked)."""
-        bits = self.fmt.bits
-        assert bits is not None
-        values = gather_chunks(self.basis_values, chunks, chunk_size)
-        scales = gather_chunks(self.basis_scales, chunks, chunk_size)
-        return dequantize(values, scales, bits, self.fmt.group_size, self.rank, dtype or self.dtype)
-
-    def matrix(self, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(b, r, D)`` for layer ``slot``, dequantized.
-
-        With rotation the stored ``H_r B H_D`` is turned back to ``H_r B``, which matches ``basis()`` (``U H_r``):
-        ``(U H_r)(H_r B) = U B``.
-        """
-        bits = self.fmt.bits
-        assert bits is not None
-        b = dequantize(
-            self.matrix_values[:, slot], self.matrix_scales[:, slot], bits, self.fmt.group_size, self.dim,
-            torch.float32,
-        )  # fmt: skip
-        if self.fmt.rotation == "hadamard":
-            b = rotate(b, self.fmt.group_size)  # undo H_D: the rank-axis rotation stays, matching the basis
-        return b.to(dtype or self.dtype)
+    def quantize(cls, basis: torch.Tensor, matrices: torch.Tensor, bits: int, group_size: int, rotation: str) -> Band:
+        """Quantize float32 ``basis`` ``(b, T, k)`` and ``matrices`` ``(b, G, k, D)`` (unit-norm basis columns)."""
+        if rotation == "hadamard":
+            basis = rotate(basis, group_size)
+            # U H and H B keep the product: rotate B's rank axis too (undone by `basis() @ matrix()` pairing), and
+            # its feature axis (undone in `matrix`).
+            matrices = rotate(rotate(matrices, group_size).transpose(-1, -2), group_size).transpose(-1, -2)
+        basis_values, basis_scales = quantize(basis, bits, group_size)
+        matrix_values, matrix_scales = quantize(matrices, bits, group_size)
+        return cls(bits, basis.shape[-1], basis_values, basis_scales, matrix_values, matrix_scales)
 
     def tensors(self) -> list[torch.Tensor]:
         """Values and scales of both factors."""
         return [self.basis_values, self.basis_scales, self.matrix_values, self.matrix_scales]
 
-    def _with(self, basis_values, basis_scales, matrix_values, matrix_scales) -> QuantizedFactors:
-        return QuantizedFactors(
-            self.fmt, basis_values, basis_scales, matrix_values, matrix_scales, self.num_directions, self.dim,
-            self.dtype,
-        )  # fmt: skip
+    def replaced(self, tensors: list[torch.Tensor]) -> Band:
+        """The same band over other tensors (in :meth:`tensors` order)."""
+        return Band(self.bits, self.size, *tensors)
+
+
+@dataclass
+class QuantizedFactors(StoredFactors):
+    """Factors stored as int8 or packed int4 with float32 group scales (:func:`quantize`), in bands of directions.
+
+    An ``"int4"`` form may keep its first directions (the largest singular values) in an int8 band: those carry most
+    of the energy, and int4's rounding error on them would cost more than the bytes saved (:func:`choose_head`).
+
+    Attributes:
+        fmt: the storage form.
+        bands: the bands in direction order.
+        dim: ``D``.
+        dtype: the dtype reads return by default (the model's).
+    """
+
+    fmt: FactorFormat
+    bands: list[Band]
+    dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_float(
+        cls, basis: torch.Tensor, matrices: torch.Tensor, fmt: FactorFormat, head: int = 0
+    ) -> QuantizedFactors:
+        """Quantize float factors ``basis`` ``(b, T, r)`` and ``matrices`` ``(b, G, r, D)`` (any split of S).
+
+        The columns of ``basis`` are first scaled to unit norm (their norms move into the matrices), so every
+        direction of ``U`` is quantized on the same scale and each row of ``B`` gets its own.
+
+        Args:
+            basis: the token basis.
+            matrices: the reconstruction matrices.
+            fmt: a quantized form.
+            head: for ``"int4"``, the first ``head`` directions are stored in int8.
+        """
+        bits = fmt.bits
+        if bits is None:
+            raise ValueError(f"{fmt.form!r} is not a quantized form")
+        rank = basis.shape[-1]
+        if not 0 <= head <= rank:
+            raise ValueError(f"`head` must be in [0, {rank}] but got {head}")
+        basis32, matrices32 = unit_columns(basis, matrices)
+        cuts = [0, head, rank] if bits == 4 and head else [0, rank]
+        bands = [
+            Band.quantize(
+                basis32[..., lo:hi],
+                matrices32[..., lo:hi, :],
+                8 if hi == head else bits,
+                fmt.group_size,
+                fmt.rotation,
+            )  # fmt: skip
+            for lo, hi in zip(cuts, cuts[1:], strict=False)
+            if hi > lo
+        ]
+        return cls(fmt, bands, matrices.shape[-1], basis.dtype)
+
+    @property
+    def rank(self) -> int:
+        """Number of directions kept."""
+        return sum(band.size for band in self.bands)
+
+    @property
+    def head(self) -> int:
+        """Directions stored in int8 before an int4 band (0 when all share one width)."""
+        return self.bands[0].size if len(self.bands) > 1 else 0
+
+    @property
+    def tokens(self) -> int:
+        """Rows of the token basis."""
+        return self.bands[0].basis_values.shape[1]
+
+    def _read(self, values: torch.Tensor, scales: torch.Tensor, band: Band, length: int) -> torch.Tensor:
+        return dequantize(values, scales, band.bits, self.fmt.group_size, length, torch.float32)
+
+    def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(b, T, r)``, dequantized (rotated if the form rotates: :meth:`matrix` matches it)."""
+        parts = [self._read(b.basis_values, b.basis_scales, b, b.size) for b in self.bands]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype or self.dtype)
+
+    def chunk_rows(self, chunks: torch.Tensor, chunk_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows of whole chunks, dequantized after the gather (only those rows are unpacked)."""
+        parts = [
+            self._read(
+                gather_chunks(b.basis_values, chunks, chunk_size),
+                gather_chunks(b.basis_scales, chunks, chunk_size),
+                b,
+                b.size,
+            )  # fmt: skip
+            for b in self.bands
+        ]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype or self.dtype)
+
+    def matrix(self, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(b, r, D)`` for layer ``slot``, dequantized.
+
+        With rotation a band stores ``H B H_D``; ``H_D`` is undone here, leaving ``H B``, which matches the band's
+        ``basis()`` columns ``U H``: ``(U H)(H B) = U B``.
+        """
+        parts = []
+        for band in self.bands:
+            part = self._read(band.matrix_values[:, slot], band.matrix_scales[:, slot], band, self.dim)
+            parts.append(rotate(part, self.fmt.group_size) if self.fmt.rotation == "hadamard" else part)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)).to(dtype or self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Values and scales of every band."""
+        return [t for band in self.bands for t in band.tensors()]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedFactors:
         """A copy with ``fn`` applied to every tensor."""
-        return self._with(*(fn(t) for t in self.tensors()))
+        bands = [band.replaced([fn(t) for t in band.tensors()]) for band in self.bands]
+        return QuantizedFactors(self.fmt, bands, self.dim, self.dtype)
 
     def crop(self, length: int) -> QuantizedFactors:
         """The first ``length`` token rows (scales are per row, so they crop with it)."""
-        return self._with(
-            self.basis_values[:, :length].clone(), self.basis_scales[:, :length].clone(), self.matrix_values,
-            self.matrix_scales,
-        )  # fmt: skip
+        bands = [
+            band.replaced(
+                [
+                    band.basis_values[:, :length].clone(),
+                    band.basis_scales[:, :length].clone(),
+                    band.matrix_values,
+                    band.matrix_scales,
+                ]
+            )  # fmt: skip
+            for band in self.bands
+        ]
+        return QuantizedFactors(self.fmt, bands, self.dim, self.dtype)
+
+
+def unit_columns(basis: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 factors with the same product and unit-norm basis columns (the norms moved into the matrices)."""
+    basis32, matrices32 = basis.float(), matrices.float()
+    norms = torch.linalg.vector_norm(basis32, dim=1, keepdim=True)  # (b, 1, r)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return basis32 / safe, matrices32 * safe.transpose(1, 2).unsqueeze(1)
+
+
+def _direction_errors(basis: torch.Tensor, matrices: torch.Tensor, bits: int, fmt: FactorFormat) -> torch.Tensor:
+    """``(r,)``: the squared error each direction adds to the product when both factors are stored at ``bits``.
+
+    ``||s_i du_i||^2 + ||db_i||^2`` summed over the batch and layers, with ``basis`` of unit columns and
+    ``matrices`` carrying the singular values. Groups of ``fmt.group_size`` directions start at direction 0, as
+    they do in every band that starts at a multiple of the group size.
+    """
+    band = Band.quantize(basis, matrices, bits, fmt.group_size, fmt.rotation)
+    kept = QuantizedFactors(fmt, [band], matrices.shape[-1], torch.float32)
+    du = kept.basis() - (rotate(basis, fmt.group_size) if fmt.rotation == "hadamard" else basis)
+    if fmt.rotation == "hadamard":
+        du = rotate(du, fmt.group_size)  # back to the directions' own axes
+    energy = matrices.pow(2).sum(dim=(1, 3))  # (b, r): s_i^2 per sequence
+    stored = torch.stack([kept.matrix(slot) for slot in range(matrices.shape[1])], dim=1)
+    if fmt.rotation == "hadamard":
+        stored = rotate(stored.transpose(-1, -2), fmt.group_size).transpose(-1, -2)
+    db = stored - matrices
+    return (energy * du.pow(2).sum(dim=1)).sum(dim=0) + db.pow(2).sum(dim=(0, 1, 3))
+
+
+def choose_head(
+    basis: torch.Tensor, matrices: torch.Tensor, fmt: FactorFormat, budget: int, heads: list[int] | None = None
+) -> tuple[int, int]:
+    """How many leading directions an ``"int4"`` form keeps in int8, and the rank that then fits ``budget`` bytes.
+
+    The error of the product is estimated per direction from the spectrum: a direction left out costs its energy
+    ``s_i^2``, one kept costs its rounding error at its width (:func:`_direction_errors`). Heads are tried in steps
+    of ``fmt.group_size`` (so rounding groups stay aligned); the head with the least estimated error wins.
+
+    Args:
+        basis: ``(b, T, r)`` float factors of the largest rank the budget allows at int4 (any split of S).
+        matrices: ``(b, G, r, D)``.
+        fmt: an ``"int4"`` form.
+        budget: bytes the side may hold per sequence.
+        heads: the head sizes to try (default: every multiple of ``fmt.group_size`` up to ``r``).
+
+    Returns:
+        ``(head, rank)`` with ``head <= rank <= r``.
+    """
+    basis32, matrices32 = unit_columns(basis, matrices)
+    batch, tokens, rank = basis32.shape
+    groups, dim = matrices32.shape[1], matrices32.shape[-1]
+    energy = matrices32.pow(2).sum(dim=(0, 1, 3)) / batch
+    err4 = _direction_errors(basis32, matrices32, 4, fmt) / batch
+    err8 = _direction_errors(basis32, matrices32, 8, fmt) / batch
+    cum = [torch.cat([torch.zeros(1), x.double().cumsum(0)]) for x in (energy, err4, err8)]
+    total_energy = float(cum[0][-1])
+
+    def band_bytes(size: int, bits: int) -> int:
+        if size <= 0:
+            return 0
+        g = fmt.group_size
+        return packed_bytes(tokens, size, bits, g) + packed_bytes(groups * size, dim, bits, g)
+
+    best: tuple[float, int, int] | None = None  # (error, head, rank)
+    for head in heads if heads is not None else range(0, rank + 1, fmt.group_size):
+        head = min(head, rank)
+        spent = band_bytes(head, 8)
+        if spent > budget:
+            break
+        low, high = head, rank
+        while low < high:  # the largest total rank whose int4 band still fits
+            mid = (low + high + 1) // 2
+            if spent + band_bytes(mid - head, 4) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        total = low
+        error = float(cum[2][head] + cum[1][total] - cum[1][head]) + total_energy - float(cum[0][total])
+        if best is None or error < best[0]:
+            best = (error, head, total)
+    if best is None:  # not even the smallest head fits: all int4
+        return 0, rank
+    return best[1], best[2]
