@@ -32,8 +32,18 @@ from xkv.compat import cache_kwargs
 from xkv.config import XKVConfig
 from xkv.memory import tensor_bytes
 
+#: xKV methods of the bench: config fields set over the bench's config.
+XKV_VARIANTS: dict[str, dict[str, Any]] = {
+    "xkv-rebuild": {"decode": "rebuild"},
+    "xkv-absorb": {"decode": "absorb"},
+    "xkv-selective": {"decode": "selective"},
+    # The absorb path with a randomized SVD of one power iteration (benchmarks/prefill).
+    "xkv-rsvd": {"decode": "absorb", "svd": "randomized", "svd_niter": 1},
+    # The absorb path with int4 factors (int8 head from the spectrum); ranks count the packed bytes.
+    "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
+}
 #: Methods ``xkv bench`` knows, in report order.
-BENCH_METHODS = ("dense", "quantized-int4", "xkv-rebuild", "xkv-absorb", "xkv-selective")
+BENCH_METHODS = ("dense", "quantized-int4", *XKV_VARIANTS)
 
 
 @dataclass
@@ -109,9 +119,9 @@ def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -
         return DynamicCache()
     if method == "quantized-int4":
         return quantized_cache(model, 4)
-    if method.startswith("xkv-") and method.removeprefix("xkv-") in ("rebuild", "absorb", "selective"):
+    if method in XKV_VARIANTS:
         base = (config or XKVConfig()).to_dict()
-        return XKVCache(model, XKVConfig.from_dict({**base, "decode": method.removeprefix("xkv-")}))
+        return XKVCache(model, XKVConfig.from_dict({**base, **XKV_VARIANTS[method]}))
     raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
 
 

@@ -491,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods",
         default="dense,quantized-int4,xkv-rebuild,xkv-absorb,xkv-selective",
-        help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective",
+        help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective, xkv-rsvd (randomized "
+        "SVD, one power iteration), xkv-int4 (int4 factors)",
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
