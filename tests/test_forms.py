@@ -213,3 +213,21 @@ def test_an_int8_head_is_chosen_when_a_few_directions_dominate():
     # A fixed head is honoured; a budget too small for any head keeps everything int4.
     assert choose_head(full.token_basis, full.reconstruction, fmt, budget, heads=[32])[0] == 32
     assert choose_head(full.token_basis, full.reconstruction, fmt, 10, heads=[32]) == (0, 100)
+
+
+def test_dense_layers_stay_out_of_the_groups():
+    model = build_tiny("llama")
+    prompt = ids(64)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="rebuild", dense_layers=[0])
+    cache = XKVCache(model, cfg)
+    assert [g.layers for g in cache.groups] == [(1, 2), (3,)]
+    dense = turn_logits(model, DynamicCache(), prompt, TURNS)
+    torch.testing.assert_close(turn_logits(model, cache, prompt, TURNS), dense, atol=1e-4, rtol=1e-4)
+    report = cache.memory_report()
+    assert report.dense_layer_bytes > 0 and len(report.groups) == 2
+    with pytest.raises(ValueError, match="dense_layers"):
+        XKVCache(model, XKVConfig(dense_layers=[7]))
+    with pytest.raises(ValueError, match="leaves no layer"):
+        XKVCache(model, XKVConfig(dense_layers=[0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="twice"):
+        XKVConfig(dense_layers=[1, 1])

@@ -978,6 +978,7 @@ class XKVCache(GroupedCache):
             self.config.grouping,
             self.config.first_layer,
             self.config.last_layer,
+            self.config.dense_layers,
         )
         self.angles = RotaryAngles(spec.rotary_emb) if spec.rotary_emb is not None else None
         # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
@@ -1071,8 +1072,9 @@ class XKVCache(GroupedCache):
             ValueError: if ``config`` groups the layers differently or asks for more rank than is held.
         """
         groups = build_groups(
-            self.spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer
-        )
+            self.spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer,
+            config.dense_layers,
+        )  # fmt: skip
         if [g.layers for g in groups] != [g.layers for g in self.groups]:
             raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")
         new = copy.copy(self)

@@ -121,6 +121,8 @@ class XKVConfig:
             during prefill.
         first_layer: first compressed layer (0-based). Layers before it keep a dense cache.
         last_layer: last compressed layer (inclusive); ``None`` means the model's last layer.
+        dense_layers: layers of that range kept dense (e.g. a first layer unlike the others); the groups are formed
+            over the rest, so a group may span a dense layer.
         rank_k: rank of the keys (module docstring lists the accepted forms).
         rank_v: rank of the values.
         compress_keys: if ``False``, keys of compressed layers are kept exact.
@@ -164,6 +166,7 @@ class XKVConfig:
     grouping: Literal["contiguous", "stride"] = "contiguous"
     first_layer: int = 0
     last_layer: int | None = None
+    dense_layers: list[int] = field(default_factory=list)
     # Keys at 6x, values at 3x: 4x overall (2 / (1/6 + 1/3) = 4); the best 4x split in benchmarks/defaults.
     rank_k: RankSpec = "6x"
     rank_v: RankSpec = "3x"
@@ -221,6 +224,14 @@ class XKVConfig:
                 raise ValueError(
                     f"`last_layer` must be >= `first_layer` ({self.first_layer}) but got {self.last_layer}"
                 )
+        if isinstance(self.dense_layers, tuple):
+            object.__setattr__(self, "dense_layers", list(self.dense_layers))
+        if not isinstance(self.dense_layers, list) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.dense_layers
+        ):
+            raise ValueError(f"`dense_layers` must be a list of layer indices >= 0 but got {self.dense_layers!r}")
+        if len(set(self.dense_layers)) != len(self.dense_layers):
+            raise ValueError(f"`dense_layers` lists a layer twice: {self.dense_layers}")
         for name in ("compress_keys", "compress_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be true or false but got {getattr(self, name)!r}")

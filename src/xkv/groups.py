@@ -36,6 +36,7 @@ def build_groups(
     grouping: Literal["contiguous", "stride"] = "contiguous",
     first_layer: int = 0,
     last_layer: int | None = None,
+    dense_layers: tuple[int, ...] | list[int] = (),
 ) -> list[LayerGroup]:
     """Split the compressed layer range into groups.
 
@@ -46,9 +47,11 @@ def build_groups(
             remainder. ``"stride"``: ``n = ceil(N / G)`` groups, group ``j`` holds layers ``first+j, first+j+n, ...``.
         first_layer: first compressed layer.
         last_layer: last compressed layer (inclusive), ``None`` for the model's last layer.
+        dense_layers: layers of the range kept out of every group (they keep a dense cache); the groups are formed
+            over the remaining layers.
 
     Returns:
-        Groups in order of their index; every layer of the range is in exactly one group.
+        Groups in order of their index; every layer of the range not in ``dense_layers`` is in exactly one group.
 
     Raises:
         ValueError: if the layer range does not fit the model or the group size is below 1.
@@ -62,7 +65,15 @@ def build_groups(
         raise ValueError(f"`first_layer` must be in [0, {num_layers - 1}] for this model but got {first_layer}")
     if not first_layer <= last < num_layers:
         raise ValueError(f"`last_layer` must be in [{first_layer}, {num_layers - 1}] for this model but got {last}")
-    layers = list(range(first_layer, last + 1))
+    for layer in dense_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(f"`dense_layers` entries must be layers in [0, {num_layers - 1}] but got {layer!r}")
+    kept_dense = set(dense_layers)
+    layers = [layer for layer in range(first_layer, last + 1) if layer not in kept_dense]
+    if not layers:
+        raise ValueError(
+            f"`dense_layers` {sorted(dense_layers)} leaves no layer of [{first_layer}, {last}] to compress"
+        )
     if grouping == "contiguous":
         chunks = [layers[i : i + group_size] for i in range(0, len(layers), group_size)]
     elif grouping == "stride":
