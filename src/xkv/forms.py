@@ -191,15 +191,33 @@ def dequantize(
     values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, length: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Inverse of :func:`quantize`: ``(..., length)`` in ``dtype``."""
-    if bits == 4:
-        unpacked = torch.stack(((values & 15), (values >> 4)), dim=-1).flatten(-2)
-        q = unpacked.to(torch.int8) - 8
-    else:
-        q = values
+    full = scales.shape[-1] * group_size
+    out = torch.empty((*values.shape[:-1], full), dtype=torch.float32, device=values.device)
+    result = dequantize_into(out, values, scales, bits, group_size, length)
+    return result if dtype == torch.float32 else result.to(dtype)
+
+
+def dequantize_into(
+    out: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, length: int
+) -> torch.Tensor:
+    """:func:`dequantize` into ``out``, a float32 ``(..., groups * group_size)`` view with a unit last stride.
+
+    Written in place (two passes over the values for int8, three for int4): decode reads the factors at every
+    step, and the temporaries of a straightforward unpack cost more than the arithmetic. Returns
+    ``out[..., :length]``.
+    """
     groups = scales.shape[-1]
-    q = torch.nn.functional.pad(q[..., :length], (0, groups * group_size - length))
-    out = q.unflatten(-1, (groups, group_size)).to(torch.float32) * scales.unsqueeze(-1)
-    return out.flatten(-2)[..., :length].to(dtype)
+    full = groups * group_size
+    if bits == 4:
+        out[..., 0:length:2] = values[..., : (length + 1) // 2] & 15
+        out[..., 1:length:2] = values[..., : length // 2] >> 4
+        out[..., :length].sub_(8.0)
+    else:
+        out[..., :length] = values[..., :length]
+    if full > length:
+        out[..., length:] = 0.0
+    out.unflatten(-1, (groups, group_size)).mul_(scales.unsqueeze(-1))
+    return out[..., :length]
 
 
 @functools.lru_cache(maxsize=8)
@@ -338,26 +356,37 @@ class QuantizedFactors(StoredFactors):
         """Rows of the token basis."""
         return self.bands[0].basis_values.shape[1]
 
-    def _read(self, values: torch.Tensor, scales: torch.Tensor, band: Band, length: int) -> torch.Tensor:
-        return dequantize(values, scales, band.bits, self.fmt.group_size, length, torch.float32)
+    def _padded(self, size: int) -> int:
+        return math.ceil(size / self.fmt.group_size) * self.fmt.group_size
+
+    def _rows(self, parts: list[tuple[Band, torch.Tensor, torch.Tensor]], dtype: torch.dtype | None) -> torch.Tensor:
+        """Bands' basis values and scales (in band order) dequantized side by side into one buffer: ``(..., r)``.
+
+        Bands are written in order, each with its padding to whole groups: a band's padding lies inside the next
+        band's columns (shorter than one group, the next band has at least one), which overwrite it afterwards.
+        """
+        g = self.fmt.group_size
+        lead = parts[0][1].shape[:-1]
+        out = torch.empty((*lead, self.rank - parts[-1][0].size + self._padded(parts[-1][0].size)),
+                          dtype=torch.float32, device=parts[0][1].device)  # fmt: skip
+        start = 0
+        for band, values, scales in parts:
+            dequantize_into(out[..., start : start + self._padded(band.size)], values, scales, band.bits, g, band.size)
+            start += band.size
+        result = out[..., : self.rank]
+        return result.to(dtype or self.dtype) if (dtype or self.dtype) != torch.float32 else result
 
     def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(b, T, r)``, dequantized (rotated if the form rotates: :meth:`matrix` matches it)."""
-        parts = [self._read(b.basis_values, b.basis_scales, b, b.size) for b in self.bands]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype or self.dtype)
+        return self._rows([(b, b.basis_values, b.basis_scales) for b in self.bands], dtype)
 
     def chunk_rows(self, chunks: torch.Tensor, chunk_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows of whole chunks, dequantized after the gather (only those rows are unpacked)."""
         parts = [
-            self._read(
-                gather_chunks(b.basis_values, chunks, chunk_size),
-                gather_chunks(b.basis_scales, chunks, chunk_size),
-                b,
-                b.size,
-            )  # fmt: skip
+            (b, gather_chunks(b.basis_values, chunks, chunk_size), gather_chunks(b.basis_scales, chunks, chunk_size))
             for b in self.bands
         ]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype or self.dtype)
+        return self._rows(parts, dtype)
 
     def matrix(self, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(b, r, D)`` for layer ``slot``, dequantized.
@@ -365,11 +394,20 @@ class QuantizedFactors(StoredFactors):
         With rotation a band stores ``H B H_D``; ``H_D`` is undone here, leaving ``H B``, which matches the band's
         ``basis()`` columns ``U H``: ``(U H)(H B) = U B``.
         """
-        parts = []
+        first = self.bands[0].matrix_values
+        out = torch.empty(
+            (first.shape[0], self.rank, self._padded(self.dim)), dtype=torch.float32, device=first.device
+        )
+        start = 0
         for band in self.bands:
-            part = self._read(band.matrix_values[:, slot], band.matrix_scales[:, slot], band, self.dim)
-            parts.append(rotate(part, self.fmt.group_size) if self.fmt.rotation == "hadamard" else part)
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)).to(dtype or self.dtype)
+            rows = out[:, start : start + band.size]
+            dequantize_into(rows, band.matrix_values[:, slot], band.matrix_scales[:, slot], band.bits,
+                            self.fmt.group_size, self.dim)  # fmt: skip
+            start += band.size
+        result = out[..., : self.dim]
+        if self.fmt.rotation == "hadamard":
+            result = rotate(result, self.fmt.group_size)
+        return result.to(dtype or self.dtype) if (dtype or self.dtype) != torch.float32 else result
 
     def tensors(self) -> list[torch.Tensor]:
         """Values and scales of every band."""
