@@ -212,7 +212,7 @@ def test_an_int8_head_is_chosen_when_a_few_directions_dominate():
     assert error(with_head) < 0.5 * error(full.stored(fmt))
     # A fixed head is honoured; a budget too small for any head keeps everything int4.
     assert choose_head(full.token_basis, full.reconstruction, fmt, budget, heads=[32])[0] == 32
-    assert choose_head(full.token_basis, full.reconstruction, fmt, 10, heads=[32]) == (0, 100)
+    assert choose_head(full.token_basis, full.reconstruction, fmt, 10, heads=[32]) == (0, 1)
 
 
 def test_dense_layers_stay_out_of_the_groups():

@@ -8,7 +8,8 @@ Life of a compressed layer group (G layers):
   tensors are dropped: with contiguous groups at most one group is dense at a time.
 * **Decode / later turns** (every later ``update``): new tokens go to an exact tail per layer; attention gets the
   prefix rebuilt from the factors (RoPE re-applied) followed by the tail. The rebuilt prefix is a transient of one
-  layer, never kept between calls. The tail is never folded back into the factors; a long generation grows it.
+  layer, never kept between calls. With ``fold_tokens`` set, a group's tails are folded back into its factors once
+  they reach that length (incremental SVD), so a long generation or a context fed in chunks keeps a bounded tail.
 
 Layers outside ``[first_layer, last_layer]`` use transformers' ``DynamicLayer``.
 
@@ -45,7 +46,7 @@ from xkv.decode import (
     tail_mask,
     ungroup_output,
 )
-from xkv.factorization import LowRankFactors, cross_layer_svd, full_rank, resolve_rank
+from xkv.factorization import LowRankFactors, append_rows, as_float, cross_layer_svd, full_rank, resolve_rank
 from xkv.forms import StoredFactors, choose_head
 from xkv.groups import LayerGroup, build_groups
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
@@ -255,6 +256,12 @@ class CompressedLayer(CacheLayerMixin):
             raise RuntimeError(f"layer {self.store.layers[self.slot]} has no tail before its first update")
         return states
 
+    def drop_oldest(self, count: int) -> None:
+        """Drop the ``count`` oldest tail tokens (folded into the factors); the rest is copied to new buffers."""
+        keys, values = self.tail()
+        self.keys, self.values = keys[:, :, count:].clone(), values[:, :, count:].clone()
+        self._buffers = None
+
     def crop_tail(self, length: int) -> None:
         """Keep ``length`` tail tokens (copied, so the dropped ones are freed)."""
         states = _states(self)
@@ -321,10 +328,15 @@ class GroupedCache(Cache):
             merged["position_ids"] = inputs.position_ids
         if all(layer.get_seq_length() == 0 for layer in self.layers):
             self.begin_prefill(key_states, inputs)  # the first update of the first prefill, whichever layer
+        else:
+            self.before_update(layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, merged)
 
     def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
         """Called before the first layer's first update; check everything here so nothing is half-written."""
+
+    def before_update(self, layer_idx: int) -> None:
+        """Called before every later update of ``layer_idx``, before it stores anything (e.g. to fold tails)."""
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (compressed prefix plus exact tail)."""
@@ -690,6 +702,56 @@ class XKVGroupStore(CompressedStore):
         self.rank_k = self.key_factors.rank if self.key_factors is not None else None
         self.rank_v = self.value_factors.rank if self.value_factors is not None else None
 
+    def fold(self, tails: list[tuple[torch.Tensor, torch.Tensor]], count: int) -> None:
+        """Fold the ``count`` oldest tail tokens of every layer into the prefix (the caller drops them from the tails).
+
+        Keys are un-rotated at their positions ``prefix_len .. prefix_len + count - 1``; each factored side gets
+        the new rows by an incremental SVD (:func:`xkv.factorization.append_rows`) at the ranks resolved for the new
+        length (at most ``rank + count``); a quantized side is dequantized, folded and quantized again. A side kept
+        exact gets the tokens appended. Selective Reconstruction's index no longer covers the prefix and is dropped
+        (decode falls back to ``"absorb"``).
+
+        Args:
+            tails: per slot, the layer's exact tail ``(keys, values)``, each ``(b, H, L, hd)``, keys post-RoPE.
+            count: tokens to fold, ``1 <= count <= L``.
+        """
+        assert self.is_ready and self.dtype is not None
+        keys0 = tails[0][0]
+        batch, heads, _, head_dim = keys0.shape
+        start, tokens = self.prefix_len, self.prefix_len + count
+        rank_k, rank_v = self.check_ranks(tokens, self.dtype)
+        cos = sin = None
+        if self.angles is not None:
+            positions = torch.arange(start, tokens, device=keys0.device).unsqueeze(0).expand(batch, -1)
+            cos, sin = self.angles(positions)
+
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch, count, heads * head_dim)
+
+        for side, rank in (("k", rank_k), ("v", rank_v)):
+            held = self.key_factors if side == "k" else self.value_factors
+            new = [(k if side == "k" else v)[:, :, :count] for k, v in tails]
+            if held is None:
+                exact = self.exact_keys if side == "k" else self.exact_values
+                assert exact is not None
+                exact[:] = [torch.cat([old, part], dim=-2) for old, part in zip(exact, new, strict=True)]
+                continue
+            if side == "k" and cos is not None and sin is not None:
+                new = [unapply_rope(part, cos, sin) for part in new]
+            floating = as_float(held)
+            if floating.token_basis.dtype != self.dtype:
+                floating = LowRankFactors(floating.token_basis.to(self.dtype), floating.reconstruction.to(self.dtype))
+            assert rank is not None
+            grown = append_rows(floating, [flat(part) for part in new], min(rank, floating.rank + count))
+            self.prefix_len = tokens  # `_store` sizes an int4 budget by the new length
+            stored = self._store(grown, self.setting_k if side == "k" else self.setting_v)
+            if side == "k":
+                self.key_factors, self.rank_k = stored, stored.rank
+            else:
+                self.value_factors, self.rank_v = stored, stored.rank
+        self.prefix_len = tokens
+        self.selective = {}
+
     def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
         """A copy of this factored store keeping the first ``r`` singular directions of each side.
 
@@ -813,7 +875,9 @@ class XKVGroupStore(CompressedStore):
         elif self.key_factors is None or self.value_factors is None:
             reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
         elif wanted == "selective" and slot not in self.selective:
-            reason = "the prefix is shorter than sr_min_tokens or was cropped: no Selective Reconstruction index"
+            reason = (
+                "the prefix is shorter than sr_min_tokens, or was cropped or folded: no Selective Reconstruction index"
+            )
             if reason not in self._fallbacks_logged:
                 self._fallbacks_logged.add(reason)
                 logger.info("group %d decodes with 'absorb' instead of 'selective': %s", self.index, reason)
@@ -1060,6 +1124,30 @@ class XKVCache(GroupedCache):
                     "rotated keys at other positions (left-padded batches and custom position_ids are not "
                     "supported yet)"
                 )
+
+    def before_update(self, layer_idx: int) -> None:
+        """Fold a group's tails into its factors once they reach ``config.fold_tokens`` (checked at its first layer).
+
+        Every layer of the group then holds the same tail (the group's layers took the same tokens), so the fold
+        happens before the group's first layer stores the new tokens, and all its layers see the folded prefix.
+        """
+        folding, keep = self.config.fold_tokens, self.config.fold_keep
+        layer = self.layers[layer_idx]
+        if not folding or not isinstance(layer, CompressedLayer) or layer.slot != 0:
+            return
+        store = layer.store
+        if not isinstance(store, XKVGroupStore) or not store.is_ready or store.exact_prefill:
+            return
+        members = [self.layers[i] for i in store.layers]
+        assert all(isinstance(m, CompressedLayer) for m in members)
+        tails = [m.tail() for m in members if isinstance(m, CompressedLayer)]
+        lengths = {keys.shape[-2] for keys, _ in tails}
+        if len(lengths) != 1 or (length := lengths.pop()) < folding:
+            return
+        store.fold(tails, length - keep)
+        for member in members:
+            if isinstance(member, CompressedLayer):
+                member.drop_oldest(length - keep)
 
     def with_ranks(self, config: XKVConfig) -> XKVCache:
         """A copy of this factored cache at lower ranks, without another SVD.

@@ -159,6 +159,11 @@ class XKVConfig:
             picks, for a compression-factor rank, the split of the byte budget between int8 and int4 directions
             with the least estimated error from the spectrum (:func:`xkv.forms.choose_head`); an int fixes it
             (for a factor rank the total rank then follows from the budget; an explicit rank keeps its rank).
+        fold_tokens: when every layer of a factored group holds this many exact tail tokens (a decode, later turns,
+            or the chunks of a prefill fed in a forward loop), the oldest are folded into the group's factors by an
+            incremental SVD (:func:`xkv.factorization.append_rows`), re-resolving the ranks at the new length; 0
+            never folds (the tail grows with the generation).
+        fold_keep: newest tail tokens kept exact at each fold.
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
@@ -200,13 +205,15 @@ class XKVConfig:
     # "auto": on SmolLM2 at 8x, int8 for the leading directions cut the relative error of int4 factors from 0.23 to
     # 0.05 (keys) and from 0.19 to 0.06 (values) at equal bytes (benchmarks/frontier/README.md).
     factor_head: int | Literal["auto"] = "auto"
+    fold_tokens: int = 0
+    fold_keep: int = 32
     _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
     _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (
             "group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed", "min_tokens", "sr_chunk_size",
-            "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks",
+            "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens", "fold_keep",
         ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -247,7 +254,12 @@ class XKVConfig:
             raise ValueError(f"`decode` must be one of {list(DECODE_PATHS)} but got {self.decode!r}")
         if self.sr_chunk_size < 1:
             raise ValueError(f"`sr_chunk_size` must be >= 1 but got {self.sr_chunk_size}")
-        for name in ("sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks"):
+        if self.fold_tokens and self.fold_keep >= self.fold_tokens:
+            raise ValueError(
+                f"`fold_keep` ({self.fold_keep}) must be below `fold_tokens` ({self.fold_tokens}): a fold must fold"
+            )
+        for name in ("sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens",
+                     "fold_keep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0 but got {getattr(self, name)}")
         budget = self.sr_budget

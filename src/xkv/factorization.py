@@ -43,6 +43,11 @@ class LowRankFactors(StoredFactors):
         """Rows of the token basis."""
         return self.token_basis.shape[1]
 
+    @property
+    def num_layers(self) -> int:
+        """G, layers of the group."""
+        return self.reconstruction.shape[1]
+
     def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(batch, tokens, rank)`` token basis (the stored tensor itself when ``dtype`` matches)."""
         return self.token_basis if dtype is None else self.token_basis.to(dtype)
@@ -268,3 +273,54 @@ def relative_error(original: list[torch.Tensor], factors: LowRankFactors) -> flo
         num += float((layer.to(torch.float64) - rebuilt).pow(2).sum())
         den += float(layer.to(torch.float64).pow(2).sum())
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def as_float(factors: StoredFactors) -> LowRankFactors:
+    """Factors of any storage form as float32 :class:`LowRankFactors` with the same product (dequantized)."""
+    if isinstance(factors, LowRankFactors):
+        return factors
+    slots = [factors.matrix(slot, torch.float32) for slot in range(factors.num_layers)]
+    return LowRankFactors(factors.basis(torch.float32).contiguous(), torch.stack(slots, dim=1))
+
+
+def append_rows(factors: LowRankFactors, rows: list[torch.Tensor], rank: int) -> LowRankFactors:
+    """Fold new token rows into a group's factors: the incremental SVD of Brand (2002).
+
+    With ``A ~ U W`` (``W`` the stacked reconstruction matrices) and new rows ``X``, ``U = Q R`` (thin QR) gives
+    ``[A; X] ~ blockdiag(Q, I) [R W; X]``; the SVD of the small ``(r + m, G*D)`` matrix ``[R W; X]`` then gives the
+    factors of every row at once. At full rank this is exact; after a truncation it is the best rank-``rank``
+    approximation of the truncated old rows plus the new ones.
+
+    Args:
+        factors: the group side's factors ``(b, T, r)`` and ``(b, G, r, D)``.
+        rows: G tensors ``(b, m, D)``, the new tokens of each layer (keys pre-RoPE, or values).
+        rank: directions kept, at most ``min(r + m, G*D)``.
+
+    Returns:
+        Factors over ``T + m`` tokens (singular values split as in :func:`cross_layer_svd`), in the dtype of
+        ``factors``.
+
+    Raises:
+        ValueError: if the rows do not match the group's layers and dimension, or the rank is out of range.
+    """
+    basis, recon = factors.token_basis, factors.reconstruction
+    batch, tokens, old_rank = basis.shape
+    group_size, dim = recon.shape[1], recon.shape[-1]
+    if len(rows) != group_size or any(r.shape[0] != batch or r.shape[-1] != dim for r in rows):
+        raise ValueError(f"`rows` must be {group_size} tensors (batch={batch}, m, dim={dim})")
+    new = rows[0].shape[1]
+    bound = min(old_rank + new, group_size * dim)
+    if not 1 <= rank <= bound:
+        raise ValueError(f"`rank` must be in [1, {bound}] when folding {new} rows into rank {old_rank} but got {rank}")
+    compute = torch.float64 if basis.dtype == torch.float64 else torch.float32
+    q, r = torch.linalg.qr(basis.to(compute))  # (b, T, r), (b, r, r)
+    stacked = recon.to(compute).transpose(1, 2).reshape(batch, old_rank, group_size * dim)  # W: (b, r, G*D)
+    small = torch.cat([r @ stacked, torch.cat([x.to(compute) for x in rows], dim=-1)], dim=1)  # (b, r+m, G*D)
+    p, s, vh = torch.linalg.svd(small, full_matrices=False)
+    p, s, vh = p[..., :rank], s[..., :rank], vh[..., :rank, :]
+    root = s.sqrt()
+    u = torch.cat([q @ p[:, :old_rank], p[:, old_rank:]], dim=1) * root.unsqueeze(-2)  # (b, T+m, rank)
+    w = (root.unsqueeze(-1) * vh).reshape(batch, rank, group_size, dim).transpose(1, 2)
+    return LowRankFactors(
+        u.to(basis.dtype).contiguous(), w.to(basis.dtype).clone(memory_format=torch.contiguous_format)
+    )

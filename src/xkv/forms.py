@@ -109,6 +109,11 @@ class StoredFactors(ABC):
     def tokens(self) -> int:
         """Rows of the token basis."""
 
+    @property
+    @abstractmethod
+    def num_layers(self) -> int:
+        """G, layers of the group (one reconstruction matrix each)."""
+
     @abstractmethod
     def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(b, T, r)`` token basis, in ``dtype`` (default: the compute dtype of the form)."""
@@ -356,6 +361,11 @@ class QuantizedFactors(StoredFactors):
         """Rows of the token basis."""
         return self.bands[0].basis_values.shape[1]
 
+    @property
+    def num_layers(self) -> int:
+        """G, layers of the group."""
+        return self.bands[0].matrix_values.shape[1]
+
     def _padded(self, size: int) -> int:
         return math.ceil(size / self.fmt.group_size) * self.fmt.group_size
 
@@ -496,12 +506,11 @@ def choose_head(
         g = fmt.group_size
         return packed_bytes(tokens, size, bits, g) + packed_bytes(groups * size, dim, bits, g)
 
-    best: tuple[float, int, int] | None = None  # (error, head, rank)
-    for head in heads if heads is not None else range(0, rank + 1, fmt.group_size):
-        head = min(head, rank)
+    def fit(head: int) -> tuple[float, int, int] | None:
+        """(estimated error, head, rank) with the most int4 directions that fit after ``head`` int8 ones."""
         spent = band_bytes(head, 8)
         if spent > budget:
-            break
+            return None
         low, high = head, rank
         while low < high:  # the largest total rank whose int4 band still fits
             mid = (low + high + 1) // 2
@@ -509,10 +518,11 @@ def choose_head(
                 low = mid
             else:
                 high = mid - 1
-        total = low
-        error = float(cum[2][head] + cum[1][total] - cum[1][head]) + total_energy - float(cum[0][total])
-        if best is None or error < best[0]:
-            best = (error, head, total)
-    if best is None:  # not even the smallest head fits: all int4
-        return 0, rank
+        error = float(cum[2][head] + cum[1][low] - cum[1][head]) + total_energy - float(cum[0][low])
+        return error, head, low
+
+    tried = [fit(min(head, rank)) for head in (heads if heads is not None else range(0, rank + 1, fmt.group_size))]
+    fitting = [t for t in tried if t is not None and t[2] > 0]
+    # No head fits: all int4, at least one direction (the caller's rank check has made sure one fits).
+    best = min(fitting) if fitting else (0.0, 0, max(1, (fit(0) or (0.0, 0, 1))[2]))
     return best[1], best[2]

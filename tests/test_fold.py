@@ -1,0 +1,82 @@
+"""Folding exact tails into the factors: chunked prefills and long generations (incremental SVD)."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tests.conftest import build_tiny
+from xkv import XKVCache, XKVConfig
+from xkv.compat import cache_kwargs
+from xkv.factorization import append_rows, cross_layer_svd
+
+
+def ids(tokens, seed=0):
+    return torch.randint(0, 99, (1, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def test_append_rows_at_full_rank_equals_factoring_everything():
+    torch.manual_seed(0)
+    old = [torch.randn(2, 30, 6, dtype=torch.float64) for _ in range(3)]
+    new = [torch.randn(2, 5, 6, dtype=torch.float64) for _ in range(3)]
+    grown = append_rows(cross_layer_svd(old, 18), new, 18)
+    for slot in range(3):
+        torch.testing.assert_close(grown.layer(slot), torch.cat([old[slot], new[slot]], dim=1))
+    # Truncated: the same error as factoring all rows at that rank when the old rows were kept whole.
+    low = append_rows(cross_layer_svd(old, 18), new, 4)
+    direct = cross_layer_svd([torch.cat([o, n], dim=1) for o, n in zip(old, new, strict=True)], 4)
+    for slot in range(3):
+        torch.testing.assert_close(low.layer(slot), direct.layer(slot))
+    with pytest.raises(ValueError, match="rank"):
+        append_rows(cross_layer_svd(old, 4), new, 10)
+
+
+@torch.no_grad()
+def chunked_logits(model, cache, prompt, chunk):
+    outs = [model(part, use_cache=True, **cache_kwargs(cache)).logits for part in prompt.split(chunk, dim=1)]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("form", ["model", "int8"])
+def test_a_chunked_prefill_at_full_rank_equals_the_one_shot_prefill(form):
+    model = build_tiny("llama")
+    prompt = ids(96)
+    dense = chunked_logits(model, DynamicCache(), prompt, 96)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=16,
+                    fold_keep=4, factor_form=form)  # fmt: skip
+    cache = XKVCache(model, cfg)
+    chunked = chunked_logits(model, cache, prompt, 16)
+    tol = 1e-4 if form == "model" else 0.05
+    torch.testing.assert_close(chunked, dense, atol=tol, rtol=tol)
+    store = cache.group_stores[0]
+    assert store.prefix_len == 76 and cache.layers[0].tail()[0].shape[-2] == 4 + 16  # kept tokens + last chunk
+    # Bytes: still measured, and equal to the factors' analytic count at the folded length and ranks.
+    if form == "model":
+        report = cache.memory_report()
+        dim = cache.spec.kv_dim
+        for group in report.groups:
+            g = len(group.layers)
+            assert group.held_bytes == 4 * sum(group.tokens * r + r * g * dim for r in (group.rank_k, group.rank_v))
+
+
+def test_folding_keeps_a_long_generation_bounded_and_changes_nothing_at_full_rank():
+    model = build_tiny("llama")
+    prompt = ids(48)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=8, fold_keep=2)
+    folded = XKVCache(model, cfg)
+    out = model.generate(prompt, past_key_values=folded, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    ref = model.generate(prompt, past_key_values=DynamicCache(), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    tails = [layer.tail()[0].shape[-2] for layer in folded.layers]
+    assert max(tails) < 8 and folded.get_seq_length() == 48 + 29
+    # At a lower rank a fold re-resolves the rank for the new length and keeps the tail bounded too.
+    low = XKVCache(model, XKVConfig(**{**cfg.to_dict(), "rank_k": "2x", "rank_v": "2x"}))
+    model.generate(prompt, past_key_values=low, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert max(layer.tail()[0].shape[-2] for layer in low.layers) < 8
+    assert low.memory_report().context_compression_factor >= 2.0
+
+
+def test_fold_settings_are_checked():
+    with pytest.raises(ValueError, match="fold_keep"):
+        XKVConfig(fold_tokens=8, fold_keep=8)
+    with pytest.raises(ValueError, match="fold_tokens"):
+        XKVConfig(fold_tokens=-1)
