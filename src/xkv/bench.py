@@ -41,7 +41,11 @@ XKV_VARIANTS: dict[str, dict[str, Any]] = {
     "xkv-rsvd": {"decode": "absorb", "svd": "randomized", "svd_niter": 1},
     # The absorb path with int4 factors (int8 head from the spectrum); ranks count the packed bytes.
     "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
+    # The context fed in chunks of PREFILL_CHUNK tokens, each folded into the factors (incremental SVD).
+    "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0},
 }
+#: Tokens per forward pass of the prefill, for methods that take their context in chunks.
+PREFILL_CHUNK = {"xkv-chunked": 512}
 #: Methods ``xkv bench`` knows, in report order.
 BENCH_METHODS = ("dense", "quantized-int4", *XKV_VARIANTS)
 
@@ -180,7 +184,8 @@ def run_bench(
             cache = make_cache(model, method, config)
             with _PeakSampler() as sampler:
                 start = time.perf_counter()
-                model(prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+                for part in prompt.split(PREFILL_CHUNK.get(method, length), dim=1):
+                    model(part, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
                 prefill_s[method] = time.perf_counter() - start
             caches[method], peaks[method] = cache, (sampler.peak, sampler.peak - before)
             if on_progress:

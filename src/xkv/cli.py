@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="dense,quantized-int4,xkv-rebuild,xkv-absorb,xkv-selective",
         help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective, xkv-rsvd (randomized "
-        "SVD, one power iteration), xkv-int4 (int4 factors)",
+        "SVD, one power iteration), xkv-int4 (int4 factors), xkv-chunked (512-token prefill chunks, folded)",
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
