@@ -9,7 +9,7 @@ import pytest
 # modules of its own subpackage.
 ORDER = [
     "compat", "forms", "config", "groups", "factorization", "memory", "rope", "decode", "attention", "adapters",
-    "cache", "models",
+    "prefix", "cache", "models",
     "prompts", "generation", "baselines", "evaluation", "bench", "cli",
 ]  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "xkv"

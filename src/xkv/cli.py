@@ -1,4 +1,4 @@
-"""The ``xkv`` command line (demo, eval, report, tune, bench, config): the only module that prints."""
+"""The ``xkv`` command line (demo, eval, report, compress, ask, tune, bench, config): the only module that prints."""
 
 from __future__ import annotations
 
@@ -285,6 +285,67 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Prefill a document into an XKVCache and write it to a prefix file."""
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from xkv.cache import XKVCache
+    from xkv.generation import prefill
+    from xkv.memory import dense_kv_bytes
+    from xkv.models import load
+    from xkv.prompts import document_ids
+
+    document = Path(args.document)
+    if not document.is_file():
+        raise ValueError(f"no document at {str(document)!r}")
+    config = _load_config(args.config)
+    console = Console()
+    _quiet_library_output(args.threads)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  disable=args.quiet) as progress:  # fmt: skip
+        task = progress.add_task(f"loading {args.model}")
+        model, tokenizer = load(args.model)
+        ids = torch.tensor([document_ids(tokenizer, document.read_text())], device=model.device)
+        progress.update(task, description=f"prefill and compression of {ids.shape[1]} tokens")
+        cache = XKVCache(model, config)
+        prefill(model, ids, cache)
+        progress.update(task, description=f"writing {args.out}")
+        size = cache.save(args.out, prompt_ids=ids, tokenizer=tokenizer, model_name=args.model)
+    spec = cache.spec
+    dense = dense_kv_bytes(1, ids.shape[1], spec.num_layers, spec.kv_dim, next(model.parameters()).dtype)
+    console.print(
+        f"wrote {args.out}: {size / 2**20:.1f} MiB on disk for {ids.shape[1]} tokens; a dense cache holds "
+        f"{dense / 2**20:.1f} MiB ({dense / size:.2f}x)"
+    )
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer a question about a compressed document (a prefix file), greedily."""
+    import torch
+
+    from xkv.cache import XKVCache
+    from xkv.generation import greedy_generate
+    from xkv.models import load, stop_token_ids
+    from xkv.prefix import read
+    from xkv.prompts import question_ids
+
+    _, meta = read(args.prefix)  # refuses a file that is not ours before the model loads
+    name = args.model or meta.get("model_name")
+    if not name:
+        raise ValueError(f"{args.prefix} does not say which model wrote it: pass --model")
+    _quiet_library_output(args.threads)
+    model, tokenizer = load(name)
+    cache = XKVCache.load(args.prefix, model, tokenizer=tokenizer)
+    ids = torch.tensor([question_ids(tokenizer, args.question)], device=model.device)
+    answer = greedy_generate(model, ids, cache, args.max_new_tokens, stop_token_ids(tokenizer, name))
+    text = tokenizer.decode(answer.tokens, skip_special_tokens=True).strip()
+    print(json.dumps({"answer": text}) if args.json else text)
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search an xKV configuration for one target factor on calibration samples; write best.yaml."""
     from rich.console import Console
@@ -450,6 +511,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out (and list) kept tasks that some method has not run on every sample, e.g. a stopped run",
     )
     report.set_defaults(func=cmd_report)
+
+    compress = commands.add_parser(
+        "compress",
+        help="compress a document once into a prefix file, to ask about it later (`xkv ask`)",
+        description="Prefill a text document (as the start of a user turn) into an XKVCache and write every tensor "
+        "it holds, with metadata, to a prefix file; print its size against a dense cache.",
+    )
+    compress.add_argument("document", help="a text file")
+    compress.add_argument("--out", required=True, help="prefix file to write (e.g. doc.xkv)")
+    compress.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
+    compress.add_argument("--config", help="XKVConfig file (.yaml/.json); default: the built-in defaults")
+    compress.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    compress.add_argument("--quiet", action="store_true", help="no progress display")
+    compress.set_defaults(func=cmd_compress)
+
+    ask = commands.add_parser(
+        "ask",
+        help="answer a question about a document compressed by `xkv compress`",
+        description="Load a prefix file (checking model, weights and tokenizer), append the question and answer "
+        "greedily.",
+    )
+    ask.add_argument("prefix", help="prefix file written by `xkv compress`")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--model", help="model to load (default: the one recorded in the file)")
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
+    ask.add_argument("--json", action="store_true", help="print {'answer': ...} as JSON")
+    ask.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ask.set_defaults(func=cmd_ask)
 
     tune = commands.add_parser(
         "tune",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -65,6 +65,10 @@ class LowRankFactors(StoredFactors):
     def tensors(self) -> list[torch.Tensor]:
         """Both factors."""
         return [self.token_basis, self.reconstruction]
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Both factors, and the form ``"model"``."""
+        return {"token_basis": self.token_basis, "reconstruction": self.reconstruction}, {"form": "model"}
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LowRankFactors:
         """A copy with ``fn`` applied to both factors."""
@@ -324,3 +328,20 @@ def append_rows(factors: LowRankFactors, rows: list[torch.Tensor], rank: int) ->
     return LowRankFactors(
         u.to(basis.dtype).contiguous(), w.to(basis.dtype).clone(memory_format=torch.contiguous_format)
     )
+
+
+def from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StoredFactors:
+    """Factors of any storage form from :meth:`StoredFactors.state`'s output.
+
+    Raises:
+        ValueError: for an unknown form or a missing tensor (named).
+    """
+    form = meta.get("form")
+    if form == "model":
+        missing = [name for name in ("token_basis", "reconstruction") if name not in tensors]
+        if missing:
+            raise ValueError(f"factors in the model's dtype lack {missing}")
+        return LowRankFactors(tensors["token_basis"], tensors["reconstruction"])
+    if form in ("int8", "int4"):
+        return QuantizedFactors.from_state(tensors, meta)
+    raise ValueError(f"unknown factor form {form!r}")

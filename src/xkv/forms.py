@@ -24,6 +24,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -137,6 +138,10 @@ class StoredFactors(ABC):
     @abstractmethod
     def crop(self, length: int) -> StoredFactors:
         """A copy holding the first ``length`` token rows (copied: a view would keep every row alive)."""
+
+    @abstractmethod
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Named tensors and plain-data metadata that rebuild these factors (``xkv.factorization.from_state``)."""
 
     def layer(self, slot: int) -> torch.Tensor:
         """Rebuild the ``slot``-th layer of the group: ``(b, T, D)``."""
@@ -422,6 +427,38 @@ class QuantizedFactors(StoredFactors):
     def tensors(self) -> list[torch.Tensor]:
         """Values and scales of every band."""
         return [t for band in self.bands for t in band.tensors()]
+
+    _BAND_FIELDS = ("basis_values", "basis_scales", "matrix_values", "matrix_scales")
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Each band's values and scales, and the form, band widths, ``D`` and read dtype."""
+        tensors = {
+            f"band{j}.{name}": tensor
+            for j, band in enumerate(self.bands)
+            for name, tensor in zip(self._BAND_FIELDS, band.tensors(), strict=True)
+        }
+        meta = {
+            "form": self.fmt.form, "group_size": self.fmt.group_size, "rotation": self.fmt.rotation,
+            "bands": [[band.bits, band.size] for band in self.bands], "dim": self.dim,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }  # fmt: skip
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> QuantizedFactors:
+        """Inverse of :meth:`state`.
+
+        Raises:
+            ValueError: if a tensor is missing or the metadata does not describe quantized factors.
+        """
+        fmt = FactorFormat(meta["form"], int(meta["group_size"]), meta["rotation"])
+        bands = []
+        for j, (bits, size) in enumerate(meta["bands"]):
+            missing = [name for name in cls._BAND_FIELDS if f"band{j}.{name}" not in tensors]
+            if missing:
+                raise ValueError(f"quantized factors lack band {j}'s {missing}")
+            bands.append(Band(int(bits), int(size), *(tensors[f"band{j}.{name}"] for name in cls._BAND_FIELDS)))
+        return cls(fmt, bands, int(meta["dim"]), getattr(torch, meta["dtype"]))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedFactors:
         """A copy with ``fn`` applied to every tensor."""

@@ -184,6 +184,23 @@ def _chat_parts(tokenizer: PreTrainedTokenizerBase, question: str) -> tuple[str,
     return "", f"\n\n{question}\nAnswer:"
 
 
+def document_ids(tokenizer: PreTrainedTokenizerBase, document: str) -> list[int]:
+    """Token ids of a document as the start of a user turn (chat template if any), for a question asked later.
+
+    Together with :func:`question_ids` this is the same text as one user turn holding the document and then the
+    question, cut where the document ends: the document can be compressed once (``xkv compress``) and asked many
+    times (``xkv ask``).
+    """
+    before, _ = _chat_parts(tokenizer, "")
+    return tokenizer(before + document, add_special_tokens=False)["input_ids"]
+
+
+def question_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    """Token ids that follow :func:`document_ids`: the question, the end of the turn and the answer's opening."""
+    _, after = _chat_parts(tokenizer, question)
+    return tokenizer(after, add_special_tokens=False)["input_ids"]
+
+
 def needle_sample(
     tokenizer: PreTrainedTokenizerBase, context_tokens: int, *, seed: int = 0, depth: float | None = None
 ) -> NeedleSample:
