@@ -16,3 +16,14 @@ def test_quickstart_runs_and_answers():
     expected = next(line for line in proc.stdout.splitlines() if line.startswith("expected:")).split()[-1]
     assert proc.stdout.count(expected) >= 3  # both answers and the expected line
     assert "(4.00x, measured" in proc.stdout
+
+
+@pytest.mark.slow
+def test_kvpress_pipeline_example_answers_from_the_factors():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "kvpress_pipeline.py")], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "answer: " in proc.stdout and "8056020" in proc.stdout.split("answer: ")[1].splitlines()[0]
+    factor = float(proc.stdout.split("context: ")[1].split("x")[0])
+    assert 3.9 <= factor <= 4.1
