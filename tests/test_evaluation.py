@@ -389,3 +389,34 @@ def test_tune_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     rows = sum(len((out / d / "results.jsonl").read_text().splitlines()) for d in before if (out / d).is_dir())
     assert main(args) == 0  # a rerun resumes: no new rows
     assert rows == sum(len((out / d / "results.jsonl").read_text().splitlines()) for d in before if (out / d).is_dir())
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_rows_of_one(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [
+        "eval", "--model", str(tiny_model_dir), "--tasks", "niah_single_1,vt", "--lengths", "512",
+        "--methods", "full,xkv,quantized", "--ratios", "2,4", "--samples", "3", "--min-full-score", "0",
+        "--max-new-tokens", "3", "--quantized-axes=-1,0", "--quiet", "--threads", "1",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "xkv.cli", *args, "--out", str(two)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the rows of 2 processes, merged" in proc.stdout.replace("\n", " ")
+
+    def rows(path):
+        lines = (path / "results.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert rows(two) == rows(one)  # row for row, in the same order
+    assert not list(two.glob("results.rank*.jsonl"))
+    summary = lambda path: json.loads((path / "summary.json").read_text())  # noqa: E731
+    assert summary(two) == summary(one)

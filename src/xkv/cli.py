@@ -236,10 +236,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     from xkv.evaluation.report import write_reports
-    from xkv.evaluation.runner import Runner
+    from xkv.evaluation.runner import Runner, Shard
     from xkv.models import load, stop_token_ids
 
     plan = _eval_plan(args)  # every argument is checked before the model loads
+    shard = Shard.from_env()  # under torchrun / accelerate launch: this process's share of the samples
     console = Console()
     _quiet_library_output(args.threads)
     model, tokenizer = load(args.model)
@@ -250,7 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=args.quiet) as progress:
+    with Progress(*columns, console=console, disable=args.quiet or shard.rank != 0) as progress:
         bar = progress.add_task("evaluating", total=None)
 
         def on_row(row: dict) -> None:
@@ -260,14 +261,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
 
         stops = stop_token_ids(tokenizer, args.model)
-        runner = Runner(plan, model, tokenizer, stops, progress=on_row, model_name=args.model)
-        progress.update(bar, total=runner.total_jobs(), completed=len(runner.done))
+        runner = Runner(plan, model, tokenizer, stops, progress=on_row, model_name=args.model, shard=shard)
+        progress.update(bar, total=runner.total_jobs() // shard.world, completed=len(runner.done) // shard.world)
         rows = runner.run()
+    if shard.rank != 0:
+        return 0  # rank 0 merged the rows and writes the report
     if not rows:
         raise ValueError(f"nothing was run: no sample matched --sample {args.sample!r}")
     written = write_reports(rows, plan.out_dir, plan.min_full_score, command=args.command_line)
     console.print((plan.out_dir / "results.md").read_text())
-    console.print(f"wrote {plan.results_path}, {', '.join(written)} in {plan.out_dir}")
+    merged = f" (the rows of {shard.world} processes, merged)" if shard.world > 1 else ""
+    console.print(f"wrote {plan.results_path}{merged}, {', '.join(written)} in {plan.out_dir}")
     return 0
 
 

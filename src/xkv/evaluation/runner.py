@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -287,6 +288,68 @@ def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel evaluation (``torchrun`` / ``accelerate launch``).
+
+    Attributes:
+        rank: this process's index.
+        world: number of processes; sample ``i`` of every task runs on rank ``i % world``.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """``RANK`` and ``WORLD_SIZE`` as set by ``torchrun`` and ``accelerate launch`` (one process if unset).
+
+        Raises:
+            ValueError: for values that do not describe a process of the group.
+        """
+        try:
+            rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError as err:
+            raise ValueError(f"RANK/WORLD_SIZE must be integers: {err}") from err
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is not a process of WORLD_SIZE={world}")
+        return cls(rank, world)
+
+    def gather(self, item: Any) -> list[Any]:
+        """``item`` of every process, in rank order (``torch.distributed`` with gloo, initialised on first use)."""
+        if self.world == 1:
+            return [item]
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        items: list[Any] = [None] * self.world
+        dist.all_gather_object(items, item)
+        return items
+
+
+def canonical_order(plan: EvalPlan, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in the order one process writes them.
+
+    Full-cache rows first when screening; then by length, task, sample, method and ratio, in the plan's order.
+    """
+    methods = ["full", *(m for m in plan.methods if m != "full")]
+    seeds = {seed: i for i, seed in enumerate(plan.sample_seeds())}
+
+    def key(row: dict[str, Any]) -> tuple:
+        phase = 0 if not plan.screen or row["method"] == "full" else 1
+        return (
+            phase,
+            plan.lengths.index(int(row["length"])) if int(row["length"]) in plan.lengths else len(plan.lengths),
+            plan.tasks.index(row["task"]) if row["task"] in plan.tasks else len(plan.tasks),
+            seeds.get(row["seed"], len(seeds)),
+            methods.index(row["method"]) if row["method"] in methods else len(methods),
+            plan.ratios.index(row["target_ratio"]) if row["target_ratio"] in plan.ratios else -1,
+        )
+
+    return sorted(rows, key=key)
+
+
 class Runner:
     """Runs an :class:`EvalPlan` with one model and tokenizer.
 
@@ -307,8 +370,14 @@ class Runner:
         stop_ids: list[int],
         progress: Progress | None = None,
         model_name: str = "",
+        shard: Shard | None = None,
     ):
         self.plan = plan
+        self.shard = shard or Shard()
+        # Each process appends to a file of its own; rank 0 merges them into results.jsonl at the end.
+        self.rows_path = (
+            plan.results_path if self.shard.world == 1 else plan.out_dir / f"results.rank{self.shard.rank}.jsonl"
+        )
         self.model_name = model_name
         self.model = model
         self.tokenizer = tokenizer
@@ -318,6 +387,8 @@ class Runner:
             name: build_method(name, plan.method_options.get(name, {})) for name in {"full", *plan.methods}
         }
         rows = load_rows(plan.results_path)
+        for extra in sorted(plan.out_dir.glob("results.rank*.jsonl")) if plan.out_dir.is_dir() else []:
+            rows += load_rows(extra)  # a data-parallel run stopped before its merge
         self.done = {_row_key(row) for row in rows}
         #: The full cache's scores per (task, length), kept up to date as rows are written (screening reads them).
         self.full_scores: dict[tuple[str, int], list[float]] = {}
@@ -336,22 +407,55 @@ class Runner:
             ValueError: if ``out_dir`` holds rows of a run whose samples or answers were made differently.
         """
         self.plan.out_dir.mkdir(parents=True, exist_ok=True)
-        check_resumable(self.plan, self.model_name)
-        _end_with_newline(self.plan.results_path)
+        if self.shard.rank == 0:
+            check_resumable(self.plan, self.model_name)
+        self.shard.gather(None)  # the others wait for plan.json
+        if self.shard.rank != 0:
+            check_resumable(self.plan, self.model_name)
+        _end_with_newline(self.rows_path)
         if not self.plan.screen:
             for length in self.plan.lengths:
                 for task in self.plan.tasks:
                     self._run_task(task, length, ["full", *(name for name in self.plan.methods if name != "full")])
-            return load_rows(self.plan.results_path)
+            return self._merged()
         for length in self.plan.lengths:
             for task in self.plan.tasks:
                 self._run_task(task, length, ["full"], screening=True)
+        if self.shard.world > 1:  # every process decides on the same full-cache scores
+            self.full_scores = {}
+            for rows in self.shard.gather(load_rows(self.rows_path)):
+                for row in rows:
+                    self._note_full_score(row)
+            for row in load_rows(self.plan.results_path):
+                self._note_full_score(row)
         kept = self.kept_tasks()
         others = [name for name in self.plan.methods if name != "full"]
         for length in self.plan.lengths:
             for task in self.plan.tasks:
                 if (task, length) in kept:
                     self._run_task(task, length, others)
+        return self._merged()
+
+    def _merged(self) -> list[dict[str, Any]]:
+        """All rows; with several processes, rank 0 merges theirs into ``results.jsonl`` in one process's order.
+
+        Every process returns the merged rows (the others wait for the merge).
+        """
+        if self.shard.world == 1:
+            return load_rows(self.plan.results_path)
+        self.shard.gather(None)  # every process has written its last row
+        if self.shard.rank == 0:
+            parts = sorted(self.plan.out_dir.glob("results.rank*.jsonl"))
+            rows = load_rows(self.plan.results_path) + [row for part in parts for row in load_rows(part)]
+            unique = {_row_key(row): row for row in rows}
+            tmp = self.plan.results_path.with_name("results.jsonl.tmp")
+            tmp.write_text(
+                "".join(json.dumps(row) + "\n" for row in canonical_order(self.plan, list(unique.values())))
+            )
+            tmp.replace(self.plan.results_path)
+            for part in parts:
+                part.unlink()
+        self.shard.gather(None)  # the merge is on disk
         return load_rows(self.plan.results_path)
 
     def kept_tasks(self) -> set[tuple[str, int]]:
@@ -374,7 +478,10 @@ class Runner:
         methods = list(methods)
         seeds = self.plan.sample_seeds()
         for index, seed in enumerate(seeds):
-            if screening and self._screened_out(task, length, len(seeds)):
+            if index % self.shard.world != self.shard.rank:
+                continue  # another process's sample
+            # Each process sees only its own full-cache scores: with several, screening runs every full sample.
+            if screening and self.shard.world == 1 and self._screened_out(task, length, len(seeds)):
                 logger.info("%s at %d tokens cannot reach the full-cache threshold: screening stopped", task, length)
                 return
             encoded = generate(
@@ -458,7 +565,7 @@ class Runner:
                     }
                 )
             row["seconds"] = time.perf_counter() - start
-            with self.plan.results_path.open("a") as handle:
+            with self.rows_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             self.done.add(_row_key(row))
             self._note_full_score(row)
