@@ -262,6 +262,13 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     merged_md, own_md = (merged / "results.md").read_text(), (out / "results.md").read_text()
     assert merged_md.split("\nWritten by")[0] == own_md.split("\nWritten by")[0]
     assert merged_md.endswith(f"Written by `xkv report {out} --out {merged} --min-full-score 0`\n")
+    # The same samples in two runs count once when their results agree (e.g. the full cache every run repeats),
+    # and are refused when they do not.
+    assert main(["report", str(out), str(one_pass), "--out", str(merged), "--min-full-score", "0"]) == 0
+    assert (merged / "results.md").read_text().split("\nWritten by")[0] == own_md.split("\nWritten by")[0]
+    changed = [json.loads(line) for line in (one_pass / "results.jsonl").read_text().splitlines()]
+    changed[0]["score"] = 1.0 - changed[0]["score"]
+    (one_pass / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
     assert main(["report", str(out), str(one_pass), "--out", str(merged)]) == 2
     assert main(["report", str(tmp_path / "nothing"), "--out", str(merged)]) == 2
 

@@ -252,39 +252,48 @@ _MERGE_KEYS = ("model", "question_in_context", "max_new_tokens", "haystack_sha25
 def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     """Rows of several ``xkv eval`` output folders (e.g. one per length, run side by side), for one report.
 
+    Folders must agree on the model, question placement, answer cap and haystack, and a method run in several
+    folders must have been run with the same options in each (methods only one folder ran may differ).
+
     Raises:
-        ValueError: naming a folder without ``plan.json``/``results.jsonl``, a setting in which two folders differ
-            (model, question placement, answer cap, haystack), or a (sample, method, ratio) found in two folders.
+        ValueError: naming a folder without ``plan.json``/``results.jsonl``, a setting in which two folders differ,
+            or a (sample, method, ratio) found in two folders with different results (equal ones count once).
     """
-    rows: list[dict[str, Any]] = []
-    first: tuple[Path, dict[str, Any]] | None = None
-    seen: dict[tuple[str, str, float], Path] = {}
+    runs: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]] = []
     for run_dir in map(Path, run_dirs):
         plan_path, results_path = run_dir / "plan.json", run_dir / "results.jsonl"
         if not plan_path.is_file() or not results_path.is_file():
             raise ValueError(f"{run_dir} is not an `xkv eval` output folder (no plan.json or results.jsonl)")
-        plan = json.loads(plan_path.read_text())
-        if first is None:
-            first = (run_dir, plan)
+        runs.append((run_dir, json.loads(plan_path.read_text()), load_rows(results_path)))
+    if not runs:
+        raise ValueError("name at least one `xkv eval` output folder")
+    first_dir, first_plan, first_rows = runs[0]
+    first_methods = {row["method"] for row in first_rows}
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, float], tuple[Path, dict[str, Any]]] = {}
+    for run_dir, plan, run_rows in runs:
+        methods = {row["method"] for row in run_rows}
         for key in _MERGE_KEYS:
-            mine, theirs = plan.get(key), first[1].get(key)
+            mine, theirs = plan.get(key), first_plan.get(key)
             if key == "method_options" and mine is not None and theirs is not None:
-                # Runs may hold different methods: only methods run in both must have been run the same way.
-                mine = {name: opts for name, opts in mine.items() if name in theirs}
-                theirs = {name: opts for name, opts in theirs.items() if name in mine}
+                both = methods & first_methods  # options matter only for methods whose rows are in both
+                mine = {name: opts for name, opts in mine.items() if name in both}
+                theirs = {name: opts for name, opts in theirs.items() if name in both}
             if mine != theirs:
                 raise ValueError(
-                    f"{run_dir} was run with {key}={plan.get(key)!r} but {first[0]} with {first[1].get(key)!r}: "
+                    f"{run_dir} was run with {key}={plan.get(key)!r} but {first_dir} with {first_plan.get(key)!r}: "
                     "their rows do not belong in one report"
                 )
-        for row in load_rows(results_path):
+        for row in run_rows:
             key_ = _row_key(row)
             if key_ in seen:
-                raise ValueError(f"{run_dir} and {seen[key_]} both hold {key_}: merge runs of different samples")
-            seen[key_] = run_dir
+                # The same sample and method in two runs (e.g. the full cache, run by every folder) must agree.
+                other_dir, other = seen[key_]
+                if any(row.get(f) != other.get(f) for f in ("status", "prediction", "score", "measured_ratio")):
+                    raise ValueError(f"{run_dir} and {other_dir} both hold {key_} with different results")
+                continue
+            seen[key_] = (run_dir, row)
             rows.append(row)
-    if first is None:
-        raise ValueError("name at least one `xkv eval` output folder")
     return rows
 
 
