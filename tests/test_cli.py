@@ -38,7 +38,17 @@ def test_config_prints_checks_and_writes(tmp_path, capsys):
 
 def test_parser_has_a_subcommand_per_job():
     actions = [a for a in build_parser()._actions if a.dest == "command"]
-    assert set(actions[0].choices) == {"demo", "eval", "report", "compress", "ask", "tune", "bench", "config"}
+    assert set(actions[0].choices) == {
+        "demo",
+        "eval",
+        "report",
+        "compress",
+        "ask",
+        "analyze",
+        "tune",
+        "bench",
+        "config",
+    }
 
 
 @pytest.mark.slow

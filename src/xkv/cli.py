@@ -1,4 +1,4 @@
-"""The ``xkv`` command line (demo, eval, report, compress, ask, tune, bench, config): the only module that prints."""
+"""The ``xkv`` command line (every subcommand): the only module that prints or draws."""
 
 from __future__ import annotations
 
@@ -350,6 +350,110 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Token cosine, CKA and subspace alignment per layer pair, and energy against rank per group size."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+    from transformers import DynamicCache
+
+    from xkv.analysis import analyze_layers
+    from xkv.cache import XKVCache
+    from xkv.evaluation.runner import parse_lengths
+    from xkv.generation import prefill
+    from xkv.models import load
+    from xkv.prompts import needle_sample
+    from xkv.rope import unapply_rope
+
+    (tokens,) = parse_lengths(args.tokens) if "," not in args.tokens else (None,)
+    if tokens is None:
+        raise ValueError(f"`--tokens` takes one length but got {args.tokens!r}")
+    if args.rank < 1:
+        raise ValueError(f"`--rank` must be >= 1 but got {args.rank}")
+    out = Path(args.out)
+    console = Console()
+    _quiet_library_output(args.threads)
+    model, tokenizer = load(args.model)
+    ids = torch.tensor([needle_sample(tokenizer, tokens, seed=args.seed).context_ids], device=model.device)
+    cache = DynamicCache()
+    prefill(model, ids, cache)
+    angles = XKVCache(model).angles  # the model's own RoPE, to take keys back to pre-RoPE
+    positions = torch.arange(ids.shape[1], device=model.device).unsqueeze(0)
+    sides: dict[str, list[torch.Tensor]] = {"keys": [], "values": []}
+    for layer in cache.layers:
+        keys = layer.keys
+        if angles is not None:
+            keys = unapply_rope(keys, *angles(positions))
+        sides["keys"].append(keys[0].transpose(0, 1).reshape(ids.shape[1], -1).float())
+        sides["values"].append(layer.values[0].transpose(0, 1).reshape(ids.shape[1], -1).float())
+    results = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        for side, layers in sides.items():
+            bar = progress.add_task(side, total=len(layers) + 4)
+
+            def step(label: str, side: str = side, bar: TaskID = bar) -> None:
+                progress.update(bar, advance=1, description=f"{side}: {label}")
+
+            results[side] = analyze_layers(layers, min(args.rank, *layers[0].shape), on_progress=step)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "model": args.model, "tokens": int(ids.shape[1]), "rank": args.rank, "seed": args.seed,
+        "command": args.command_line, **{side: vars(result) for side, result in results.items()},
+    }  # fmt: skip
+    (out / "analysis.json").write_text(json.dumps(data, indent=1) + "\n")
+    written = ["analysis.json", *_plot_analysis(results, out, ids.shape[1], args.rank)]
+    for side, result in results.items():
+        n = len(result.cka)
+        adjacent = [(result.cosine[i][i + 1], result.cka[i][i + 1], result.alignment[i][i + 1]) for i in range(n - 1)]
+        mean = [sum(v[k] for v in adjacent) / len(adjacent) for k in range(3)] if adjacent else [0, 0, 0]
+        console.print(
+            f"{side}: adjacent layers: token cosine {mean[0]:.2f}, CKA {mean[1]:.2f}, top-{args.rank} subspace "
+            f"alignment {mean[2]:.2f} (means over {len(adjacent)} pairs)"
+        )
+    console.print(f"wrote {', '.join(written)} in {out}")
+    return 0
+
+
+def _plot_analysis(results: dict, out: Path, tokens: int, rank: int) -> list[str]:
+    """Heat maps (2 sides x 3 measures) and energy curves; nothing without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    titles = {"cosine": "token cosine", "cka": "linear CKA", "alignment": f"top-{rank} subspace alignment"}
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8))
+    for row, (side, result) in enumerate(results.items()):
+        for col, (name, title) in enumerate(titles.items()):
+            ax = axes[row][col]
+            image = ax.imshow(getattr(result, name), vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"{side}: {title}")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("layer")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"layer pairs on one {tokens}-token prompt (keys before RoPE)")
+    fig.tight_layout()
+    fig.savefig(out / "similarity.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (side, result) in zip(axes, results.items(), strict=True):
+        for size, curve in sorted(result.energy.items()):
+            ax.plot([(r + 1) / size for r in range(len(curve))], curve, label=f"groups of {size}")
+        ax.set_xlabel("rank per layer of the group (r / G)")
+        ax.set_ylabel("energy captured")
+        ax.set_xlim(0, 192)
+        ax.set_title(side)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "energy.png", dpi=110)
+    plt.close(fig)
+    return ["similarity.png", "energy.png"]
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Search an xKV configuration for one target factor on calibration samples; write best.yaml."""
     from rich.console import Console
@@ -543,6 +647,22 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print {'answer': ...} as JSON")
     ask.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ask.set_defaults(func=cmd_ask)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="why a shared basis works: similarity, CKA and subspace alignment per layer pair, energy per group size",
+        description="Prefill one generated document, then for pre-RoPE keys and for values compute per layer pair "
+        "the token-wise cosine, linear CKA and top-r subspace alignment, and the energy captured against rank for "
+        "groups of 1, 2, 4 and 8 layers. Writes analysis.json, similarity.png and energy.png.",
+    )
+    analyze.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
+    analyze.add_argument("--tokens", default="2k", help="document length in tokens")
+    analyze.add_argument("--rank", type=int, default=32, help="r of the subspace alignment")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the generated document")
+    analyze.add_argument("--out", default="benchmarks/analysis", help="output folder")
+    analyze.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress display")
+    analyze.set_defaults(func=cmd_analyze)
 
     tune = commands.add_parser(
         "tune",
