@@ -231,3 +231,16 @@ def test_dense_layers_stay_out_of_the_groups():
         XKVCache(model, XKVConfig(dense_layers=[0, 1, 2, 3]))
     with pytest.raises(ValueError, match="twice"):
         XKVConfig(dense_layers=[1, 1])
+
+
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_quantized_float16_factors_stay_finite_on_a_long_prefix(form):
+    torch.manual_seed(0)
+    x = torch.randn(1, 65536, 8)
+    x[..., 0] += 300  # the singular value reaches ~77,000 > float16's 65,504
+    fmt = FactorFormat(form, 4)
+    stored = cross_layer_svd([x.half()], 8).stored(fmt, 4 if form == "int4" else 0)  # int4: the dominant ones int8
+    assert stored.balance is not None and torch.isfinite(stored.matrix(0)).all()
+    rebuilt = stored.layer(0).float()
+    assert torch.isfinite(rebuilt).all() and (rebuilt - x).abs().max() / x.abs().max() < 0.1
+    assert tensor_bytes(stored.tensors()) == fmt.factor_bytes(65536, 1, 8, 8, 2, stored.head)

@@ -747,13 +747,13 @@ class XKVGroupStore(CompressedStore):
                 continue
             if side == "k" and cos is not None and sin is not None:
                 new = [unapply_rope(part, cos, sin) for part in new]
-            floating = as_float(held)
-            if floating.token_basis.dtype != self.dtype:
-                floating = LowRankFactors(floating.token_basis.to(self.dtype), floating.reconstruction.to(self.dtype))
+            floating = as_float(held)  # quantized forms: float32 (folded and quantized again without rounding)
             assert rank is not None
             grown = append_rows(floating, [flat(part) for part in new], min(rank, floating.rank + count))
+            if isinstance(held, LowRankFactors):
+                grown = LowRankFactors(grown.token_basis.to(self.dtype), grown.reconstruction.to(self.dtype))
             self.prefix_len = tokens  # `_store` sizes an int4 budget by the new length
-            stored = self._store(grown, self.setting_k if side == "k" else self.setting_v)
+            stored = self._store(grown, self.setting_k if side == "k" else self.setting_v, budget_rank=rank)
             if side == "k":
                 self.key_factors, self.rank_k = stored, stored.rank
             else:
@@ -824,11 +824,12 @@ class XKVGroupStore(CompressedStore):
             seed=config.svd_seed,
         )  # fmt: skip
 
-    def _store(self, factors: LowRankFactors, setting: ResolvedRank) -> StoredFactors:
+    def _store(self, factors: LowRankFactors, setting: ResolvedRank, budget_rank: int | None = None) -> StoredFactors:
         """``factors`` in the configured storage form.
 
-        For ``"int4"`` with a compression-factor rank, ``factors`` hold the rank that fills the byte budget at int4
-        alone; the int8 head (``factor_head``) is paid for out of that budget, so the kept rank may be lower.
+        For ``"int4"`` with a compression-factor rank, the byte budget is that of ``budget_rank`` directions at int4
+        alone (default: the rank of ``factors``, which then hold that many); the int8 head (``factor_head``) is paid
+        for out of it, so the kept rank may be lower.
         """
         fmt, head = self.config.factor_format, self.config.factor_head
         if fmt.form != "int4":
@@ -836,9 +837,11 @@ class XKVGroupStore(CompressedStore):
         if setting.kind == "factor":
             assert self.dtype is not None
             itemsize = torch.empty((), dtype=self.dtype).element_size()
-            budget = fmt.factor_bytes(self.prefix_len, self.group.size, self.spec.kv_dim, factors.rank, itemsize)
+            rank = budget_rank or factors.rank
+            budget = fmt.factor_bytes(self.prefix_len, self.group.size, self.spec.kv_dim, rank, itemsize)
             heads = None if head == "auto" else [int(head)]
-            chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, budget, heads)
+            extra = 4 if itemsize == 2 else 0  # QuantizedFactors.balance
+            chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, budget, heads, extra)
             return (factors.truncate(rank) if rank < factors.rank else factors).stored(fmt, chosen)
         return factors.stored(fmt, 0 if head == "auto" else min(int(head), factors.rank))
 
@@ -1109,7 +1112,13 @@ class XKVCache(GroupedCache):
         """
         batch, _, tokens, _ = key_states.shape
         exact = tokens < self.config.min_tokens
-        if exact:
+        if exact and self.config.fold_tokens:
+            logger.warning(
+                "first prefill of %d tokens < min_tokens=%d: kept exact, and later chunks are never folded into "
+                "factors (feed a first chunk of at least min_tokens to compress a chunked prefill)",
+                tokens, self.config.min_tokens,
+            )  # fmt: skip
+        elif exact:
             logger.info("prefill of %d tokens < min_tokens=%d: kept exact", tokens, self.config.min_tokens)
         for store in self.xkv_stores:
             store.exact_prefill = exact

@@ -280,7 +280,11 @@ def relative_error(original: list[torch.Tensor], factors: LowRankFactors) -> flo
 
 
 def as_float(factors: StoredFactors) -> LowRankFactors:
-    """Factors of any storage form as float32 :class:`LowRankFactors` with the same product (dequantized)."""
+    """Factors of any storage form as :class:`LowRankFactors` with the same product.
+
+    Factors already in that form come back unchanged (in the model's dtype); quantized ones are dequantized to
+    float32.
+    """
     if isinstance(factors, LowRankFactors):
         return factors
     slots = [factors.matrix(slot, torch.float32) for slot in range(factors.num_layers)]

@@ -20,6 +20,7 @@ Readers never ask which form they hold (:class:`StoredFactors`): they take ``bas
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,6 +34,7 @@ FACTOR_FORMS = ("model", "int8", "int4")
 #: Rotations applied before quantizing (``XKVConfig.factor_rotation``).
 FACTOR_ROTATIONS = ("none", "hadamard")
 _BITS = {"int8": 8, "int4": 4}
+logger = logging.getLogger(__name__)
 _SCALE_BYTES = 4  # float32 scales
 
 
@@ -90,7 +92,10 @@ class FactorFormat:
             return int8.factor_bytes(tokens, group_size, dim, head, itemsize) + self.factor_bytes(
                 tokens, group_size, dim, rank - head, itemsize
             )
-        return self.values_bytes(tokens, rank, itemsize) + self.values_bytes(group_size * rank, dim, itemsize)
+        balance = rank * _SCALE_BYTES if self.bits is not None and itemsize == 2 else 0  # QuantizedFactors.balance
+        return (
+            self.values_bytes(tokens, rank, itemsize) + self.values_bytes(group_size * rank, dim, itemsize) + balance
+        )
 
 
 class StoredFactors(ABC):
@@ -308,12 +313,16 @@ class QuantizedFactors(StoredFactors):
         bands: the bands in direction order.
         dim: ``D``.
         dtype: the dtype reads return by default (the model's).
+        balance: ``(b, r)`` float32 for 2-byte models, else ``None``: reads scale the basis columns by it and the
+            matrix rows by its inverse, so neither exceeds about ``sqrt(s_i)`` in float16 (``B`` alone carries the
+            singular values, which grow like ``|x| sqrt(T)``).
     """
 
     fmt: FactorFormat
     bands: list[Band]
     dim: int
     dtype: torch.dtype
+    balance: torch.Tensor | None = None
 
     @classmethod
     def from_float(
@@ -349,7 +358,12 @@ class QuantizedFactors(StoredFactors):
             for lo, hi in zip(cuts, cuts[1:], strict=False)
             if hi > lo
         ]
-        return cls(fmt, bands, matrices.shape[-1], basis.dtype)
+        factors = cls(fmt, bands, matrices.shape[-1], basis.dtype)
+        if basis.element_size() == 2:
+            rows = torch.stack([factors.matrix(s, torch.float32) for s in range(factors.num_layers)], dim=1)
+            norms = rows.pow(2).sum(dim=(1, 3)).sqrt()  # (b, r): ~s_i
+            factors.balance = norms.clamp_min(torch.finfo(torch.float32).tiny).sqrt().contiguous()
+        return factors
 
     @property
     def rank(self) -> int:
@@ -389,6 +403,9 @@ class QuantizedFactors(StoredFactors):
             dequantize_into(out[..., start : start + self._padded(band.size)], values, scales, band.bits, g, band.size)
             start += band.size
         result = out[..., : self.rank]
+        if self.balance is not None:
+            shape = (self.balance.shape[0], *[1] * (result.dim() - 2), self.rank)
+            result = result * self.balance.view(shape)
         return result.to(dtype or self.dtype) if (dtype or self.dtype) != torch.float32 else result
 
     def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -422,11 +439,14 @@ class QuantizedFactors(StoredFactors):
         result = out[..., : self.dim]
         if self.fmt.rotation == "hadamard":
             result = rotate(result, self.fmt.group_size)
+        if self.balance is not None:
+            result = result / self.balance.unsqueeze(-1)
         return result.to(dtype or self.dtype) if (dtype or self.dtype) != torch.float32 else result
 
     def tensors(self) -> list[torch.Tensor]:
-        """Values and scales of every band."""
-        return [t for band in self.bands for t in band.tensors()]
+        """Values and scales of every band (and the balance, if any)."""
+        held = [t for band in self.bands for t in band.tensors()]
+        return held + [self.balance] if self.balance is not None else held
 
     _BAND_FIELDS = ("basis_values", "basis_scales", "matrix_values", "matrix_scales")
 
@@ -437,6 +457,8 @@ class QuantizedFactors(StoredFactors):
             for j, band in enumerate(self.bands)
             for name, tensor in zip(self._BAND_FIELDS, band.tensors(), strict=True)
         }
+        if self.balance is not None:
+            tensors["balance"] = self.balance
         meta = {
             "form": self.fmt.form, "group_size": self.fmt.group_size, "rotation": self.fmt.rotation,
             "bands": [[band.bits, band.size] for band in self.bands], "dim": self.dim,
@@ -458,12 +480,13 @@ class QuantizedFactors(StoredFactors):
             if missing:
                 raise ValueError(f"quantized factors lack band {j}'s {missing}")
             bands.append(Band(int(bits), int(size), *(tensors[f"band{j}.{name}"] for name in cls._BAND_FIELDS)))
-        return cls(fmt, bands, int(meta["dim"]), getattr(torch, meta["dtype"]))
+        return cls(fmt, bands, int(meta["dim"]), getattr(torch, meta["dtype"]), tensors.get("balance"))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedFactors:
         """A copy with ``fn`` applied to every tensor."""
         bands = [band.replaced([fn(t) for t in band.tensors()]) for band in self.bands]
-        return QuantizedFactors(self.fmt, bands, self.dim, self.dtype)
+        balance = fn(self.balance) if self.balance is not None else None
+        return QuantizedFactors(self.fmt, bands, self.dim, self.dtype, balance)
 
     def crop(self, length: int) -> QuantizedFactors:
         """The first ``length`` token rows (scales are per row, so they crop with it)."""
@@ -478,7 +501,7 @@ class QuantizedFactors(StoredFactors):
             )  # fmt: skip
             for band in self.bands
         ]
-        return QuantizedFactors(self.fmt, bands, self.dim, self.dtype)
+        return QuantizedFactors(self.fmt, bands, self.dim, self.dtype, self.balance)
 
 
 def unit_columns(basis: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,7 +533,12 @@ def _direction_errors(basis: torch.Tensor, matrices: torch.Tensor, bits: int, fm
 
 
 def choose_head(
-    basis: torch.Tensor, matrices: torch.Tensor, fmt: FactorFormat, budget: int, heads: list[int] | None = None
+    basis: torch.Tensor,
+    matrices: torch.Tensor,
+    fmt: FactorFormat,
+    budget: int,
+    heads: list[int] | None = None,
+    per_direction: int = 0,
 ) -> tuple[int, int]:
     """How many leading directions an ``"int4"`` form keeps in int8, and the rank that then fits ``budget`` bytes.
 
@@ -524,6 +552,7 @@ def choose_head(
         fmt: an ``"int4"`` form.
         budget: bytes the side may hold per sequence.
         heads: the head sizes to try (default: every multiple of ``fmt.group_size`` up to ``r``).
+        per_direction: further bytes each kept direction costs (the balance of 2-byte models).
 
     Returns:
         ``(head, rank)`` with ``head <= rank <= r``.
@@ -534,14 +563,14 @@ def choose_head(
     energy = matrices32.pow(2).sum(dim=(0, 1, 3)) / batch
     err4 = _direction_errors(basis32, matrices32, 4, fmt) / batch
     err8 = _direction_errors(basis32, matrices32, 8, fmt) / batch
-    cum = [torch.cat([torch.zeros(1), x.double().cumsum(0)]) for x in (energy, err4, err8)]
+    cum = [torch.cat([torch.zeros(1, dtype=torch.float64), x.double().cpu().cumsum(0)]) for x in (energy, err4, err8)]
     total_energy = float(cum[0][-1])
 
     def band_bytes(size: int, bits: int) -> int:
         if size <= 0:
             return 0
         g = fmt.group_size
-        return packed_bytes(tokens, size, bits, g) + packed_bytes(groups * size, dim, bits, g)
+        return packed_bytes(tokens, size, bits, g) + packed_bytes(groups * size, dim, bits, g) + size * per_direction
 
     def fit(head: int) -> tuple[float, int, int] | None:
         """(estimated error, head, rank) with the most int4 directions that fit after ``head`` int8 ones."""
@@ -560,6 +589,10 @@ def choose_head(
 
     tried = [fit(min(head, rank)) for head in (heads if heads is not None else range(0, rank + 1, fmt.group_size))]
     fitting = [t for t in tried if t is not None and t[2] > 0]
+    if heads is not None and not fitting:
+        logger.warning(
+            "factor_head=%s does not fit a budget of %d bytes: all directions stored in int4", heads, budget
+        )
     # No head fits: all int4, at least one direction (the caller's rank check has made sure one fits).
     best = min(fitting) if fitting else (0.0, 0, max(1, (fit(0) or (0.0, 0, 1))[2]))
     return best[1], best[2]

@@ -34,8 +34,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None:  # where it was loaded from and the transformers version do not change the weights
+        fields = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for name, param in model.named_parameters():
         sample = param.detach().reshape(-1)[:64].float().cpu()
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())

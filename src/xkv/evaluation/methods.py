@@ -204,13 +204,18 @@ class XKVMethod(Method):
 
     def __init__(self, label: str | None = None, **options: Any):
         super().__init__(**options)
+        self.labelled = label is not None
         if label is not None:  # a method named after a config file (``--methods tuned=best.yaml``)
             self.name = label
 
     def config_for(self, factor: float) -> XKVConfig:
-        """The config run at ``factor`` (ranks from :func:`xkv_config_for`, other fields from the base config)."""
+        """The config run at ``factor`` (ranks from :func:`xkv_config_for`, other fields from the base config).
+
+        A config-file method keeps the file's ``decode``; the registered methods set their own.
+        """
         config = xkv_config_for(factor, self.options.get("config"))
-        return XKVConfig.from_dict({**config.to_dict(), **self.overrides, "decode": self.decode})
+        decode = config.decode if self.labelled else self.decode
+        return XKVConfig.from_dict({**config.to_dict(), **self.overrides, "decode": decode})
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
@@ -229,8 +234,11 @@ class XKVMethod(Method):
             details["factor_form"] = config.factor_form
             details["factor_group_size"] = config.factor_group_size
             details["factor_rotation"] = config.factor_rotation
-        if self.decode != "rebuild":
-            details["decode"] = self.decode
+        # Selective Reconstruction changes what attention sees: decode through the real cache. So do the registered
+        # absorb/selective methods (they exist to run those paths end to end); "absorb" in a config file is the
+        # rebuild path's attention (tested to 1e-4), decoded through the faster materialized copy.
+        if config.decode == "selective" or (not self.labelled and self.decode != "rebuild"):
+            details["decode"] = config.decode
             return Outcome(answer_through(ctx, cache), report.held_bytes, report.dense_bytes, details)
         # Decoding through the rebuilt dense copy is the same attention as through the cache (tests/test_cache.py).
         dense = cache.materialize()
@@ -246,7 +254,11 @@ class XKVMethod(Method):
             return XKVCache.from_dense(ctx.model, ctx.dense, config)
         # One full-rank factorization per group size serves every decode path; it is built for "selective" so it
         # holds the landmarks, which only copies that decode selectively keep (XKVGroupStore.truncated).
-        key = f"xkv:full-rank:G{config.group_size}:{config.grouping}"
+        layout = (
+            config.group_size, config.grouping, config.first_layer, config.last_layer, tuple(config.dense_layers),
+            config.compress_keys, config.compress_values,
+        )  # fmt: skip
+        key = f"xkv:full-rank:{layout}"
         full = ctx.scratch.get(key)
         if full is None:
             full_config = XKVConfig.from_dict(  # in the model's dtype: each copy quantizes its own truncation

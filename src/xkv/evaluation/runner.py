@@ -430,12 +430,11 @@ class Runner:
         for length in self.plan.lengths:
             for task in self.plan.tasks:
                 self._run_task(task, length, ["full"], screening=True)
-        if self.shard.world > 1:  # every process decides on the same full-cache scores
+        if self.shard.world > 1:  # every process decides on the same full-cache scores: all rows on disk
+            self.shard.gather(None)
             self.full_scores = {}
-            for rows in self.shard.gather(load_rows(self.rows_path)):
-                for row in rows:
-                    self._note_full_score(row)
-            for row in load_rows(self.plan.results_path):
+            parts = sorted(self.plan.out_dir.glob("results.rank*.jsonl"))
+            for row in [r for path in [self.plan.results_path, *parts] for r in load_rows(path)]:
                 self._note_full_score(row)
         kept = self.kept_tasks()
         others = [name for name in self.plan.methods if name != "full"]
@@ -450,7 +449,8 @@ class Runner:
 
         Every process returns the merged rows (the others wait for the merge).
         """
-        if self.shard.world == 1:
+        leftovers = sorted(self.plan.out_dir.glob("results.rank*.jsonl"))
+        if self.shard.world == 1 and not leftovers:
             return load_rows(self.plan.results_path)
         self.shard.gather(None)  # every process has written its last row
         if self.shard.rank == 0:

@@ -58,6 +58,16 @@ def parse_axes(spec: str | None) -> dict[str, list[Any]]:
             raise ValueError(f"tune axis {name!r}: cannot read {values!r} as {kind.__name__} values") from err
         if not axes[name]:
             raise ValueError(f"tune axis {name!r} lists no values")
+        for value in axes[name]:  # each value must make a valid config on its own
+            field = {"key_share": None}.get(name, name)
+            if field is None:
+                if value <= 0:
+                    raise ValueError(f"tune axis 'key_share' values must be > 0 but got {value}")
+                continue
+            try:
+                XKVConfig.from_dict({field: value})
+            except ValueError as err:
+                raise ValueError(f"tune axis {name!r}: {err}") from err
     if not axes:
         raise ValueError("`--axes` must name at least one axis")
     return axes

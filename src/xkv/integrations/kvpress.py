@@ -34,7 +34,9 @@ class XKVPress(BasePress):
     """Cross-layer SVD compression (xKV) in kvpress's pipeline; the answer decodes from the stored factors.
 
     One question per pipeline call: kvpress removes each answer from the cache by slicing dense layers, which the
-    compressed layers do not follow (``questions=[...]`` would see the earlier answers).
+    compressed layers do not follow (``questions=[...]`` would see the earlier answers). The model stays on the
+    ``"xkv"`` attention implementation afterwards (it computes what ``"sdpa"`` does for every other cache), since
+    the pipeline decodes after the press's block has closed.
 
     Attributes:
         config: the xKV settings (ranks, groups, decode path).
@@ -43,6 +45,11 @@ class XKVPress(BasePress):
 
     config: XKVConfig = field(default_factory=XKVConfig)
     cache: XKVCache | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.config.fold_tokens:
+            # The pipeline decodes through its DynamicCache, which never calls XKVCache's fold hook.
+            raise ValueError("XKVPress does not fold tails: use `fold_tokens=0` (kvpress answers one question)")
 
     @contextlib.contextmanager
     def __call__(self, model: nn.Module) -> Iterator[None]:
