@@ -539,6 +539,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_runtime(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """The options every model-running subcommand shares: --model, --threads and (with a display) --quiet."""
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress display")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xkv`` argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -628,10 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("document", help="a text file")
     compress.add_argument("--out", required=True, help="prefix file to write (e.g. doc.xkv)")
-    compress.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
     compress.add_argument("--config", help="XKVConfig file (.yaml/.json); default: the built-in defaults")
-    compress.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    compress.add_argument("--quiet", action="store_true", help="no progress display")
+    _model_and_runtime(compress)
     compress.set_defaults(func=cmd_compress)
 
     ask = commands.add_parser(
@@ -643,9 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prefix", help="prefix file written by `xkv compress`")
     ask.add_argument("question", help="the question")
     ask.add_argument("--model", help="model to load (default: the one recorded in the file)")
+    ask.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
     ask.add_argument("--json", action="store_true", help="print {'answer': ...} as JSON")
-    ask.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ask.set_defaults(func=cmd_ask)
 
     analyze = commands.add_parser(
@@ -655,13 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the token-wise cosine, linear CKA and top-r subspace alignment, and the energy captured against rank for "
         "groups of 1, 2, 4 and 8 layers. Writes analysis.json, similarity.png and energy.png.",
     )
-    analyze.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
     analyze.add_argument("--tokens", default="2k", help="document length in tokens")
     analyze.add_argument("--rank", type=int, default=32, help="r of the subspace alignment")
     analyze.add_argument("--seed", type=int, default=0, help="seed of the generated document")
     analyze.add_argument("--out", default="benchmarks/analysis", help="output folder")
-    analyze.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    analyze.add_argument("--quiet", action="store_true", help="no progress display")
+    _model_and_runtime(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     tune = commands.add_parser(
@@ -672,7 +676,6 @@ def build_parser() -> argparse.ArgumentParser:
         "`xkv eval` folder under --out (a rerun resumes); writes tune.json, tune.md and best.yaml.",
     )
     tune.add_argument("--target", type=float, required=True, help="compression factor to reach, e.g. 8")
-    tune.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
     tune.add_argument(
         "--tasks",
         default="niah_single_2,niah_single_1,niah_multikey_1,niah_single_3,niah_multivalue",
@@ -689,8 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--config", help="base XKVConfig file (fields outside the axes are kept)")
     tune.add_argument("--max-new-tokens", type=int, default=48, help="answer length cap")
     tune.add_argument("--out", required=True, help="output folder")
-    tune.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    tune.add_argument("--quiet", action="store_true", help="no progress display")
+    _model_and_runtime(tune)
     tune.set_defaults(func=cmd_tune)
 
     bench = commands.add_parser(
