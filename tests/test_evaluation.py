@@ -427,3 +427,10 @@ def test_two_processes_write_the_rows_of_one(tiny_model_dir, tmp_path):
     assert not list(two.glob("results.rank*.jsonl"))
     summary = lambda path: json.loads((path / "summary.json").read_text())  # noqa: E731
     assert summary(two) == summary(one)
+
+
+def test_xkv_config_for_reaches_low_factors():
+    config = xkv_config_for(1.3)
+    f_k, f_v = float(config.rank_k[:-1]), float(config.rank_v[:-1])
+    assert f_v >= 1.05 and 2 / (1 / f_k + 1 / f_v) == pytest.approx(1.3, abs=1e-2)
+    assert (xkv_config_for(4.0).rank_k, xkv_config_for(4.0).rank_v) == ("6x", "3x")

@@ -178,10 +178,14 @@ def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: floa
 
     With ``1/f_k + 1/f_v = 2/f`` and ``f_k = key_share * f_v``: ``f_v = f (1 + key_share) / (2 key_share)``.
     ``key_share`` defaults to the base config's split (:func:`key_share_of`): the default config's K@6x / V@3x gives
-    2, and at 4x this is that default again (benchmarks/defaults). Every other field comes from ``base``.
+    2, and at 4x this is that default again (benchmarks/defaults). Below 2.1x the split is narrowed to
+    ``factor / (2.1 - factor)`` at most, so values keep a factor of at least 1.05 (at 1.3x: K@1.71x / V@1.05x).
+    Every other field comes from ``base``.
     """
     base = base or XKVConfig()
     key_share = key_share_of(base) if key_share is None else key_share
+    if factor < 2.1:  # below ~2x the split is narrowed so values still get a factor of at least 1.05
+        key_share = min(key_share, factor / (2.1 - factor))
     f_v = factor * (1 + key_share) / (2 * key_share)
     f_k = key_share * f_v
     # min_tokens=0: the harness asked for this factor, so short contexts are compressed too (or reported unreachable).
