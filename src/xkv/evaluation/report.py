@@ -203,7 +203,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     lengths = list(summary["lengths"])
     if not lengths:
         return False
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7.0 * len(lengths), 4), squeeze=False)
     for ax, length in zip(axes[0], lengths, strict=True):
         by_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         for entry in summary["lengths"][length]["rows"]:
@@ -221,7 +221,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         ax.set_title(f"{length} tokens")
         ax.grid(alpha=0.3)
         if by_method:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a line
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
