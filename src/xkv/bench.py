@@ -42,7 +42,7 @@ XKV_VARIANTS: dict[str, dict[str, Any]] = {
     # The absorb path with int4 factors (int8 head from the spectrum); ranks count the packed bytes.
     "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
     # The context fed in chunks of PREFILL_CHUNK tokens, each folded into the factors (incremental SVD).
-    "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0},
+    "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0, "fold_headroom": True},
 }
 #: Tokens per forward pass of the prefill, for methods that take their context in chunks.
 PREFILL_CHUNK = {"xkv-chunked": 512}
@@ -186,6 +186,8 @@ def run_bench(
                 start = time.perf_counter()
                 for part in prompt.split(PREFILL_CHUNK.get(method, length), dim=1):
                     model(part, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+                if method in PREFILL_CHUNK:
+                    cache.fold(0)  # the last chunk too, and the factors trimmed to the target ranks
                 prefill_s[method] = time.perf_counter() - start
             caches[method], peaks[method] = cache, (sampler.peak, sampler.peak - before)
             if on_progress:

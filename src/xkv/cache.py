@@ -612,6 +612,15 @@ class XKVGroupStore(CompressedStore):
         self.selective: dict[int, SelectiveIndex] = {}
 
     # ------------------------------------------------------------------ prefill
+    def headroom_ranks(self, tokens: int) -> tuple[int | None, int | None]:
+        """Ranks a prefix of unbounded length would get, capped by what ``tokens`` tokens allow (``fold_headroom``)."""
+        assert self.dtype is not None
+        bound = min(tokens, self.group.size * self.spec.kv_dim)
+        now, long = self.check_ranks(tokens, self.dtype), self.check_ranks(1 << 40, self.dtype)
+        return tuple(  # type: ignore[return-value]
+            None if r is None or big is None else max(r, min(big, bound)) for r, big in zip(now, long, strict=True)
+        )
+
     def check_ranks(self, tokens: int, dtype: torch.dtype) -> tuple[int | None, int | None]:
         """Resolve both ranks for a prefill of ``tokens`` tokens in ``dtype`` without changing any state.
 
@@ -697,12 +706,15 @@ class XKVGroupStore(CompressedStore):
         self.rank_k, self.rank_v = self.check_ranks(self.prefix_len, self.dtype)
         keys = [self.pending_keys[s] for s in range(self.group.size)]
         values = [self.pending_values[s] for s in range(self.group.size)]
-        if self.rank_k is not None:
-            self.key_factors = self._store(self._svd(keys, self.rank_k), self.setting_k)
+        # With folding and headroom, later chunks will be folded in: keep room for directions they will need.
+        headroom = self.config.fold_headroom and self.config.fold_tokens > 0
+        room_k, room_v = self.headroom_ranks(self.prefix_len) if headroom else (self.rank_k, self.rank_v)
+        if room_k is not None:
+            self.key_factors = self._store(self._svd(keys, room_k), self.setting_k, budget_rank=room_k)
         else:
             self.exact_keys = keys
-        if self.rank_v is not None:
-            self.value_factors = self._store(self._svd(values, self.rank_v), self.setting_v)
+        if room_v is not None:
+            self.value_factors = self._store(self._svd(values, room_v), self.setting_v, budget_rank=room_v)
         else:
             self.exact_values = values
         self.pending_keys.clear()
@@ -711,7 +723,7 @@ class XKVGroupStore(CompressedStore):
         self.rank_k = self.key_factors.rank if self.key_factors is not None else None
         self.rank_v = self.value_factors.rank if self.value_factors is not None else None
 
-    def fold(self, tails: list[tuple[torch.Tensor, torch.Tensor]], count: int) -> None:
+    def fold(self, tails: list[tuple[torch.Tensor, torch.Tensor]], count: int, headroom: bool = False) -> None:
         """Fold the ``count`` oldest tail tokens of every layer into the prefix (the caller drops them from the tails).
 
         Keys are un-rotated at their positions ``prefix_len .. prefix_len + count - 1``; each factored side gets
@@ -723,12 +735,14 @@ class XKVGroupStore(CompressedStore):
         Args:
             tails: per slot, the layer's exact tail ``(keys, values)``, each ``(b, H, L, hd)``, keys post-RoPE.
             count: tokens to fold, ``1 <= count <= L``.
+            headroom: keep up to :meth:`headroom_ranks` directions instead of the new length's ranks (:meth:`trim`
+                cuts back).
         """
         assert self.is_ready and self.dtype is not None
         keys0 = tails[0][0]
         batch, heads, _, head_dim = keys0.shape
         start, tokens = self.prefix_len, self.prefix_len + count
-        rank_k, rank_v = self.check_ranks(tokens, self.dtype)
+        rank_k, rank_v = self.headroom_ranks(tokens) if headroom else self.check_ranks(tokens, self.dtype)
         cos = sin = None
         if self.angles is not None:
             positions = torch.arange(start, tokens, device=keys0.device).unsqueeze(0).expand(batch, -1)
@@ -760,6 +774,31 @@ class XKVGroupStore(CompressedStore):
                 self.value_factors, self.rank_v = stored, stored.rank
         self.prefix_len = tokens
         self.selective = {}
+
+    def trim(self) -> bool:
+        """Cut factors holding more directions than the ranks resolved at the prefix's length; whether any were cut.
+
+        Folds with ``fold_headroom`` leave such factors; a quantized side is dequantized, cut and quantized again.
+        """
+        if not self.is_ready or self.exact_prefill:
+            return False
+        assert self.dtype is not None
+        rank_k, rank_v = self.check_ranks(self.prefix_len, self.dtype)
+        cut = False
+        for side, rank in (("k", rank_k), ("v", rank_v)):
+            held = self.key_factors if side == "k" else self.value_factors
+            if held is None or rank is None or held.rank <= rank:
+                continue
+            floating = as_float(held).truncate(rank)
+            if isinstance(held, LowRankFactors):
+                floating = LowRankFactors(floating.token_basis.to(self.dtype), floating.reconstruction.to(self.dtype))
+            stored = self._store(floating, self.setting_k if side == "k" else self.setting_v, budget_rank=rank)
+            if side == "k":
+                self.key_factors, self.rank_k = stored, stored.rank
+            else:
+                self.value_factors, self.rank_v = stored, stored.rank
+            cut = True
+        return cut
 
     def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
         """A copy of this factored store keeping the first ``r`` singular directions of each side.
@@ -1150,23 +1189,59 @@ class XKVCache(GroupedCache):
         Every layer of the group then holds the same tail (the group's layers took the same tokens), so the fold
         happens before the group's first layer stores the new tokens, and all its layers see the folded prefix.
         """
-        folding, keep = self.config.fold_tokens, self.config.fold_keep
         layer = self.layers[layer_idx]
-        if not folding or not isinstance(layer, CompressedLayer) or layer.slot != 0:
+        if not self.config.fold_tokens or not isinstance(layer, CompressedLayer) or layer.slot != 0:
             return
-        store = layer.store
-        if not isinstance(store, XKVGroupStore) or not store.is_ready or store.exact_prefill:
-            return
+        if isinstance(layer.store, XKVGroupStore):
+            self._fold_group(layer.store, self.config.fold_keep, self.config.fold_tokens)
+
+    def fold(self, keep: int | None = None) -> int:
+        """Fold every factored group's exact tail into its factors now, keeping the newest ``keep`` tokens exact.
+
+        For example after a context fed in chunks (the last chunk is still exact), or before saving a long
+        conversation. Works whatever ``fold_tokens`` is; groups kept exact (a first prefill under ``min_tokens``)
+        and dense layers are left as they are. The decode scratch sized for the old prefix (RoPE table, rebuild
+        workspace) is freed; the next step builds it at the new length.
+
+        Folds here go straight to the target ranks, and factors that automatic folds left above them
+        (``fold_headroom``) are trimmed to them.
+
+        Args:
+            keep: tail tokens left exact per layer; defaults to ``config.fold_keep``.
+
+        Returns:
+            Tokens folded per layer (0 when every tail already had at most ``keep`` tokens).
+
+        Raises:
+            ValueError: for ``keep < 0``.
+        """
+        keep = self.config.fold_keep if keep is None else keep
+        if keep < 0:
+            raise ValueError(f"`keep` must be >= 0 but got {keep}")
+        folded = max((self._fold_group(store, keep, keep + 1) for store in self.xkv_stores), default=0)
+        trimmed = [store.trim() for store in self.xkv_stores]
+        if folded or any(trimmed):  # sized for the old prefix or ranks: rebuilt at the next step
+            self.runtime.workspace.reset()
+            if self.runtime.table is not None:
+                self.runtime.table.reset()
+        return folded
+
+    def _fold_group(self, store: XKVGroupStore, keep: int, at_least: int) -> int:
+        """Fold all but ``keep`` tail tokens of ``store``'s layers once their tails hold ``at_least``; tokens folded."""
+        if not store.is_ready or store.exact_prefill:
+            return 0
         members = [self.layers[i] for i in store.layers]
-        assert all(isinstance(m, CompressedLayer) for m in members)
+        if not all(isinstance(m, CompressedLayer) and _states(m) is not None for m in members):
+            return 0
         tails = [m.tail() for m in members if isinstance(m, CompressedLayer)]
         lengths = {keys.shape[-2] for keys, _ in tails}
-        if len(lengths) != 1 or (length := lengths.pop()) < folding:
-            return
-        store.fold(tails, length - keep)
+        if len(lengths) != 1 or (length := lengths.pop()) < at_least or length <= keep:
+            return 0
+        store.fold(tails, length - keep, self.config.fold_headroom)
         for member in members:
             if isinstance(member, CompressedLayer):
                 member.drop_oldest(length - keep)
+        return length - keep
 
     def with_ranks(self, config: XKVConfig) -> XKVCache:
         """A copy of this factored cache at lower ranks, without another SVD.

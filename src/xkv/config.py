@@ -164,6 +164,12 @@ class XKVConfig:
             incremental SVD (:func:`xkv.factorization.append_rows`), re-resolving the ranks at the new length; 0
             never folds (the tail grows with the generation).
         fold_keep: newest tail tokens kept exact at each fold.
+        fold_headroom: with folding on, the first factorization and every automatic fold keep the ranks a prefix of
+            unbounded length would get (for a compression factor ``f``, about ``G*D/f`` directions per side), and
+            :meth:`XKVCache.fold` trims to the ranks of the actual length. Ranks resolved at a short prefix are
+            small, and directions a fold drops are gone for good: for a context fed in chunks this keeps the early
+            chunks about as well as a one-shot prefill (benchmarks/memory/README.md), for at most ``G*D*G*D/f``
+            values per group side more until the final ``fold()``.
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
@@ -207,6 +213,7 @@ class XKVConfig:
     factor_head: int | Literal["auto"] = "auto"
     fold_tokens: int = 0
     fold_keep: int = 32
+    fold_headroom: bool = False
     _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
     _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
 
@@ -254,6 +261,8 @@ class XKVConfig:
             raise ValueError(f"`decode` must be one of {list(DECODE_PATHS)} but got {self.decode!r}")
         if self.sr_chunk_size < 1:
             raise ValueError(f"`sr_chunk_size` must be >= 1 but got {self.sr_chunk_size}")
+        if not isinstance(self.fold_headroom, bool):
+            raise ValueError(f"`fold_headroom` must be true or false but got {self.fold_headroom!r}")
         if self.fold_tokens and self.fold_keep >= self.fold_tokens:
             raise ValueError(
                 f"`fold_keep` ({self.fold_keep}) must be below `fold_tokens` ({self.fold_tokens}): a fold must fold"

@@ -37,6 +37,38 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Te
 
 
 @torch.no_grad()
+def chunked_prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache, chunk_size: int) -> torch.Tensor:
+    """Run ``input_ids`` through the model in forward passes of at most ``chunk_size`` tokens.
+
+    Each chunk attends to what ``cache`` already holds plus its own tokens, so the prefill's transients (attention
+    scores, MLP activations) scale with ``chunk_size`` instead of the whole prompt. An ``XKVCache`` with
+    ``fold_tokens`` set folds each finished chunk into its factors; call ``cache.fold(0)`` afterwards to fold the
+    last one too.
+
+    Args:
+        model: a causal LM.
+        input_ids: ``(batch, tokens)``.
+        cache: any transformers cache.
+        chunk_size: tokens per forward pass.
+
+    Returns:
+        Logits of the last position, ``(batch, vocab)``.
+
+    Raises:
+        ValueError: for ``chunk_size < 1`` or an empty prompt.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1 but got {chunk_size}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"`input_ids` must have shape (batch, tokens >= 1) but got {tuple(input_ids.shape)}")
+    logits = None
+    for part in input_ids.split(chunk_size, dim=1):
+        logits = prefill(model, part, cache)
+    assert logits is not None
+    return logits
+
+
+@torch.no_grad()
 def decode_one_token(model: nn.Module, token: torch.Tensor, cache: Cache) -> torch.Tensor:
     """One decode step: ``token`` ``(batch, 1)`` in, last logits ``(batch, vocab)`` out."""
     return prefill(model, token, cache)

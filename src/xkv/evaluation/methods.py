@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +37,7 @@ from xkv.baselines.quantized import (
 )
 from xkv.cache import XKVCache
 from xkv.config import UnreachableRatioError, XKVConfig
-from xkv.generation import prefill
+from xkv.generation import chunked_prefill, prefill
 from xkv.memory import dense_kv_bytes, tensor_bytes
 
 
@@ -300,6 +300,46 @@ class XKVInt4Method(XKVMethod):
     overrides = {"factor_form": "int4", "factor_group_size": 64}
 
 
+class XKVChunkedMethod(XKVMethod):
+    """xKV with the context fed in chunks of ``chunk_tokens`` (512), each folded into the factors on arrival.
+
+    The first chunk is factored at its end; every later chunk attends to the factored earlier ones plus itself and is
+    folded in by an incremental SVD when the next arrives (``fold_tokens`` = the chunk, ``fold_keep`` = 0), keeping the
+    ranks of an unbounded prefix meanwhile (``fold_headroom``); the last is folded and the factors trimmed to the target
+    after the prefill (``cache.fold(0)``), so the bytes measured hold no exact context. Decoded through the real cache.
+    """
+
+    name = "xkv-chunked"
+    decode = "absorb"
+    reuses_prefill = False
+    chunk_tokens: ClassVar[int] = 512
+
+    def config_for(self, factor: float) -> XKVConfig:
+        """The ``xkv`` config at ``factor`` with folding at every chunk."""
+        config = super().config_for(factor)
+        data = {**config.to_dict(), "fold_tokens": self.chunk_tokens, "fold_keep": 0, "fold_headroom": True}
+        return XKVConfig.from_dict(data)
+
+    def run(self, ctx: SampleContext, factor: float) -> Outcome:
+        """Prefill chunk by chunk through the real cache, fold the last chunk, answer through the cache."""
+        config = self.config_for(factor)
+        cache = XKVCache(ctx.model, config)
+        try:
+            logits = chunked_prefill(ctx.model, ctx.context_ids, cache, self.chunk_tokens)
+        except UnreachableRatioError as err:
+            raise UnreachableError(str(err)) from err
+        cache.fold(0)
+        report = cache.memory_report()
+        details = {
+            "group_size": config.group_size,
+            "rank_k": [g.rank_k for g in report.groups],
+            "rank_v": [g.rank_v for g in report.groups],
+            "prefill_chunk": self.chunk_tokens,
+        }
+        own = replace(ctx, last_logits=logits)
+        return Outcome(answer_through(own, cache), report.held_bytes, report.dense_bytes, details)
+
+
 class SingleLayerSVD(XKVMethod):
     """The paper's single-layer SVD baseline: xKV with G = 1."""
 
@@ -426,6 +466,7 @@ METHODS: dict[str, type[Method]] = {
         XKVSelectiveMethod,
         XKVInt8Method,
         XKVInt4Method,
+        XKVChunkedMethod,
         SingleLayerSVD,
         MiniCacheMethod,
         QuantizedMethod,
