@@ -1227,7 +1227,7 @@ class XKVCache(GroupedCache):
         return folded
 
     def _fold_group(self, store: XKVGroupStore, keep: int, at_least: int) -> int:
-        """Fold all but ``keep`` tail tokens of ``store``'s layers once their tails hold ``at_least``; tokens folded."""
+        """Fold all but ``keep`` tail tokens of ``store``'s layers once they hold ``at_least``; tokens folded."""
         if not store.is_ready or store.exact_prefill:
             return 0
         members = [self.layers[i] for i in store.layers]

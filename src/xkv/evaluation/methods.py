@@ -303,10 +303,11 @@ class XKVInt4Method(XKVMethod):
 class XKVChunkedMethod(XKVMethod):
     """xKV with the context fed in chunks of ``chunk_tokens`` (512), each folded into the factors on arrival.
 
-    The first chunk is factored at its end; every later chunk attends to the factored earlier ones plus itself and is
-    folded in by an incremental SVD when the next arrives (``fold_tokens`` = the chunk, ``fold_keep`` = 0), keeping the
-    ranks of an unbounded prefix meanwhile (``fold_headroom``); the last is folded and the factors trimmed to the target
-    after the prefill (``cache.fold(0)``), so the bytes measured hold no exact context. Decoded through the real cache.
+    The first chunk is factored at its end; every later chunk attends to the factored earlier ones plus itself and
+    is folded in by an incremental SVD when the next arrives (``fold_tokens`` = the chunk, ``fold_keep`` = 0),
+    keeping the ranks of an unbounded prefix meanwhile (``fold_headroom``); the last is folded and the factors
+    trimmed to the target after the prefill (``cache.fold(0)``), so the bytes measured hold no exact context.
+    Decoded through the real cache.
     """
 
     name = "xkv-chunked"
