@@ -1,10 +1,16 @@
-"""``xkv bench``: decode speed, prefill time, KV bytes and peak memory of every cache, side by side in one process.
+"""``xkv bench``: decode speed, prefill time, KV bytes and peak memory of every cache.
+
+Speed (:func:`run_bench`) is measured side by side in one process.
 
 For each context length every method prefills the same random-token prompt (one after another), then the decode
 steps are interleaved (one step of each method in turn), so a noisy machine slows every method alike. Reported per
 method and length: the median decode step, the prefill time, the KV bytes held after the prefill (measured from the
 tensors) and the process's resident memory: its peak while that method prefilled, and that peak above the resident
 memory just before (the prefill's transients plus the cache it keeps).
+
+Peak memory (:func:`run_peak_bench`, ``xkv bench --memory``) is measured in one fresh process per method and length:
+the kernel's high-water mark of resident memory (``VmHWM``, reset after the model is loaded), so no other method's
+allocations or freed pages can blur it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,9 +53,9 @@ XKV_VARIANTS: dict[str, dict[str, Any]] = {
     "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0, "fold_headroom": True},
 }
 #: Tokens per forward pass of the prefill, for methods that take their context in chunks.
-PREFILL_CHUNK = {"xkv-chunked": 512}
-#: Methods ``xkv bench`` knows, in report order.
-BENCH_METHODS = ("dense", "quantized-int4", *XKV_VARIANTS)
+PREFILL_CHUNK = {"dense-chunked": 512, "xkv-chunked": 512}
+#: Methods ``xkv bench`` knows, in report order ("dense-chunked": a dense cache fed in the same chunks).
+BENCH_METHODS = ("dense", "dense-chunked", "quantized-int4", *XKV_VARIANTS)
 
 
 @dataclass
@@ -119,7 +127,7 @@ def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -
     Raises:
         ValueError: for a method not in :data:`BENCH_METHODS`.
     """
-    if method == "dense":
+    if method in ("dense", "dense-chunked"):
         return DynamicCache()
     if method == "quantized-int4":
         return quantized_cache(model, 4)
@@ -127,6 +135,20 @@ def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -
         base = (config or XKVConfig()).to_dict()
         return XKVCache(model, XKVConfig.from_dict({**base, **XKV_VARIANTS[method]}))
     raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+
+
+def _prefill(model: nn.Module, method: str, prompt: torch.Tensor, cache: Any) -> None:
+    """The prompt through ``cache``: whole, or in :data:`PREFILL_CHUNK` chunks (an xKV cache then folds the last)."""
+    for part in prompt.split(PREFILL_CHUNK.get(method, prompt.shape[1]), dim=1):
+        model(part, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    if isinstance(cache, XKVCache) and method in PREFILL_CHUNK:
+        cache.fold(0)  # the last chunk too, and the factors trimmed to the target ranks
+
+
+def _prompt(model: nn.Module, length: int, seed: int) -> torch.Tensor:
+    """``(1, length)`` random tokens, the same for every method at this length and seed."""
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed + length))
 
 
 def cache_bytes(cache: Any) -> int:
@@ -170,11 +192,9 @@ def run_bench(
     for method in methods:
         if method not in BENCH_METHODS:
             raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
-    vocab = model.config.get_text_config().vocab_size
     rows: list[BenchRow] = []
     for length in lengths:
-        generator = torch.Generator().manual_seed(seed + length)
-        prompt = torch.randint(0, vocab, (1, length), generator=generator)
+        prompt = _prompt(model, length, seed)
         caches: dict[str, Any] = {}
         prefill_s: dict[str, float] = {}
         peaks: dict[str, tuple[float, float]] = {}
@@ -184,10 +204,7 @@ def run_bench(
             cache = make_cache(model, method, config)
             with _PeakSampler() as sampler:
                 start = time.perf_counter()
-                for part in prompt.split(PREFILL_CHUNK.get(method, length), dim=1):
-                    model(part, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
-                if method in PREFILL_CHUNK:
-                    cache.fold(0)  # the last chunk too, and the factors trimmed to the target ranks
+                _prefill(model, method, prompt, cache)
                 prefill_s[method] = time.perf_counter() - start
             caches[method], peaks[method] = cache, (sampler.peak, sampler.peak - before)
             if on_progress:
@@ -268,3 +285,208 @@ def write_report(rows: list[BenchRow], out_dir: str | Path, command: str) -> Pat
     fig.savefig(out / "decode_ms.png", dpi=120)
     plt.close(fig)
     return path
+
+
+@dataclass
+class PeakRow:
+    """Peak resident memory of one method at one context length, measured in a fresh process.
+
+    Attributes:
+        method: a name from :data:`BENCH_METHODS`.
+        context: prompt tokens.
+        start_mb: resident memory after the model was loaded and before the prefill (MiB).
+        prefill_peak_mb: the process's peak resident memory up to the end of the prefill (MiB).
+        peak_mb: the peak after the decode steps too (MiB).
+        kv_bytes: bytes the cache holds after the prefill (from its tensors).
+        decode_steps: decode steps run after the prefill.
+    """
+
+    method: str
+    context: int
+    start_mb: float
+    prefill_peak_mb: float
+    peak_mb: float
+    kv_bytes: int
+    decode_steps: int
+
+
+def _high_water_mb() -> float:
+    """The process's peak resident memory so far (``VmHWM``), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_high_water() -> None:
+    """Reset ``VmHWM`` to the current resident memory (Linux ``clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as err:
+        raise RuntimeError(f"cannot reset the peak resident memory (/proc/self/clear_refs): {err}") from err
+
+
+@torch.no_grad()
+def measure_peak(
+    model: nn.Module,
+    method: str,
+    length: int,
+    seed: int = 0,
+    config: XKVConfig | None = None,
+    decode_steps: int = 4,
+) -> PeakRow:
+    """Prefill a random prompt with ``method`` in this process and read its peak resident memory.
+
+    Meant for a fresh process that has only loaded ``model`` (:func:`run_peak_bench` starts one per measurement):
+    after a 16-token forward pass that pages every weight in, the peak is reset, so it covers the prefill and
+    ``decode_steps`` decode steps only. Linux only.
+
+    Raises:
+        ValueError: for an unknown method or a length below 1.
+        RuntimeError: where ``/proc/self/clear_refs`` cannot be written.
+    """
+    if length < 1:
+        raise ValueError(f"context length must be >= 1 but got {length}")
+    prompt = _prompt(model, length, seed)
+    # Touch every weight first (a loaded model may be paged in lazily at its first forward pass).
+    model(prompt[:, :16], use_cache=True, logits_to_keep=1, **cache_kwargs(DynamicCache()))
+    cache = make_cache(model, method, config)
+    _release_memory()
+    _reset_high_water()
+    start = _rss_mb()
+    _prefill(model, method, prompt, cache)
+    prefill_peak = _high_water_mb()
+    kv = cache_bytes(cache)
+    token = prompt[:, -1:]
+    for _ in range(decode_steps):
+        model(token, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    return PeakRow(method, length, start, prefill_peak, _high_water_mb(), kv, decode_steps)
+
+
+def run_peak_bench(
+    model_name: str,
+    lengths: list[int],
+    methods: list[str],
+    seed: int = 0,
+    config_path: str | None = None,
+    threads: int = 0,
+    on_progress: Callable[[str], None] | None = None,
+) -> list[PeakRow]:
+    """:func:`measure_peak` for every method and length, each in a fresh ``python -m xkv.bench`` process.
+
+    Args:
+        model_name: what :func:`xkv.models.load` takes (the child loads it).
+        lengths: context lengths in tokens.
+        methods: names from :data:`BENCH_METHODS`; ``"dense"`` is added first if missing (the reference).
+        seed: seed of the random prompt tokens.
+        config_path: xKV config file for the xKV methods.
+        threads: torch threads in each child (0: torch's default).
+        on_progress: called with a short label after each measurement.
+
+    Raises:
+        ValueError: for an unknown method or a length below 1.
+        RuntimeError: if a child process fails (its error output is in the message).
+    """
+    methods = ["dense", *[m for m in methods if m != "dense"]]
+    for method in methods:
+        if method not in BENCH_METHODS:
+            raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+    if any(length < 1 for length in lengths):
+        raise ValueError(f"context lengths must be >= 1 but got {lengths}")
+    rows = []
+    for length in lengths:
+        for method in methods:
+            command = [
+                sys.executable, "-m", "xkv.bench", "--model", model_name, "--method", method,
+                "--length", str(length), "--seed", str(seed), "--threads", str(threads),
+            ]  # fmt: skip
+            if config_path:
+                command += ["--config", config_path]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{method} at {length} tokens failed:\n{done.stderr[-2000:]}")
+            rows.append(PeakRow(**json.loads(done.stdout.strip().splitlines()[-1])))
+            if on_progress:
+                on_progress(f"{length} tokens: {method}")
+    return rows
+
+
+def write_peak_report(rows: list[PeakRow], out_dir: str | Path, command: str) -> Path:
+    """Write ``results.json``, ``results.md`` and ``peak_mb.png`` (peak against context) to ``out_dir``.
+
+    The Markdown table compares each method's peak with the dense cache's at the same length, next to half the
+    KV bytes it saves (the bar of the peak-memory issue: the peak should fall by at least that much).
+
+    Returns:
+        The Markdown file's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    dense = {r.context: r for r in rows if r.method == "dense"}
+    lines = [
+        "| context | method | KV MiB | KV saved MiB | start MiB | prefill peak MiB | peak with decode MiB "
+        "| peak below dense MiB | half the KV saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = dense.get(r.context)
+        saved = (ref.kv_bytes - r.kv_bytes) / 2**20 if ref else float("nan")
+        below = ref.peak_mb - r.peak_mb if ref else float("nan")
+        lines.append(
+            f"| {r.context} | {r.method} | {r.kv_bytes / 2**20:.1f} | {saved:.1f} | {r.start_mb:.0f} | "
+            f"{r.prefill_peak_mb:.0f} | {r.peak_mb:.0f} | {below:.0f} | {saved / 2:.0f} |"
+        )
+    lines += ["", f"Command: `{command}`", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (the eval extra)
+        return path
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        ax.plot([r.context for r in mine], [r.peak_mb for r in mine], marker="o", label=method)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("peak resident memory, MiB (fresh process)")
+    ax.set_title("Peak process memory against context length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "peak_mb.png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """One :func:`measure_peak` in this process; prints its row as one JSON line (for :func:`run_peak_bench`)."""
+    import argparse
+
+    from xkv.models import load
+
+    parser = argparse.ArgumentParser(prog="python -m xkv.bench", description=_main.__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--method", required=True, choices=BENCH_METHODS)
+    parser.add_argument("--length", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--config")
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = XKVConfig.load(args.config) if args.config else None
+    model, _ = load(args.model)
+    row = measure_peak(model, args.method, args.length, seed=args.seed, config=config)
+    sys.stdout.write(json.dumps(asdict(row)) + "\n")
+
+
+if __name__ == "__main__":
+    _main()

@@ -125,7 +125,7 @@ class CompressedStore(ABC):
         return None, None
 
     def attention_inputs(
-        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor, new_tokens: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``update`` returns at decode: by default the rebuilt prefix followed by the exact tail.
 
@@ -134,6 +134,7 @@ class CompressedStore(ABC):
             layer_idx: the model layer.
             tail_keys: ``(batch, kv_heads, tail_len, head_dim)`` post-RoPE, the new tokens last.
             tail_values: like ``tail_keys``.
+            new_tokens: how many of the tail's tokens this update brought (the queries of this step).
         """
         keys = torch.cat([self.rebuild_keys(slot), tail_keys], dim=-2)
         values = torch.cat([self.rebuild_values(slot), tail_values], dim=-2)
@@ -209,7 +210,9 @@ class CompressedLayer(CacheLayerMixin):
         attention.check_stale(getattr(self.store, "runtime", None))  # before anything of the new tokens is stored
         self.cumulative_length += key_states.shape[-2]
         tail_keys, tail_values = self._append_tail(key_states, value_states)
-        return self.store.attention_inputs(self.slot, self.store.layers[self.slot], tail_keys, tail_values)
+        return self.store.attention_inputs(
+            self.slot, self.store.layers[self.slot], tail_keys, tail_values, key_states.shape[-2]
+        )
 
     def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens into the tail's buffers, which double when full (as gpt-fast's KV buffers grow).
@@ -512,6 +515,9 @@ class GroupedCache(Cache):
 
 
 #: Settings the Selective Reconstruction index is built with: a copy at other settings cannot reuse it.
+#: Updates of up to this many tokens use the configured fast decode path; longer ones (prefill chunks, questions)
+#: the rebuild path. A 512-token chunk on the absorb path held ~75 MB of scores per layer at 4k (benchmarks/memory).
+FAST_PATH_MAX_QUERIES = 16
 _INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks")
 
 
@@ -941,14 +947,16 @@ class XKVGroupStore(CompressedStore):
         return wanted
 
     def attention_inputs(
-        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor, new_tokens: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rebuild path: prefix and tail in one reused workspace. Fast paths: the tail, plus a pending request.
 
         On the fast paths attention itself (:func:`xkv.attention.xkv_attention_forward`) reads the factors; the
-        tensors returned here are the exact tail only.
+        tensors returned here are the exact tail only. Updates of more than :data:`FAST_PATH_MAX_QUERIES` tokens
+        (a prefill chunk, a long question) take the rebuild path: it is exact, and SDPA over the rebuilt prefix
+        needs neither the fast paths' ``(queries, prefix)`` float32 score matrices nor their time.
         """
-        path = self.decode_path(slot)
+        path = self.decode_path(slot) if new_tokens <= FAST_PATH_MAX_QUERIES else "rebuild"
         if path == "rebuild":
             return self._rebuilt("k", slot, tail_keys), self._rebuilt("v", slot, tail_values)
         attend = functools.partial(self._attend, slot, path, tail_keys, tail_values)

@@ -510,7 +510,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from xkv.bench import BENCH_METHODS, run_bench, write_report
+    from xkv.bench import BENCH_METHODS, run_bench, run_peak_bench, write_peak_report, write_report
     from xkv.evaluation.runner import parse_lengths
     from xkv.models import load
 
@@ -523,19 +523,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1 but got {args.steps}")
     config = _load_config(args.config)
     console = Console()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    if args.memory:  # one fresh process per method and length
+        out = args.out or "benchmarks/memory"
+        with Progress(*columns, console=console, disable=args.quiet) as progress:
+            bar = progress.add_task("peak memory", total=len(set(methods) | {"dense"}) * len(lengths))
+            peaks = run_peak_bench(
+                args.model, lengths, methods, seed=args.seed, config_path=args.config, threads=args.threads,
+                on_progress=lambda label: progress.update(bar, advance=1, description=label),
+            )  # fmt: skip
+        path = write_peak_report(peaks, out, args.command_line)
+        console.print(path.read_text())
+        console.print(f"wrote results.json, results.md and peak_mb.png in {out}")
+        return 0
     _quiet_library_output(args.threads)
     model, _ = load(args.model)
     per_length = len(set(methods) | {"dense"}) + args.steps + 2
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         bar = progress.add_task("bench", total=per_length * len(lengths))
         rows = run_bench(
             model, lengths, methods, steps=args.steps, seed=args.seed, config=config,
             on_progress=lambda label: progress.update(bar, advance=1, description=label),
         )  # fmt: skip
-    path = write_report(rows, args.out, args.command_line)
+    out = args.out or "benchmarks/decode"
+    path = write_report(rows, out, args.command_line)
     console.print(path.read_text())
-    console.print(f"wrote results.json, results.md and decode_ms.png in {args.out}")
+    console.print(f"wrote results.json, results.md and decode_ms.png in {out}")
     return 0
 
 
@@ -707,13 +720,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="dense,quantized-int4,xkv-rebuild,xkv-absorb,xkv-selective",
         help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective, xkv-rsvd (randomized "
-        "SVD, one power iteration), xkv-int4 (int4 factors), xkv-chunked (512-token prefill chunks, folded)",
+        "SVD, one power iteration), xkv-int4 (int4 factors), xkv-chunked (512-token prefill chunks, folded), "
+        "dense-chunked (a dense cache fed the same chunks)",
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     bench.add_argument("--config", help="xKV config file (YAML/JSON) for ranks, groups and SR settings")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    bench.add_argument("--out", default="benchmarks/decode", help="output folder")
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure peak resident memory instead, one fresh process per method and length (Linux)",
+    )
+    bench.add_argument("--out", help="output folder (default: benchmarks/decode, or benchmarks/memory with --memory)")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
     bench.set_defaults(func=cmd_bench)
 
