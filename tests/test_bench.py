@@ -34,3 +34,23 @@ def test_bench_rejects_bad_arguments():
         run_bench(model, [64], ["dense", "nope"])
     with pytest.raises(ValueError, match="`steps`"):
         run_bench(model, [64], ["dense"], steps=0)
+
+
+def test_peak_memory_is_measured_per_method(tmp_path):
+    from xkv.bench import measure_peak, run_peak_bench, write_peak_report
+
+    model = build_tiny("llama", max_position_embeddings=2048)
+    config = XKVConfig(group_size=2, min_tokens=0, rank_k="4x", rank_v="4x")
+    rows = [measure_peak(model, method, 1100, config=config) for method in ("dense", "dense-chunked", "xkv-chunked")]
+    for row in rows:
+        assert row.start_mb > 0 and row.start_mb <= row.prefill_peak_mb <= row.peak_mb
+    dense, dense_chunked, chunked = rows
+    assert dense.kv_bytes == dense_chunked.kv_bytes
+    assert chunked.kv_bytes < dense.kv_bytes / 3  # the last chunk folded too: no exact context left
+    md = write_peak_report(rows, tmp_path, "xkv bench --memory").read_text()
+    assert "half the KV saved" in md and "xkv bench --memory" in md
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 3
+    with pytest.raises(ValueError, match="unknown bench method"):
+        run_peak_bench("unused", [64], ["nope"])
+    with pytest.raises(ValueError, match="context length"):
+        measure_peak(model, "dense", 0)

@@ -80,3 +80,82 @@ def test_fold_settings_are_checked():
         XKVConfig(fold_tokens=8, fold_keep=8)
     with pytest.raises(ValueError, match="fold_tokens"):
         XKVConfig(fold_tokens=-1)
+
+
+def test_fold_now_folds_every_tail_and_trims_the_headroom():
+    from xkv.generation import chunked_prefill
+
+    model = build_tiny("llama")
+    prompt = ids(96, seed=3)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="4x", rank_v="2x", decode="absorb", fold_tokens=16,
+                    fold_keep=0, fold_headroom=True)  # fmt: skip
+    cache = XKVCache(model, cfg)
+    logits = chunked_prefill(model, prompt, cache, 16)
+    assert logits.shape == (1, model.config.vocab_size)
+    store = cache.group_stores[0]
+    target = store.check_ranks(store.prefix_len, torch.float32)
+    assert (store.rank_k, store.rank_v) > target  # the headroom: more directions than the length's ranks
+    assert cache.fold(0) == 16 and cache.fold(0) == 0  # the last chunk; then nothing is left to fold
+    for store in cache.group_stores:
+        assert store.prefix_len == 96
+        assert (store.rank_k, store.rank_v) == store.check_ranks(96, torch.float32)
+    assert all(layer.tail()[0].shape[-2] == 0 for layer in cache.layers)
+    report = cache.memory_report()
+    dim = cache.spec.kv_dim
+    for group in report.groups:
+        g = len(group.layers)
+        assert group.held_bytes == 4 * sum(96 * r + r * g * dim for r in (group.rank_k, group.rank_v))
+    assert report.held_bytes == sum(g.held_bytes for g in report.groups)  # decode scratch freed by the fold
+    assert report.context_compression_factor >= 2.6
+    # Decoding goes on from the folded prefix.
+    out = model(torch.tensor([[5]]), use_cache=True, **cache_kwargs(cache)).logits
+    assert torch.isfinite(out).all() and cache.get_seq_length() == 97
+    with pytest.raises(ValueError, match="keep"):
+        cache.fold(-1)
+
+
+def test_headroom_keeps_early_chunks_closer_to_a_one_shot_prefill():
+    from xkv.generation import chunked_prefill, prefill
+
+    model = build_tiny("llama")
+    prompt = ids(128, seed=5)
+    dense = DynamicCache()
+    prefill(model, prompt, dense)
+    errors = {}
+    for headroom in (False, True):
+        cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v="3x", decode="absorb", fold_tokens=32,
+                        fold_keep=0, fold_headroom=headroom)  # fmt: skip
+        cache = XKVCache(model, cfg)
+        chunked_prefill(model, prompt, cache, 32)
+        cache.fold(0)
+        rebuilt = cache.materialize()
+        pairs = zip(rebuilt.layers, dense.layers, strict=True)
+        errors[headroom] = sum(float((a.values - b.values).norm() / b.values.norm()) for a, b in pairs)
+    assert errors[True] < errors[False]
+
+
+def test_chunked_prefill_checks_its_arguments():
+    from xkv.generation import chunked_prefill
+
+    model = build_tiny("llama")
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_prefill(model, ids(8), DynamicCache(), 0)
+    with pytest.raises(ValueError, match="input_ids"):
+        chunked_prefill(model, ids(8)[:, :0], DynamicCache(), 4)
+    with pytest.raises(ValueError, match="fold_headroom"):
+        XKVConfig(fold_headroom=2)
+
+
+def test_a_long_update_takes_the_exact_rebuild_path():
+    from xkv.cache import FAST_PATH_MAX_QUERIES
+
+    model = build_tiny("llama")
+    prompt, more = ids(64), ids(FAST_PATH_MAX_QUERIES + 4, seed=1)
+    logits = {}
+    for decode in ("rebuild", "absorb", "selective"):
+        cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="2x", decode=decode, sr_min_tokens=16)
+        cache = XKVCache(model, cfg)
+        model(prompt, use_cache=True, **cache_kwargs(cache))
+        logits[decode] = model(more, use_cache=True, **cache_kwargs(cache)).logits
+    torch.testing.assert_close(logits["absorb"], logits["rebuild"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits["selective"], logits["rebuild"], atol=1e-4, rtol=1e-4)

@@ -196,6 +196,9 @@ class CompressedLayer(CacheLayerMixin):
             exact inputs; later what the store's decode path gives attention (:meth:`CompressedStore.
             attention_inputs`: the rebuilt prefix followed by the exact tail, or on a fast path the tail alone).
         """
+        # Inference-only (like the SVD behind it): nothing the cache holds or hands back carries an autograd graph,
+        # so a forward pass outside `torch.no_grad()` works too (the rebuild's `out=` matmuls refuse graphs).
+        key_states, value_states = key_states.detach(), value_states.detach()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.cumulative_length == 0:
@@ -669,6 +672,9 @@ class XKVGroupStore(CompressedStore):
             value_states: ``(batch, kv_heads, tokens, head_dim)``.
             inputs: RoPE angles the model used, when the transformers version passes them.
         """
+        # Inference-only: factors never carry an autograd graph (a forward pass outside `torch.no_grad()` would
+        # otherwise differentiate through the SVD and refuse the rebuild's `out=` matmuls).
+        key_states, value_states = key_states.detach(), value_states.detach()
         batch, heads, tokens, head_dim = key_states.shape
         if self.pending_keys and tokens != self.prefix_len:
             raise RuntimeError(
@@ -745,6 +751,7 @@ class XKVGroupStore(CompressedStore):
                 cuts back).
         """
         assert self.is_ready and self.dtype is not None
+        tails = [(k.detach(), v.detach()) for k, v in tails]
         keys0 = tails[0][0]
         batch, heads, _, head_dim = keys0.shape
         start, tokens = self.prefix_len, self.prefix_len + count
