@@ -21,14 +21,56 @@ def owner(path: Path) -> str:
     return parts[0] if len(parts) > 1 else path.stem
 
 
-def imported_xkv_modules(path: Path) -> set[str]:
+def _package_of(path: Path) -> list[str]:
+    """``["xkv", ...]``: the package a source file belongs to."""
+    return ["xkv", *path.relative_to(SRC).parts[:-1]]
+
+
+def imported_xkv_modules(path: Path, source: str | None = None) -> set[str]:
+    """The top-level xkv modules a file imports, in every form: ``import xkv.x``, ``from xkv.x import y``,
+    ``from xkv import x`` and relative imports. ``"xkv"`` stands for the package itself (``import xkv`` or
+    ``from xkv import SomeName``), which imports the modules its ``__init__`` re-exports."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("xkv."):
-            names.add(node.module.split(".")[1])
+    top_level = {owner(p) for p in FILES} - {"__init__"}
+    for node in ast.walk(ast.parse(source if source is not None else path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = _package_of(path)[: len(_package_of(path)) - (node.level - 1)]
+                module = [*base, *(node.module.split(".") if node.module else [])]
+            else:
+                module = (node.module or "").split(".")
+            if module[0] != "xkv":
+                continue
+            if len(module) > 1:
+                names.add(module[1])
+            else:  # `from xkv import a, b`: submodules count as themselves, anything else is the package
+                names.update(a.name if a.name in top_level else "xkv" for a in node.names)
         elif isinstance(node, ast.Import):
-            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("xkv."))
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "xkv":
+                    names.add(parts[1] if len(parts) > 1 else "xkv")
     return names
+
+
+def test_the_checker_sees_every_import_form():
+    cache = SRC / "cache.py"
+    forms = {
+        "import xkv.cli": {"cli"},
+        "from xkv.cli import main": {"cli"},
+        "from xkv import cli": {"cli"},
+        "from xkv import XKVCache": {"xkv"},
+        "import xkv": {"xkv"},
+        "from .cli import main": {"cli"},
+        "from . import cli": {"cli"},
+        "def f():\n    from xkv.bench import run_bench": {"bench"},
+        "import torch": set(),
+    }
+    for source, expected in forms.items():
+        assert imported_xkv_modules(cache, source) == expected, source
+    nested = SRC / "evaluation" / "runner.py"
+    assert imported_xkv_modules(nested, "from ..cli import main") == {"cli"}
+    assert imported_xkv_modules(nested, "from .tasks import generate") == {"evaluation"}
 
 
 def test_every_module_is_placed():
@@ -40,17 +82,32 @@ def test_every_module_is_placed():
 def test_imports_only_earlier_modules(path):
     mine = owner(path)
     for name in imported_xkv_modules(path):
+        if name == "xkv":  # the package: it sits where the latest module its __init__ imports sits
+            name = max(imported_xkv_modules(SRC / "__init__.py"), key=ORDER.index)
         assert name == mine or ORDER.index(name) < ORDER.index(mine), f"{mine} imports {name}, which comes later"
 
 
+def test_a_module_under_the_package_may_not_import_it():
+    package = imported_xkv_modules(SRC / "__init__.py")
+    assert "cache" in package  # so `from xkv import XKVCache` in, say, config.py would be a cycle the test catches
+    assert ORDER.index("config") < max(ORDER.index(m) for m in package)
+
+
 def test_package_import_has_no_side_effects():
-    import logging
+    # In a fresh interpreter: in this one other test modules have imported xkv already, so nothing could change.
+    import subprocess
+    import sys
 
-    import transformers
-
-    before = dict(transformers.AttentionInterface._global_mapping)
-    handlers = list(logging.getLogger().handlers)
-    import xkv  # noqa: F401
-
-    assert dict(transformers.AttentionInterface._global_mapping) == before
-    assert logging.getLogger().handlers == handlers
+    script = (
+        "import logging, transformers\n"
+        "before = dict(transformers.AttentionInterface._global_mapping)\n"
+        "masks = dict(transformers.masking_utils.AttentionMaskInterface._global_mapping)\n"
+        "handlers = list(logging.getLogger().handlers)\n"
+        "import xkv, xkv.cache, xkv.attention\n"
+        "assert 'xkv' not in transformers.AttentionInterface._global_mapping\n"
+        "assert dict(transformers.AttentionInterface._global_mapping) == before, 'attention registry changed'\n"
+        "assert dict(transformers.masking_utils.AttentionMaskInterface._global_mapping) == masks, 'mask registry'\n"
+        "assert logging.getLogger().handlers == handlers, 'root logger handlers changed'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
