@@ -159,3 +159,24 @@ def test_a_long_update_takes_the_exact_rebuild_path():
         logits[decode] = model(more, use_cache=True, **cache_kwargs(cache)).logits
     torch.testing.assert_close(logits["absorb"], logits["rebuild"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits["selective"], logits["rebuild"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_thousand_token_generation_keeps_the_tail_and_the_bytes_bounded():
+    model = build_tiny("llama", max_position_embeddings=2048)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="2x", decode="absorb", fold_tokens=64,
+                    fold_keep=16)  # fmt: skip
+    cache = XKVCache(model, cfg)
+    with torch.no_grad():
+        model(ids(128), use_cache=True, **cache_kwargs(cache))
+        token, tails, ratios, tail_bytes = torch.tensor([[7]]), [], [], []
+        for _ in range(1000):
+            logits = model(token, use_cache=True, **cache_kwargs(cache)).logits
+            token = logits[:, -1:].argmax(-1)
+            tails.append(max(layer.tail()[0].shape[-2] for layer in cache.layers))
+            report = cache.memory_report()
+            ratios.append(report.context_compression_factor)
+            tail_bytes.append(report.tail_bytes)
+    assert cache.get_seq_length() == 1128
+    assert max(tails) == 64 and min(tails[100:]) >= 16  # folded once it holds 64, the newest 16 kept exact
+    assert min(ratios[100:]) >= 1.95  # the factors keep their 2x at every length they grow to
+    assert max(tail_bytes[500:]) <= max(tail_bytes[:200])  # the exact tail's buffers stop growing
