@@ -179,31 +179,6 @@ def test_unsupported_architecture():
         XKVCache(model)
 
 
-def test_batch_ops_crop_and_reset(tiny_llama):
-    prompt = ids(3, 30)
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
-    with torch.no_grad():
-        tiny_llama(prompt, past_key_values=cache)
-        tiny_llama(ids(3, 2, seed=4), past_key_values=cache)
-        reference = cache.materialize()
-    cache.reorder_cache(torch.tensor([2, 0, 1]))
-    torch.testing.assert_close(cache.materialize().layers[1].keys, reference.layers[1].keys[[2, 0, 1]])
-    cache.batch_select_indices(torch.tensor([1]))
-    torch.testing.assert_close(cache.materialize().layers[3].values, reference.layers[3].values[[0]])
-    cache.batch_repeat_interleave(2)
-    assert cache.materialize().layers[0].keys.shape[0] == 2
-    cache.crop(31)
-    assert cache.get_seq_length() == 31 and cache.layers[0].keys.shape[-2] == 1
-    cache.crop(-11)
-    assert cache.get_seq_length() == 20 and cache.group_stores[0].prefix_len == 20
-    torch.testing.assert_close(cache.materialize().layers[2].keys, reference.layers[2].keys[[0, 0], :, :20])
-    cache.reset()
-    assert cache.get_seq_length() == 0 and cache.memory_report().held_bytes == 0
-    with torch.no_grad():
-        tiny_llama(ids(1, 12), past_key_values=cache)
-    assert cache.get_seq_length() == 12
-
-
 def test_randomized_svd_cache_runs(tiny_llama):
     cache = XKVCache(
         tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="3x", svd="randomized", decode="rebuild")

@@ -229,27 +229,17 @@ def test_for_compression_factor(tiny_llama):
         MiniCache.for_compression_factor(tiny_llama, 1.3, tokens=0)
 
 
-def test_generate_batch_ops_crop_and_reset(tiny_llama):
-    prompt = ids(3, 30)
+def test_crop_inside_the_merged_prefix_merges_again(tiny_llama):
+    # The Cache behaviours every class shares are in tests/test_cache_contract.py; this is MiniCache's own part.
     cache = MiniCache(tiny_llama, MiniCacheConfig(start_layer=2))
     with torch.no_grad():
-        out = tiny_llama.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
-    assert out.shape == (3, 34) and cache.get_seq_length() == 33
+        tiny_llama.generate(ids(3, 30), max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
     reference = cache.materialize()
-    cache.reorder_cache(torch.tensor([2, 0, 1]))
-    torch.testing.assert_close(cache.materialize().layers[3].keys, reference.layers[3].keys[[2, 0, 1]])
-    cache.batch_select_indices(torch.tensor([1]))
-    torch.testing.assert_close(cache.materialize().layers[2].values, reference.layers[2].values[[0]])
-    cache.crop(31)  # inside the tail
-    assert cache.get_seq_length() == 31 and cache.layers[2].keys.shape[-2] == 1
     cache.crop(20)  # inside the merged prefix: merged again at 20 tokens, equal up to rounding
     assert cache.get_seq_length() == 20 and cache.stores[0].keys.directions.shape[-2] == 20
     assert cache.stores[0].keys.retained_indices.shape[-1] == retained_count(20, 0.05)
-    torch.testing.assert_close(
-        cache.materialize().layers[2].keys, reference.layers[2].keys[[0], :, :20], rtol=0, atol=1e-5
-    )
-    cache.reset()
-    assert cache.get_seq_length() == 0 and cache.memory_report().held_bytes == 0
+    cropped = cache.materialize().layers[2].keys
+    torch.testing.assert_close(cropped, reference.layers[2].keys[:, :, :20], rtol=0, atol=1e-5)
 
 
 def test_decode_before_the_pair_is_merged_raises(tiny_llama):

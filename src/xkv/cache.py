@@ -372,11 +372,11 @@ class GroupedCache(Cache):
 
     def reset(self) -> None:
         """Drop every stored token; the cache can be reused for a new prompt."""
-        for layer in self.layers:
-            layer.reset()
-            states = _states(layer)
-            if isinstance(layer, DynamicLayer) and states is not None:
-                layer.keys, layer.values = _emptied(states[0]), _emptied(states[1])
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, DynamicLayer):  # a fresh layer: the next prompt may have another batch size
+                self.layers[i] = DynamicLayer()
+            else:
+                layer.reset()
         for store in self.stores:
             store.reset()
 
