@@ -2,10 +2,16 @@ import pytest
 import torch
 import transformers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -24,8 +30,15 @@ TINY = {
     "max_position_embeddings": 512,
 }
 
+#: Gemma: 6 layers alternating sliding-window (16 tokens) and full attention, so prompts outgrow the window and the
+#: three full-attention layers form groups of their own.
+_GEMMA = {"head_dim": 8, "num_hidden_layers": 6, "sliding_window": 16}
+_ALTERNATING = ["sliding_attention", "full_attention"] * 3
 TINY_FAMILIES = {
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**_GEMMA, "layer_types": _ALTERNATING}),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {**_GEMMA, "layer_types": _ALTERNATING}),
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),

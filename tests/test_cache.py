@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache
 
 from tests.conftest import TINY_FAMILIES, build_tiny
-from xkv import XKVCache, XKVConfig
+from xkv import XKVCache, XKVConfig, tensor_bytes
 from xkv.compat import cache_kwargs
 
 FULL = {"rank_k": 1.0, "rank_v": 1.0}
@@ -175,7 +175,7 @@ def test_unsupported_architecture():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(NotImplementedError, match=r"gpt2.*supported: \['llama', 'mistral', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(NotImplementedError, match=r"gpt2.*supported: \['gemma2', 'gemma3_text', 'llama', 'mistral'"):
         XKVCache(model)
 
 
@@ -267,3 +267,25 @@ def test_with_ranks_equals_factoring_at_those_ranks(tiny_llama):
         full.with_ranks(XKVConfig(min_tokens=0, group_size=4))
     with pytest.raises(ValueError, match="rank_k` for group 0 is 9 but only rank 6 is held"):
         lowered.with_ranks(XKVConfig(min_tokens=0, group_size=2, rank_k=9, rank_v=5))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_full_rank_matches_the_models_own_cache_over_twenty_steps(family):
+    model = build_tiny(family)
+    own = DynamicCache(config=model.config)  # what generate() builds: sliding-window layers where the model has them
+    xkv = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, decode="absorb", **FULL))
+    with torch.no_grad():
+        expected, got = (model(ids(1, 40), **cache_kwargs(c)).logits for c in (own, xkv))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        for _ in range(20):
+            token = expected[:, -1:].argmax(-1)
+            expected, got = (model(token, **cache_kwargs(c)).logits for c in (own, xkv))
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    report = xkv.memory_report()
+    sliding = set(xkv.spec.sliding_layers)
+    assert all(not sliding & set(g.layers) for g in report.groups)  # a group never holds a sliding-window layer
+    if sliding:  # those keep transformers' window-bounded layer, and the reference counts what the model keeps
+        window = model.config.sliding_window
+        assert all(xkv.layers[i].sliding_window == window for i in sliding)
+        held = tensor_bytes(t for i in sliding for t in (own.layers[i].keys, own.layers[i].values))
+        assert report.dense_layer_bytes == held  # measured the same way as the model's own layers

@@ -275,3 +275,8 @@ def test_start_layer_type_and_range_are_checked(tiny_llama):
     with pytest.raises(ValueError, match=r"`start_layer` must be in \[0, 2\] for a model with 4 layers but got 3"):
         MiniCache(tiny_llama, MiniCacheConfig(start_layer=3))
     assert MiniCache(tiny_llama).start_layer == 2  # default: the second half of the layers
+
+
+def test_models_with_sliding_window_layers_are_refused():
+    with pytest.raises(NotImplementedError, match="sliding-window layers"):
+        MiniCache(build_tiny("gemma2"))

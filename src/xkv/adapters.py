@@ -1,9 +1,11 @@
 """What xkv needs to know about a model's attention, per architecture: layer count, KV shape and RoPE module.
 
 Architectures are listed by ``config.model_type``. Each one listed here applies RoPE to keys before
-``Cache.update`` (so keys are un-rotated for factoring and rotated again when rebuilt) and uses full attention in
-every layer. Architectures with sliding-window layers (Gemma 2/3), a fused latent (DeepSeek MLA) or no entry here
-raise :class:`NotImplementedError` until they have an adapter (ROADMAP, item 3).
+``Cache.update`` (so keys are un-rotated for factoring and rotated again when rebuilt). Sliding-window layers
+(Gemma 2 and 3, or any model whose ``layer_types`` name them) are never factored: they keep transformers' own
+sliding-window cache layer, bounded by the window, and groups are formed over the full-attention layers only, so a
+group never mixes the two kinds. Gemma 3 rotates its two kinds with different RoPE bases; xkv uses the full-attention
+one. A fused latent (DeepSeek MLA) or a model without an entry here raises :class:`NotImplementedError`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ from torch import nn
 
 #: model_type -> attribute path of the rotary module from the model's base (``model.model``).
 _ROTARY_PATHS: dict[str, str] = {
+    "gemma2": "rotary_emb",
+    "gemma3_text": "rotary_emb",
     "llama": "rotary_emb",
     "mistral": "rotary_emb",
+    "phi3": "rotary_emb",
     "qwen2": "rotary_emb",
     "qwen3": "rotary_emb",
 }
+#: model_type -> the ``layer_type`` argument its rotary module takes for full-attention layers (one module, one RoPE
+#: base per layer kind).
+_ROTARY_LAYER_TYPE: dict[str, str] = {"gemma3_text": "full_attention"}
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ROTARY_PATHS))
 
@@ -37,6 +45,10 @@ class ModelSpec:
         num_kv_heads: key/value heads per layer.
         head_dim: features per head.
         rotary_emb: the module producing RoPE cos/sin from ``(x, position_ids)``; ``None`` if keys carry no RoPE.
+        rotary_layer_type: a third argument for ``rotary_emb`` (Gemma 3: ``"full_attention"``), or ``None``.
+        sliding_layers: layers with sliding-window attention (never factored; they keep a sliding-window layer).
+        sliding_window: their window in tokens, or ``None`` without such layers.
+        attention_softcap: the attention-logit softcapping (Gemma 2: ``tanh(s / c) * c``), or ``None``.
     """
 
     model_type: str
@@ -44,6 +56,10 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     rotary_emb: nn.Module | None
+    rotary_layer_type: str | None = None
+    sliding_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None
+    attention_softcap: float | None = None
 
     @property
     def kv_dim(self) -> int:
@@ -70,13 +86,26 @@ def describe_model(model: nn.Module) -> ModelSpec:
         raise NotImplementedError(
             f"xkv has no adapter for model_type {model_type!r} yet; supported: {list(SUPPORTED_MODEL_TYPES)}"
         )
-    if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
-        layer_types = getattr(text_config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError(
-                f"{model_type} with sliding-window layers is not supported yet: layer_types={sorted(set(layer_types))}"
-            )
-    rope_type = (getattr(text_config, "rope_parameters", None) or {}).get("rope_type", "default")
+    layer_types = list(getattr(text_config, "layer_types", None) or [])
+    window = getattr(text_config, "sliding_window", None)
+    if not getattr(text_config, "use_sliding_window", True):
+        window = None
+    sliding = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention") if window else ()
+    unknown = sorted({kind for kind in layer_types} - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise NotImplementedError(f"{model_type} with layer types {unknown} is not supported")
+    if window and not layer_types:
+        raise NotImplementedError(
+            f"{model_type} with sliding_window={window} and no `layer_types` (every layer sliding) is not supported: "
+            "set sliding_window=None, or use_sliding_window=False, to run it with full attention"
+        )
+    if len(sliding) == text_config.num_hidden_layers:
+        raise NotImplementedError(f"{model_type}: every layer uses sliding-window attention, none to compress")
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    layer_type = _ROTARY_LAYER_TYPE.get(model_type)
+    if layer_type is not None and isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
+    rope_type = rope.get("rope_type", "default")
     if rope_type in _POSITION_DEPENDENT_ROPE:
         # These recompute RoPE's frequencies from the current length, so a prefix rotated again later would not
         # match the rotation its keys were cached with.
@@ -93,6 +122,10 @@ def describe_model(model: nn.Module) -> ModelSpec:
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         rotary_emb=rotary,
+        rotary_layer_type=layer_type,
+        sliding_layers=sliding,
+        sliding_window=window if sliding else None,
+        attention_softcap=getattr(text_config, "attn_logit_softcapping", None),
     )
 
 

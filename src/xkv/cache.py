@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from xkv import attention, prefix
 from xkv.adapters import ModelSpec, describe_model
@@ -311,11 +311,18 @@ class GroupedCache(Cache):
     def __init__(self, spec: ModelSpec, stores: Sequence[CompressedStore]):
         self.spec = spec
         self.stores = list(stores)
-        layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(spec.num_layers)]
+        layers: list[CacheLayerMixin] = [self._dense_layer(i) for i in range(spec.num_layers)]
         for store in stores:
             for slot, layer_idx in enumerate(store.layers):
                 layers[layer_idx] = CompressedLayer(store, slot)
         super().__init__(layers=layers)
+
+    def _dense_layer(self, layer_idx: int) -> CacheLayerMixin:
+        """A new uncompressed layer: transformers' sliding-window layer for sliding-window attention, else dynamic."""
+        if layer_idx in self.spec.sliding_layers:
+            assert self.spec.sliding_window is not None
+            return DynamicSlidingWindowLayer(self.spec.sliding_window)
+        return DynamicLayer()
 
     def update(
         self,
@@ -342,13 +349,13 @@ class GroupedCache(Cache):
         if inputs.position_ids is not None:
             merged["position_ids"] = inputs.position_ids
         if all(layer.get_seq_length() == 0 for layer in self.layers):
-            self.begin_prefill(key_states, inputs)  # the first update of the first prefill, whichever layer
+            self.begin_prefill(key_states, inputs, layer_idx)  # the first update of the first prefill, any layer
         else:
             self.before_update(layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, merged)
 
-    def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
-        """Called before the first layer's first update; check everything here so nothing is half-written."""
+    def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs, layer_idx: int = 0) -> None:
+        """Runs before the first prefill's first update (at ``layer_idx``): check all, so nothing is half-written."""
 
     def before_update(self, layer_idx: int) -> None:
         """Called before every later update of ``layer_idx``, before it stores anything (e.g. to fold tails)."""
@@ -364,7 +371,11 @@ class GroupedCache(Cache):
             return layer.get_mask_sizes(cache_position)
         if isinstance(cache_position, torch.Tensor):
             return layer.get_mask_sizes(cache_position)
-        return layer.get_seq_length() + int(cache_position), 0
+        queries, seen = int(cache_position), layer.get_seq_length()
+        if isinstance(layer, DynamicSlidingWindowLayer):  # what transformers' own sliding layer reports
+            window = layer.sliding_window
+            return min(seen, window - 1) + queries, max(seen - window + 1, 0)
+        return seen + queries, 0
 
     def get_max_length(self) -> int:
         """No maximum length (transformers >= 5.23 name)."""
@@ -374,7 +385,7 @@ class GroupedCache(Cache):
         """Drop every stored token; the cache can be reused for a new prompt."""
         for i, layer in enumerate(self.layers):
             if isinstance(layer, DynamicLayer):  # a fresh layer: the next prompt may have another batch size
-                self.layers[i] = DynamicLayer()
+                self.layers[i] = self._dense_layer(i)
             else:
                 layer.reset()
         for store in self.stores:
@@ -458,8 +469,18 @@ class GroupedCache(Cache):
         report.table_bytes, report.workspace_bytes = self._decode_bytes()
         report.held_bytes = sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.dense_layer_bytes
         report.held_bytes += report.table_bytes + report.workspace_bytes
-        report.dense_bytes = sum(dense_kv_bytes(batch, layer.get_seq_length(), 1, dim, dtype) for layer in self.layers)
+        # The model's own cache: a sliding-window layer keeps at most `window - 1` tokens.
+        report.dense_bytes = sum(
+            dense_kv_bytes(batch, self._own_cache_tokens(layer), 1, dim, dtype) for layer in self.layers
+        )
         return report
+
+    @staticmethod
+    def _own_cache_tokens(layer: CacheLayerMixin) -> int:
+        """Tokens the model's own cache would hold for ``layer``."""
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            return min(layer.get_seq_length(), layer.sliding_window - 1)
+        return layer.get_seq_length()
 
     def _decode_bytes(self) -> tuple[int, int]:
         """``(table bytes, workspace bytes)`` the decode paths hold; none in this base class."""
@@ -1083,6 +1104,11 @@ class XKVGroupStore(CompressedStore):
         self._reset_state()
 
 
+def _kept_dense(config: XKVConfig, spec: ModelSpec) -> tuple[int, ...]:
+    """Layers outside every group: ``config.dense_layers`` and the model's sliding-window layers."""
+    return tuple(sorted(set(config.dense_layers) | set(spec.sliding_layers)))
+
+
 class XKVCache(GroupedCache):
     """KV-cache that keeps the context as cross-layer SVD factors (xKV, arXiv 2503.18893).
 
@@ -1109,11 +1135,16 @@ class XKVCache(GroupedCache):
             self.config.grouping,
             self.config.first_layer,
             self.config.last_layer,
-            self.config.dense_layers,
+            _kept_dense(self.config, spec),
         )
-        self.angles = RotaryAngles(spec.rotary_emb) if spec.rotary_emb is not None else None
+        self.angles = RotaryAngles(spec.rotary_emb, spec.rotary_layer_type) if spec.rotary_emb is not None else None
         # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
-        fast = self.config.decode != "rebuild" and attention.enable(model)
+        fast = self.config.decode != "rebuild" and spec.attention_softcap is None and attention.enable(model)
+        if self.config.decode != "rebuild" and spec.attention_softcap is not None:
+            logger.info(
+                "%s caps attention logits (attn_logit_softcapping=%s), which the fast paths do not: decoding with "
+                "the lean rebuild", spec.model_type, spec.attention_softcap,
+            )  # fmt: skip
         self.runtime = DecodeRuntime(fast, PrefixAngles(self.angles) if self.angles is not None else None)
         self.xkv_stores = [
             XKVGroupStore(group, self.config, len(self.groups), spec, self.angles, self.runtime)
@@ -1156,7 +1187,7 @@ class XKVCache(GroupedCache):
                     f"(group_size * kv_heads * head_dim) but got {int(setting.value)}"
                 )
 
-    def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs) -> None:
+    def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs, layer_idx: int = 0) -> None:
         """Check ranks and RoPE positions before anything is stored (nothing is half-written on error).
 
         Raises:
@@ -1185,8 +1216,11 @@ class XKVCache(GroupedCache):
                 "XKVCache needs RoPE positions 0..T-1 for every sequence of the first prefill; got other "
                 "`position_ids` (left-padded batches and custom positions are not supported yet)"
             )
-        if inputs.cos is not None and inputs.sin is not None and self.angles is not None:
-            cos, sin = self.angles(expected)
+        angles = self.angles
+        if angles is not None and self.spec.rotary_layer_type and layer_idx in self.spec.sliding_layers:
+            angles = RotaryAngles(angles.rotary_emb, "sliding_attention")  # that layer's own RoPE base (Gemma 3)
+        if inputs.cos is not None and inputs.sin is not None and angles is not None:
+            cos, sin = angles(expected)
             tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
             given_cos, given_sin = inputs.cos.float(), inputs.sin.float()
             if given_cos.shape[-2:] != cos.shape[-2:] or not (
@@ -1270,7 +1304,7 @@ class XKVCache(GroupedCache):
         """
         groups = build_groups(
             self.spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer,
-            config.dense_layers,
+            _kept_dense(config, self.spec),
         )  # fmt: skip
         if [g.layers for g in groups] != [g.layers for g in self.groups]:
             raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")

@@ -65,16 +65,19 @@ class RotaryAngles:
 
     Args:
         rotary_emb: the model's rotary module (``model.model.rotary_emb``), called as ``rotary_emb(x, position_ids)``.
+        layer_type: passed as a third argument where one module serves several layer kinds (Gemma 3).
     """
 
-    def __init__(self, rotary_emb: nn.Module):
+    def __init__(self, rotary_emb: nn.Module, layer_type: str | None = None):
         self.rotary_emb = rotary_emb
+        self.layer_type = layer_type
 
     @torch.no_grad()
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cos and sin, each ``(batch, tokens, rot_dim)`` float32, for ``position_ids`` ``(batch, tokens)``."""
         probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
-        cos, sin = self.rotary_emb(probe, position_ids)
+        extra = () if self.layer_type is None else (self.layer_type,)
+        cos, sin = self.rotary_emb(probe, position_ids, *extra)
         return cos.float(), sin.float()
 
 

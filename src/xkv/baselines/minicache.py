@@ -439,6 +439,11 @@ class MiniCache(GroupedCache):
     def __init__(self, model: nn.Module, config: MiniCacheConfig | None = None):
         self.config = config or MiniCacheConfig()
         self.spec = describe_model(model)
+        if self.spec.sliding_layers:
+            raise NotImplementedError(
+                f"MiniCache merges adjacent layer pairs, and {self.spec.model_type} alternates sliding-window layers "
+                f"{list(self.spec.sliding_layers)} with full-attention ones: a pair would mix the two kinds"
+            )
         num_layers = self.spec.num_layers
         self.start_layer = self.config.resolve_start_layer(num_layers)
         stores = [
