@@ -244,8 +244,9 @@ def test_length_dependent_rope_is_refused():
 
 def test_with_ranks_equals_factoring_at_those_ranks(tiny_llama):
     prompt, turn = ids(1, 60), ids(1, 3, seed=8)
-    full = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0))
-    target = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v=5)
+    # Exact SVD: truncating its full-rank factors equals factoring at the lower rank (a randomized SVD's need not).
+    full = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, svd="exact"))
+    target = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v=5, svd="exact")
     direct = XKVCache(tiny_llama, target)
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=full)

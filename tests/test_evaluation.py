@@ -434,3 +434,19 @@ def test_xkv_config_for_reaches_low_factors():
     f_k, f_v = float(config.rank_k[:-1]), float(config.rank_v[:-1])
     assert f_v >= 1.05 and 2 / (1 / f_k + 1 / f_v) == pytest.approx(1.3, abs=1e-2)
     assert (xkv_config_for(4.0).rank_k, xkv_config_for(4.0).rank_v) == ("6x", "3x")
+
+
+def test_a_run_made_with_other_xkv_defaults_is_not_resumed(tmp_path):
+    import json
+
+    from xkv.evaluation.runner import EvalPlan, check_resumable
+
+    plan = EvalPlan(tasks=["niah_single_1"], lengths=[256], methods=["full", "xkv"], ratios=[4.0], samples=1,
+                    out_dir=tmp_path)  # fmt: skip
+    check_resumable(plan, "tiny")
+    check_resumable(plan, "tiny")  # the same settings resume
+    stored = json.loads((tmp_path / "plan.json").read_text())
+    stored["xkv_defaults"]["svd"] = "exact"  # e.g. made before the default SVD became randomized
+    (tmp_path / "plan.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="xkv_defaults"):
+        check_resumable(plan, "tiny")

@@ -220,7 +220,8 @@ def cross_layer_svd(
         layers: G tensors of shape ``(batch, tokens, dim)`` (keys pre-RoPE, or values). Upcast to float32 for the
             SVD (float64 stays float64).
         rank: singular vectors kept, ``1 <= rank <= min(tokens, G * dim)``.
-        method: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"``.
+        method: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (exact where ``rank + oversample`` reaches
+            the matrix's smaller side: the range finder would be as wide as the matrix).
         oversample: extra random directions (randomized only).
         niter: power iterations (randomized only).
         seed: seed of the random test matrix (randomized only).
@@ -249,13 +250,14 @@ def cross_layer_svd(
     out_dtype = out_dtype or layers[0].dtype
     compute_dtype = torch.float64 if layers[0].dtype == torch.float64 else torch.float32
     stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
-    if method == "exact":
+    if method not in ("exact", "randomized"):
+        raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
+    # A range finder as wide as the matrix saves nothing (and squares the condition number in its power steps).
+    if method == "exact" or rank + oversample >= min(tokens, group_size * dim):
         u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-    elif method == "randomized":
+    else:
         generator = torch.Generator().manual_seed(seed)
         u, s, vh = _randomized_svd(stacked, rank, oversample, niter, generator)
-    else:
-        raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
     u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
     root = s.sqrt()
     u = u * root.unsqueeze(-2)
