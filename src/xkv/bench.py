@@ -265,26 +265,32 @@ def write_report(rows: list[BenchRow], out_dir: str | Path, command: str) -> Pat
     lines += ["", f"Command: `{command}`", ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
+    points = [(r.method, r.context, r.decode_ms) for r in rows]
+    _plot_by_method(points, "decode ms per step (median)", "Decode step against context length", out / "decode_ms.png")
+    return path
+
+
+def _plot_by_method(points: list[tuple[str, int, float]], ylabel: str, title: str, path: Path) -> None:
+    """A line per method through its `(method, context, value)` points; skipped without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # plots are optional (the eval extra)
-        return path
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r.method for r in rows):
-        mine = [r for r in rows if r.method == method]
-        ax.plot([r.context for r in mine], [r.decode_ms for r in mine], marker="o", label=method)
+    for method in dict.fromkeys(m for m, _, _ in points):
+        mine = [(context, value) for m, context, value in points if m == method]
+        ax.plot([c for c, _ in mine], [v for _, v in mine], marker="o", label=method)
     ax.set_xlabel("context tokens")
-    ax.set_ylabel("decode ms per step (median)")
-    ax.set_title("Decode step against context length")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "decode_ms.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
 
 
 @dataclass
@@ -441,25 +447,9 @@ def write_peak_report(rows: list[PeakRow], out_dir: str | Path, command: str) ->
     lines += ["", f"Command: `{command}`", ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional (the eval extra)
-        return path
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r.method for r in rows):
-        mine = [r for r in rows if r.method == method]
-        ax.plot([r.context for r in mine], [r.peak_mb for r in mine], marker="o", label=method)
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("peak resident memory, MiB (fresh process)")
-    ax.set_title("Peak process memory against context length")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "peak_mb.png", dpi=120)
-    plt.close(fig)
+    points = [(r.method, r.context, r.peak_mb) for r in rows]
+    ylabel, title = "peak resident memory, MiB (fresh process)", "Peak process memory against context length"
+    _plot_by_method(points, ylabel, title, out / "peak_mb.png")
     return path
 
 
