@@ -45,8 +45,8 @@ XKV_VARIANTS: dict[str, dict[str, Any]] = {
     "xkv-rebuild": {"decode": "rebuild"},
     "xkv-absorb": {"decode": "absorb"},
     "xkv-selective": {"decode": "selective"},
-    # The absorb path with a randomized SVD of one power iteration (benchmarks/prefill).
-    "xkv-rsvd": {"decode": "absorb", "svd": "randomized", "svd_niter": 1},
+    # The absorb path with the exact SVD (the default was exact until the randomized one met the accuracy bar).
+    "xkv-exact": {"decode": "absorb", "svd": "exact"},
     # The absorb path with int4 factors (int8 head from the spectrum); ranks count the packed bytes.
     "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
     # The context fed in chunks of PREFILL_CHUNK tokens, each folded into the factors (incremental SVD).

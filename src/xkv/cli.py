@@ -719,8 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods",
         default="dense,quantized-int4,xkv-rebuild,xkv-absorb,xkv-selective",
-        help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective, xkv-rsvd (randomized "
-        "SVD, one power iteration), xkv-int4 (int4 factors), xkv-chunked (512-token prefill chunks, folded), "
+        help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb, xkv-selective, xkv-exact (exact "
+        "SVD; the default is randomized), xkv-int4 (int4 factors), xkv-chunked (512-token prefill chunks, folded), "
         "dense-chunked (a dense cache fed the same chunks)",
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
