@@ -288,5 +288,7 @@ def test_full_rank_matches_the_models_own_cache_over_twenty_steps(family):
     if sliding:  # those keep transformers' window-bounded layer, and the reference counts what the model keeps
         window = model.config.sliding_window
         assert all(xkv.layers[i].sliding_window == window for i in sliding)
+        # The window's tokens exactly (the model's own layer keeps a view of a longer storage: at least as much).
+        assert report.dense_layer_bytes == 4 * 2 * len(sliding) * xkv.spec.kv_dim * (window - 1)
         held = tensor_bytes(t for i in sliding for t in (own.layers[i].keys, own.layers[i].values))
-        assert report.dense_layer_bytes == held  # measured the same way as the model's own layers
+        assert report.dense_layer_bytes <= held

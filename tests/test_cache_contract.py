@@ -75,4 +75,34 @@ def test_bytes_are_measured_from_the_tensors_held(name, tiny_llama):
         tiny_llama(ids(1, 160, seed=7), **cache_kwargs(cache))
     report = cache.memory_report()
     assert 0 < report.held_bytes < report.dense_bytes
-    assert report.held_bytes >= sum(g.held_bytes for g in report.groups)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sliding_window_layers_survive_copies_files_and_materialize(family, tmp_path):
+    from transformers import DynamicCache
+
+    from tests.conftest import build_tiny
+
+    model = build_tiny(family)
+    config = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, svd="exact")
+    cache, own = XKVCache(model, config), DynamicCache(config=model.config)
+    prompt, step = ids(1, 40), ids(1, 1, seed=9)
+    with torch.no_grad():
+        for c in (cache, own):
+            model(prompt, **cache_kwargs(c))
+        cache.save(tmp_path / "doc.xkv")
+        copies = {"materialized": cache.materialize(), "with_ranks": cache.with_ranks(config),
+                  "loaded": XKVCache.load(tmp_path / "doc.xkv", model)}  # fmt: skip
+        expected = model(step, **cache_kwargs(own)).logits
+        for name, copy in copies.items():
+            assert copy.get_seq_length() == 40, name
+            torch.testing.assert_close(model(step, **cache_kwargs(copy)).logits, expected, atol=1e-4, rtol=1e-4)
+    # After the prefill a sliding layer holds its window only, not a view of the whole prompt's storage.
+    window = model.config.sliding_window
+    layer = cache.layers[cache.spec.sliding_layers[0]]
+    assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes and layer.keys.shape[-2] == window - 1
+    with pytest.raises(ValueError, match="sliding-window layer 0"):  # as transformers' own cache refuses
+        cache.crop(20)
+    assert cache.get_seq_length() == 40 and cache.group_stores[0].prefix_len == 40  # nothing was cropped
+    with pytest.raises(ValueError, match="whole prompt"):  # a sliding-window cache cannot be compressed after
+        XKVCache.from_dense(model, [(layer.keys, layer.values) for layer in own.layers], config)

@@ -161,6 +161,22 @@ def test_a_long_update_takes_the_exact_rebuild_path():
     torch.testing.assert_close(logits["selective"], logits["rebuild"], atol=1e-4, rtol=1e-4)
 
 
+def test_only_short_updates_reach_the_fast_paths(monkeypatch):
+    from xkv.cache import FAST_PATH_MAX_QUERIES, XKVGroupStore
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fast path")
+
+    model = build_tiny("llama")
+    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="2x", decode="absorb"))
+    with torch.no_grad():
+        model(ids(64), use_cache=True, **cache_kwargs(cache))
+        monkeypatch.setattr(XKVGroupStore, "_attend", refuse)
+        model(ids(FAST_PATH_MAX_QUERIES + 1, seed=1), use_cache=True, **cache_kwargs(cache))  # rebuild path
+        with pytest.raises(AssertionError, match="fast path"):
+            model(ids(1, seed=2), use_cache=True, **cache_kwargs(cache))
+
+
 def test_a_thousand_token_generation_keeps_the_tail_and_the_bytes_bounded():
     model = build_tiny("llama", max_position_embeddings=2048)
     cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="2x", decode="absorb", fold_tokens=64,
@@ -180,3 +196,27 @@ def test_a_thousand_token_generation_keeps_the_tail_and_the_bytes_bounded():
     assert max(tails) == 64 and min(tails[100:]) >= 16  # folded once it holds 64, the newest 16 kept exact
     assert min(ratios[100:]) >= 1.95  # the factors keep their 2x at every length they grow to
     assert max(tail_bytes[500:]) <= max(tail_bytes[:200])  # the exact tail's buffers stop growing
+
+
+@pytest.mark.parametrize(("form", "rotation"), [("int8", "none"), ("int8", "hadamard"), ("int4", "hadamard")])
+def test_trimming_quantized_and_rotated_factors_keeps_whole_directions(form, rotation):
+    from xkv.generation import chunked_prefill, prefill
+
+    model = build_tiny("llama")
+    prompt = ids(128, seed=6)
+    dense = DynamicCache()
+    prefill(model, prompt, dense)
+    base = dict(min_tokens=0, group_size=2, rank_k="3x", rank_v="3x", factor_form=form, factor_rotation=rotation,
+                factor_group_size=16)  # fmt: skip
+    one_shot = XKVCache.from_dense(model, [(lay.keys, lay.values) for lay in dense.layers], XKVConfig(**base))
+    chunked = XKVCache(model, XKVConfig(**base, fold_tokens=32, fold_keep=0, fold_headroom=True))
+    chunked_prefill(model, prompt, chunked, 32)
+    chunked.fold(0)
+
+    def error(cache):
+        pairs = zip(cache.materialize().layers, dense.layers, strict=True)
+        return sum(float((a.values - b.values).norm() / b.values.norm()) for a, b in pairs)
+
+    for a, b in zip(chunked.group_stores, one_shot.group_stores, strict=True):
+        assert (a.rank_k, a.rank_v) == (b.rank_k, b.rank_v)
+    assert error(chunked) < 1.3 * error(one_shot)  # a cut through mixed columns would be far worse

@@ -317,12 +317,21 @@ class GroupedCache(Cache):
                 layers[layer_idx] = CompressedLayer(store, slot)
         super().__init__(layers=layers)
 
-    def _dense_layer(self, layer_idx: int) -> CacheLayerMixin:
+    def _dense_layer(self, layer_idx: int) -> DynamicLayer:
         """A new uncompressed layer: transformers' sliding-window layer for sliding-window attention, else dynamic."""
         if layer_idx in self.spec.sliding_layers:
             assert self.spec.sliding_window is not None
             return DynamicSlidingWindowLayer(self.spec.sliding_window)
         return DynamicLayer()
+
+    def _filled_dense_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, seen: int) -> DynamicLayer:
+        """An uncompressed layer holding ``keys``/``values`` after ``seen`` tokens (a sliding layer keeps fewer)."""
+        layer = self._dense_layer(layer_idx)
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = seen
+        return layer
 
     def update(
         self,
@@ -352,7 +361,15 @@ class GroupedCache(Cache):
             self.begin_prefill(key_states, inputs, layer_idx)  # the first update of the first prefill, any layer
         else:
             self.before_update(layer_idx)
-        return self.layers[layer_idx].update(key_states, value_states, merged)
+        out = self.layers[layer_idx].update(key_states, value_states, merged)
+        layer = self.layers[layer_idx]
+        states = _states(layer)
+        if isinstance(layer, DynamicSlidingWindowLayer) and states is not None:
+            keys, values = states
+            if keys.untyped_storage().nbytes() > keys.nbytes:
+                # transformers keeps a view of the whole update: copy the window so the rest of a prefill is freed.
+                layer.keys, layer.values = keys.clone(), values.clone()
+        return out
 
     def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs, layer_idx: int = 0) -> None:
         """Runs before the first prefill's first update (at ``layer_idx``): check all, so nothing is half-written."""
@@ -401,12 +418,20 @@ class GroupedCache(Cache):
             max_length = seen + max_length
         if max_length >= seen:
             return
+        for layer_idx, layer in enumerate(self.layers):  # before anything changes: nothing is half-cropped
+            if isinstance(layer, DynamicSlidingWindowLayer) and layer.get_seq_length() >= layer.sliding_window:
+                raise ValueError(
+                    f"cannot crop: sliding-window layer {layer_idx} has seen {layer.get_seq_length()} tokens, more "
+                    f"than its window of {layer.sliding_window}, and no longer holds the older ones"
+                )
         for store in self.stores:
             store.crop(max_length)
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
                 layer.crop_tail(max(0, max_length - layer.store.prefix_len))
                 layer.cumulative_length = min(layer.cumulative_length, max_length)
+            elif isinstance(layer, DynamicSlidingWindowLayer):
+                layer.crop(max_length)  # refuses once the window has been passed, as transformers' own cache does
             elif (states := _states(layer)) is not None and max_length < states[0].shape[-2]:
                 # Copies: DynamicLayer.crop's slices would keep the whole storage alive.
                 layer.keys, layer.values = states[0][:, :, :max_length].clone(), states[1][:, :, :max_length].clone()
@@ -501,7 +526,7 @@ class GroupedCache(Cache):
         Raises:
             RuntimeError: before the prefill has finished.
         """
-        dense = DynamicCache()
+        layers: list[CacheLayerMixin] = []
         for layer_idx, layer in enumerate(self.layers):
             if isinstance(layer, CompressedLayer):
                 if not layer.store.is_ready:
@@ -509,11 +534,13 @@ class GroupedCache(Cache):
                 tail_keys, tail_values = layer.tail()
                 keys = torch.cat([layer.store.rebuild_keys(layer.slot), tail_keys], dim=-2)
                 values = torch.cat([layer.store.rebuild_values(layer.slot), tail_values], dim=-2)
+                layers.append(self._filled_dense_layer(layer_idx, keys, values, keys.shape[-2]))
             elif (states := _states(layer)) is not None:
-                keys, values = states
+                layers.append(self._filled_dense_layer(layer_idx, *states, layer.get_seq_length()))
             else:
                 raise RuntimeError(f"materialize() needs a finished prefill; layer {layer_idx} holds nothing")
-            dense.update(keys, values, layer_idx)
+        dense = DynamicCache()
+        dense.layers = layers  # sliding-window layers stay sliding-window layers
         return dense
 
     def prefill_from(self, keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Self:
@@ -533,15 +560,21 @@ class GroupedCache(Cache):
             raise ValueError(f"`keys_values` has {len(keys_values)} layers but the model has {self.spec.num_layers}")
         if any(layer.get_seq_length() for layer in self.layers):
             raise ValueError("prefill_from() needs an empty cache (call reset() first)")
+        lengths = sorted({keys.shape[-2] for keys, _ in keys_values})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"every layer of `keys_values` must hold the whole prompt, but they hold {lengths} tokens (a "
+                "sliding-window cache keeps only its window: prefill into `DynamicCache()` without a config)"
+            )
         for layer_idx, (keys, values) in enumerate(keys_values):
             self.update(keys, values, layer_idx)
         return self
 
 
-#: Settings the Selective Reconstruction index is built with: a copy at other settings cannot reuse it.
 #: Updates of up to this many tokens use the configured fast decode path; longer ones (prefill chunks, questions)
 #: the rebuild path. A 512-token chunk on the absorb path held ~75 MB of scores per layer at 4k (benchmarks/memory).
 FAST_PATH_MAX_QUERIES = 16
+#: Settings the Selective Reconstruction index is built with: a copy at other settings cannot reuse it.
 _INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks")
 
 
@@ -742,12 +775,15 @@ class XKVGroupStore(CompressedStore):
         # With folding and headroom, later chunks will be folded in: keep room for directions they will need.
         headroom = self.config.fold_headroom and self.config.fold_tokens > 0
         room_k, room_v = self.headroom_ranks(self.prefix_len) if headroom else (self.rank_k, self.rank_v)
+        # With headroom the factors stay in the model's dtype until `XKVCache.fold()` stores them in their form:
+        # quantizing at every fold would add a rounding error per chunk.
+        store = (lambda factors, setting, rank: factors) if headroom else self._store
         if room_k is not None:
-            self.key_factors = self._store(self._svd(keys, room_k), self.setting_k, budget_rank=room_k)
+            self.key_factors = store(self._svd(keys, room_k), self.setting_k, room_k)
         else:
             self.exact_keys = keys
         if room_v is not None:
-            self.value_factors = self._store(self._svd(values, room_v), self.setting_v, budget_rank=room_v)
+            self.value_factors = store(self._svd(values, room_v), self.setting_v, room_v)
         else:
             self.exact_values = values
         self.pending_keys.clear()
@@ -798,10 +834,11 @@ class XKVGroupStore(CompressedStore):
             floating = as_float(held)  # quantized forms: float32 (folded and quantized again without rounding)
             assert rank is not None
             grown = append_rows(floating, [flat(part) for part in new], min(rank, floating.rank + count))
-            if isinstance(held, LowRankFactors):
+            if isinstance(held, LowRankFactors) or headroom:  # headroom: the model's dtype until `trim`
                 grown = LowRankFactors(grown.token_basis.to(self.dtype), grown.reconstruction.to(self.dtype))
             self.prefix_len = tokens  # `_store` sizes an int4 budget by the new length
-            stored = self._store(grown, self.setting_k if side == "k" else self.setting_v, budget_rank=rank)
+            setting = self.setting_k if side == "k" else self.setting_v
+            stored = grown if headroom else self._store(grown, setting, budget_rank=rank)
             if side == "k":
                 self.key_factors, self.rank_k = stored, stored.rank
             else:
@@ -810,20 +847,27 @@ class XKVGroupStore(CompressedStore):
         self.selective = {}
 
     def trim(self) -> bool:
-        """Cut factors holding more directions than the ranks resolved at the prefix's length; whether any were cut.
+        """Bring factors to the ranks resolved at the prefix's length and to their storage form; whether any changed.
 
-        Folds with ``fold_headroom`` leave such factors; a quantized side is dequantized, cut and quantized again.
+        Folds with ``fold_headroom`` leave more directions, in the model's dtype; a quantized side holding too many
+        is dequantized, cut and quantized again.
         """
         if not self.is_ready or self.exact_prefill:
             return False
         assert self.dtype is not None
         rank_k, rank_v = self.check_ranks(self.prefix_len, self.dtype)
+        quantized = self.config.factor_form != "model"
         cut = False
         for side, rank in (("k", rank_k), ("v", rank_v)):
             held = self.key_factors if side == "k" else self.value_factors
-            if held is None or rank is None or held.rank <= rank:
+            if held is None or rank is None:
                 continue
-            floating = as_float(held).truncate(rank)
+            if held.rank <= rank and not (quantized and isinstance(held, LowRankFactors)):
+                continue
+            # Not `truncate`: a Hadamard rotation or a quantization round trip leaves the columns out of order.
+            floating = as_float(held)
+            if floating.rank > rank:
+                floating = floating.recompressed(rank)
             if isinstance(held, LowRankFactors):
                 floating = LowRankFactors(floating.token_basis.to(self.dtype), floating.reconstruction.to(self.dtype))
             stored = self._store(floating, self.setting_k if side == "k" else self.setting_v, budget_rank=rank)
@@ -1242,7 +1286,7 @@ class XKVCache(GroupedCache):
         if not self.config.fold_tokens or not isinstance(layer, CompressedLayer) or layer.slot != 0:
             return
         if isinstance(layer.store, XKVGroupStore):
-            self._fold_group(layer.store, self.config.fold_keep, self.config.fold_tokens)
+            self._fold_group(layer.store, self.config.fold_keep, self.config.fold_tokens, self.config.fold_headroom)
 
     def fold(self, keep: int | None = None) -> int:
         """Fold every factored group's exact tail into its factors now, keeping the newest ``keep`` tokens exact.
@@ -1267,7 +1311,7 @@ class XKVCache(GroupedCache):
         keep = self.config.fold_keep if keep is None else keep
         if keep < 0:
             raise ValueError(f"`keep` must be >= 0 but got {keep}")
-        folded = max((self._fold_group(store, keep, keep + 1) for store in self.xkv_stores), default=0)
+        folded = max((self._fold_group(store, keep, keep + 1, False) for store in self.xkv_stores), default=0)
         trimmed = [store.trim() for store in self.xkv_stores]
         if folded or any(trimmed):  # sized for the old prefix or ranks: rebuilt at the next step
             self.runtime.workspace.reset()
@@ -1275,7 +1319,7 @@ class XKVCache(GroupedCache):
                 self.runtime.table.reset()
         return folded
 
-    def _fold_group(self, store: XKVGroupStore, keep: int, at_least: int) -> int:
+    def _fold_group(self, store: XKVGroupStore, keep: int, at_least: int, headroom: bool) -> int:
         """Fold all but ``keep`` tail tokens of ``store``'s layers once they hold ``at_least``; tokens folded."""
         if not store.is_ready or store.exact_prefill:
             return 0
@@ -1286,7 +1330,7 @@ class XKVCache(GroupedCache):
         lengths = {keys.shape[-2] for keys, _ in tails}
         if len(lengths) != 1 or (length := lengths.pop()) < at_least or length <= keep:
             return 0
-        store.fold(tails, length - keep, self.config.fold_headroom)
+        store.fold(tails, length - keep, headroom)
         for member in members:
             if isinstance(member, CompressedLayer):
                 member.drop_oldest(length - keep)
@@ -1328,11 +1372,12 @@ class XKVCache(GroupedCache):
                     compressed.lazy_initialization(*states)
                     compressed.keys, compressed.values = states[0].clone(), states[1].clone()
                 layers.append(compressed)
+            elif states is not None:
+                layers.append(
+                    self._filled_dense_layer(layer_idx, states[0].clone(), states[1].clone(), layer.get_seq_length())
+                )
             else:
-                dense = DynamicLayer()
-                if states is not None:
-                    dense.update(states[0].clone(), states[1].clone())
-                layers.append(dense)
+                layers.append(self._dense_layer(layer_idx))
         new.layers = layers
         return new
 
@@ -1479,7 +1524,7 @@ class XKVCache(GroupedCache):
                 layer.keys, layer.values = keys, values
                 layer.cumulative_length = int(entry["length"])
             else:
-                layer.update(keys, values)
+                cache.layers[layer_idx] = cache._filled_dense_layer(layer_idx, keys, values, int(entry["length"]))
         return cache
 
     def _decode_bytes(self) -> tuple[int, int]:

@@ -85,6 +85,24 @@ class LowRankFactors(StoredFactors):
         """
         return LowRankFactors(self.token_basis[..., :rank].clone(), self.reconstruction[:, :, :rank].clone())
 
+    def recompressed(self, rank: int) -> LowRankFactors:
+        """The best rank-``rank`` factors of the product ``U W``, whatever basis ``U`` is in.
+
+        :meth:`truncate` is right only for sorted singular directions; after a rotation or a quantization round
+        trip the columns mix them. Here ``U = Q R`` (thin QR), then the SVD of the small ``R W`` gives the
+        directions (Brand's update with no new rows). Computed in float32 (float64 stays), returned in that dtype.
+        """
+        batch, tokens, held = self.token_basis.shape
+        num_layers, dim = self.reconstruction.shape[1], self.reconstruction.shape[-1]
+        dtype = torch.float64 if self.token_basis.dtype == torch.float64 else torch.float32
+        q, r = torch.linalg.qr(self.token_basis.to(dtype))
+        flat = self.reconstruction.to(dtype).transpose(1, 2).reshape(batch, held, num_layers * dim)
+        u, s, vh = torch.linalg.svd(r @ flat, full_matrices=False)
+        root = s[..., :rank].sqrt()
+        basis = (q @ u[..., :rank]) * root.unsqueeze(-2)
+        recon = (root.unsqueeze(-1) * vh[..., :rank, :]).reshape(batch, rank, num_layers, dim).transpose(1, 2)
+        return LowRankFactors(basis.contiguous(), recon.contiguous())
+
     def stored(self, fmt: FactorFormat, head: int = 0) -> StoredFactors:
         """These factors in storage form ``fmt`` (``self`` for ``"model"``); ``head``: int8 directions of int4."""
         if fmt.form == "model":
