@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/xkv demo
 
-$(NSTAMP): pyproject.toml
+$(NSTAMP): pyproject.toml Makefile
 	test -x $(NBIN)/python || $(PY) -m venv $(NEWEST)
 	$(NBIN)/pip install --quiet --upgrade pip
 	$(NBIN)/pip install --quiet torch==2.13.0

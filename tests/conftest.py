@@ -38,7 +38,8 @@ TINY_FAMILIES = {
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**_GEMMA, "layer_types": _ALTERNATING}),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {**_GEMMA, "layer_types": _ALTERNATING}),
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),
+    # Half the head rotated (Phi-3's partial_rotary_factor), the other half passed through.
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0, "partial_rotary_factor": 0.5}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),

@@ -248,7 +248,7 @@ def check_resumable(plan: EvalPlan, model_name: str) -> None:
 
 
 #: Settings that must agree between runs merged into one report (samples and lengths may differ).
-_MERGE_KEYS = ("model", "question_in_context", "max_new_tokens", "haystack_sha256", "method_options")
+_MERGE_KEYS = ("model", "question_in_context", "max_new_tokens", "haystack_sha256", "method_options", "xkv_defaults")
 
 
 def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
