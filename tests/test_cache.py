@@ -292,3 +292,17 @@ def test_full_rank_matches_the_models_own_cache_over_twenty_steps(family):
         assert report.dense_layer_bytes == 4 * 2 * len(sliding) * xkv.spec.kv_dim * (window - 1)
         held = tensor_bytes(t for i in sliding for t in (own.layers[i].keys, own.layers[i].values))
         assert report.dense_layer_bytes <= held
+
+
+def test_a_group_never_spans_two_devices():
+    model = build_tiny("llama")  # 4 layers
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                           "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}  # fmt: skip
+    XKVCache(model, XKVConfig(group_size=2))  # groups (0, 1) and (2, 3): each on one device
+    with pytest.raises(ValueError, match=r"group 0 would span devices \(layer 0 on cpu, layer 1 on cpu, layer 2 on 1"):
+        XKVCache(model, XKVConfig(group_size=4))
+    with pytest.raises(ValueError, match=r"group 0 would span devices \(layer 1 on cpu, layer 2 on 1\)"):
+        XKVCache(model, XKVConfig(group_size=2, first_layer=1))
+    XKVCache(model, XKVConfig(group_size=2, first_layer=1, dense_layers=[1]))  # (2, 3) on one device: fine
+    model.hf_device_map = {"": "cpu"}  # the whole model on one device
+    XKVCache(model, XKVConfig(group_size=4))

@@ -132,3 +132,23 @@ def describe_model(model: nn.Module) -> ModelSpec:
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's parameters (the dtype of its KV-cache)."""
     return next(model.parameters()).dtype
+
+
+def layer_devices(model: nn.Module) -> dict[int, str] | None:
+    """Decoder layer -> the device its attention runs on, from accelerate's ``model.hf_device_map``; ``None`` without.
+
+    A layer's attention module (the one with ``layer_idx``) takes the device of the longest map entry that is it or
+    one of its ancestors (``"model.layers.3.self_attn"`` over ``"model.layers.3"`` over ``"model"`` over ``""``).
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    devices: dict[int, str] = {}
+    for name, module in model.named_modules():
+        layer = getattr(module, "layer_idx", None)
+        if not isinstance(layer, int) or layer in devices:
+            continue
+        owners = [entry for entry in device_map if entry == "" or name == entry or name.startswith(entry + ".")]
+        if owners:
+            devices[layer] = str(device_map[max(owners, key=len)])
+    return devices

@@ -34,7 +34,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from xkv import attention, prefix
-from xkv.adapters import ModelSpec, describe_model
+from xkv.adapters import ModelSpec, describe_model, layer_devices
 from xkv.compat import UpdateInputs, query_length, read_update_inputs
 from xkv.config import ResolvedRank, XKVConfig
 from xkv.decode import (
@@ -57,7 +57,7 @@ from xkv.factorization import (
     resolve_rank,
 )
 from xkv.forms import StoredFactors, choose_head
-from xkv.groups import LayerGroup, build_groups
+from xkv.groups import LayerGroup, build_groups, check_groups_on_one_device
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
 from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, unapply_rope
 
@@ -1181,6 +1181,7 @@ class XKVCache(GroupedCache):
             self.config.last_layer,
             _kept_dense(self.config, spec),
         )
+        check_groups_on_one_device(self.groups, layer_devices(model))
         self.angles = RotaryAngles(spec.rotary_emb, spec.rotary_layer_type) if spec.rotary_emb is not None else None
         # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
         fast = self.config.decode != "rebuild" and spec.attention_softcap is None and attention.enable(model)

@@ -82,3 +82,22 @@ def build_groups(
     else:
         raise ValueError(f"`grouping` must be one of ['contiguous', 'stride'] but got {grouping!r}")
     return [LayerGroup(index=i, layers=tuple(chunk)) for i, chunk in enumerate(chunks)]
+
+
+def check_groups_on_one_device(groups: list[LayerGroup], devices: dict[int, str] | None) -> None:
+    """Raise if a group's layers sit on more than one device (a shared basis cannot span devices).
+
+    Raises:
+        ValueError: naming the group, its layers and their devices.
+    """
+    if devices is None:
+        return
+    for group in groups:
+        placed = {layer: devices.get(layer) for layer in group.layers}
+        if len(set(placed.values())) > 1:
+            where = ", ".join(f"layer {layer} on {device}" for layer, device in placed.items())
+            raise ValueError(
+                f"group {group.index} would span devices ({where}): a group shares one token basis, so its layers "
+                "must sit on one device; choose group_size/first_layer so groups end where the device map changes, "
+                "or list the boundary layers in dense_layers"
+            )
