@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from xkv.evaluation.tasks import (
+    RULER_TASK_NAMES,
     TASK_GROUPS,
     TASK_NAMES,
     EncodedSample,
@@ -16,7 +17,7 @@ from xkv.evaluation.tasks import (
     string_match_all,
 )
 
-NIAH_TASKS = [task for task in TASK_NAMES if task.startswith("niah_")]
+NIAH_TASKS = [task for task in RULER_TASK_NAMES if task.startswith("niah_")]
 
 
 class WordTokenizer:
@@ -72,11 +73,12 @@ def check_task_body(sample: TaskSample, text: str) -> None:
 
 
 def test_task_names_and_groups():
-    assert len(TASK_NAMES) == len(set(TASK_NAMES)) == 11
-    assert TASK_GROUPS == {"ruler-lite": TASK_NAMES}
+    assert len(RULER_TASK_NAMES) == len(set(RULER_TASK_NAMES)) == 11
+    assert TASK_GROUPS == {"ruler-lite": RULER_TASK_NAMES, "code-lite": ("lcc", "repobench_p")}
+    assert TASK_NAMES == RULER_TASK_NAMES + ("lcc", "repobench_p")
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", RULER_TASK_NAMES)
 def test_sample_holds_its_answers(word_tokenizer, task):
     encoded = generate(task, word_tokenizer, 1024, seed=7)
     sample = encoded.sample
@@ -94,7 +96,7 @@ def test_sample_holds_its_answers(word_tokenizer, task):
     )
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", RULER_TASK_NAMES)
 def test_answers_are_scorable(word_tokenizer, task):
     sample = generate(task, word_tokenizer, 512, seed=3).sample
     assert string_match_all(" ".join(sample.answers), sample.answers) == 1.0
@@ -105,7 +107,7 @@ def test_answers_are_scorable(word_tokenizer, task):
         assert string_match_all(sample.answers[0], sample.answers) < 1.0
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", RULER_TASK_NAMES)
 def test_same_seed_same_sample_and_other_seed_other_sample(word_tokenizer, task):
     first = generate(task, word_tokenizer, 768, seed=11)
     assert generate(task, word_tokenizer, 768, seed=11) == first
@@ -116,7 +118,7 @@ def test_same_seed_same_sample_and_other_seed_other_sample(word_tokenizer, task)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("length", [1024, 4096])
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", RULER_TASK_NAMES)
 def test_length_with_real_tokenizer(smollm2, task, length):
     _, tokenizer = smollm2
     start = time.perf_counter()
@@ -202,7 +204,8 @@ def test_load_haystack_rejects_missing_and_binary_files(tmp_path):
 
 
 def test_parse_tasks():
-    assert parse_tasks("ruler-lite") == list(TASK_NAMES)
+    assert parse_tasks("ruler-lite") == list(RULER_TASK_NAMES)
+    assert parse_tasks("code-lite,lcc") == ["lcc", "repobench_p"]
     assert parse_tasks(" vt, cwe ,vt") == ["vt", "cwe"]
     assert parse_tasks("fwe,ruler-lite")[:2] == ["fwe", "niah_single_1"]
     assert len(parse_tasks("fwe,ruler-lite")) == 11

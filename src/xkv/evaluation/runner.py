@@ -26,8 +26,9 @@ from transformers import DynamicCache
 from xkv import __version__ as xkv_version
 from xkv.baselines.presses import capture_prefill
 from xkv.config import XKVConfig
+from xkv.evaluation.code_tasks import CODE_TASK_NAMES, exact_match
 from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError, build_method
-from xkv.evaluation.tasks import generate, string_match_all
+from xkv.evaluation.tasks import generate, score_answer
 from xkv.generation import prefill
 
 logger = logging.getLogger(__name__)
@@ -568,13 +569,16 @@ class Runner:
                     {
                         "status": "ok",
                         "prediction": prediction,
-                        "score": string_match_all(prediction, sample.answers),
+                        "score": score_answer(sample.task, prediction, sample.answers),
                         "held_bytes": outcome.held_bytes,
                         "dense_bytes": outcome.dense_bytes,
                         "measured_ratio": outcome.compression_factor,
                         **outcome.details,
                     }
                 )
+                if sample.task in CODE_TASK_NAMES:
+                    row["exact_match"] = exact_match(prediction, sample.answers[0])
+                    row["source"] = sample.source
             row["seconds"] = time.perf_counter() - start
             with self.rows_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

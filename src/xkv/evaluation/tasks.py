@@ -66,9 +66,10 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from xkv.evaluation.code_tasks import CODE_TASK_NAMES, edit_similarity, lcc_draft, repobench_draft
 from xkv.prompts import _chat_parts, _sentence
 
-TASK_NAMES: tuple[str, ...] = (
+RULER_TASK_NAMES: tuple[str, ...] = (
     "niah_single_1",
     "niah_single_2",
     "niah_single_3",
@@ -81,7 +82,9 @@ TASK_NAMES: tuple[str, ...] = (
     "cwe",
     "fwe",
 )
-TASK_GROUPS: dict[str, tuple[str, ...]] = {"ruler-lite": TASK_NAMES}
+#: Every task: RULER's, then the code-completion tasks of :mod:`xkv.evaluation.code_tasks`.
+TASK_NAMES: tuple[str, ...] = RULER_TASK_NAMES + CODE_TASK_NAMES
+TASK_GROUPS: dict[str, tuple[str, ...]] = {"ruler-lite": RULER_TASK_NAMES, "code-lite": CODE_TASK_NAMES}
 
 MIN_LENGTH = 256  # below this the chat template, instructions and question leave too little room for a haystack
 
@@ -113,6 +116,7 @@ class TaskSample:
         answer_prefix: the start of the answer, placed at the opening of the assistant turn so that the model
             continues it with the values (RULER's answer prefixes); only the continuation is scored.
         depth: where the needle sits, as a fraction of the haystack, for needle tasks; ``None`` otherwise.
+        source: for code tasks, ``path:line`` of the target line in the standard library; ``None`` otherwise.
     """
 
     task: str
@@ -123,6 +127,7 @@ class TaskSample:
     answers: list[str]
     depth: float | None
     answer_prefix: str = ""
+    source: str | None = None
 
     @property
     def sample_id(self) -> str:
@@ -242,6 +247,17 @@ def string_match_all(prediction: str, answers: list[str]) -> float:
     return sum(answer.lower() in text for answer in answers) / len(answers)
 
 
+def score_answer(task: str, prediction: str, answers: list[str]) -> float:
+    """A prediction's score in ``[0, 1]``.
+
+    Code tasks: edit similarity of the answer's first code line with the target (LongBench's ``code_sim_score``);
+    the others: RULER's :func:`string_match_all`.
+    """
+    if task in CODE_TASK_NAMES:
+        return edit_similarity(prediction, answers[0])
+    return string_match_all(prediction, answers)
+
+
 def generate(
     task: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -298,8 +314,15 @@ def generate(
         draft = _vt_draft(rng, length)
     elif task == "cwe":
         draft = _cwe_draft(rng, length)
-    else:
+    elif task == "fwe":
         draft = _fwe_draft(rng, length)
+    else:
+        code = lcc_draft(rng, length) if task == "lcc" else repobench_draft(rng, length)
+        draft = _Draft(
+            preamble=code.preamble, question=code.question, answers=[code.target],
+            render=lambda units, tail: code.render(units), max_units=len(code.lines), tail_limit=lambda units: 0,
+            answer_prefix="", source=code.source,
+        )  # fmt: skip
 
     before, after = _chat_parts(tokenizer, draft.question)
     after += draft.answer_prefix
@@ -319,6 +342,7 @@ def generate(
         answers=draft.answers,
         depth=draft.depth,
         answer_prefix=draft.answer_prefix,
+        source=draft.source,
     )
     return EncodedSample(sample=sample, context_ids=context_ids, question_ids=question_ids)
 
@@ -344,6 +368,7 @@ class _Draft:
     tail_limit: Callable[[int], int]
     answer_prefix: str
     depth: float | None = None
+    source: str | None = None
 
 
 def _fit(
