@@ -306,3 +306,9 @@ def test_a_group_never_spans_two_devices():
     XKVCache(model, XKVConfig(group_size=2, first_layer=1, dense_layers=[1]))  # (2, 3) on one device: fine
     model.hf_device_map = {"": "cpu"}  # the whole model on one device
     XKVCache(model, XKVConfig(group_size=4))
+
+
+def test_gemma3_without_its_window_is_refused():
+    model = build_tiny("gemma3", sliding_window=None)
+    with pytest.raises(NotImplementedError, match="own RoPE base"):
+        XKVCache(model)

@@ -103,6 +103,11 @@ def describe_model(model: nn.Module) -> ModelSpec:
         raise NotImplementedError(f"{model_type}: every layer uses sliding-window attention, none to compress")
     rope = getattr(text_config, "rope_parameters", None) or {}
     layer_type = _ROTARY_LAYER_TYPE.get(model_type)
+    if layer_type is not None and not window and any(kind != layer_type for kind in layer_types):
+        raise NotImplementedError(
+            f"{model_type} without a sliding window still rotates its {sorted(set(layer_types) - {layer_type})} "
+            "layers with their own RoPE base, which xkv does not factor yet: keep `sliding_window` set"
+        )
     if layer_type is not None and isinstance(rope.get(layer_type), dict):
         rope = rope[layer_type]
     rope_type = rope.get("rope_type", "default")
