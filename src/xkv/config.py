@@ -183,8 +183,8 @@ class XKVConfig:
     rank_v: RankSpec = "3x"
     compress_keys: bool = True
     compress_values: bool = True
-    # Randomized with one power iteration: +12% on a 4k prefill where the exact SVD adds 66%, and RULER-lite at 2k
-    # within 1.5 points of the exact SVD at 4x and equal at 8x (benchmarks/ruler_lite/README.md, "Prefill").
+    # Randomized with one power iteration: +9% on a 4k prefill where the exact SVD adds 62%, and RULER-lite at 2k
+    # 65.5/35.0 at 4x/8x against 61.5/35.0 for the exact SVD (benchmarks/ruler_lite/README.md, "Prefill").
     svd: Literal["exact", "randomized"] = "randomized"
     svd_oversample: int = 10
     svd_niter: int = 1
