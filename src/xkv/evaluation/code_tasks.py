@@ -10,8 +10,11 @@ downloaded and a sample is rebuilt exactly from ``(task, length, seed)`` on the 
   ``IN_FILE_LINES`` lines of the current file before the target line, each file under a ``# Path:`` header; the model
   writes the next line.
 
-A target is the first line of a code statement (its first token is a name or keyword, so never a comment, a blank
-line or a line inside a docstring) with at least 8 characters. Scoring follows LongBench's ``code_sim_score``: the
+Both are prompted as raw completion, without the chat template: the context (instructions, then the code) is the
+compressed part, nothing is appended, and the model continues the file from the start of the target line (with the
+chat template and a question, SmolLM2-135M opened new code blocks instead). A target is a line whose first token
+is a name or keyword (so never a comment, a blank line or a line inside a docstring; it may continue a bracketed
+statement) with at least 8 characters. Scoring follows LongBench's ``code_sim_score``: the
 first line of the answer that is not a fence or comment, compared with the target by an edit similarity in
 ``[0, 1]`` (``difflib``'s ratio, close to the Levenshtein ratio LongBench uses); exact match is reported beside it.
 """

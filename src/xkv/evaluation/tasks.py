@@ -324,7 +324,10 @@ def generate(
             answer_prefix="", source=code.source,
         )  # fmt: skip
 
-    before, after = _chat_parts(tokenizer, draft.question)
+    if task in CODE_TASK_NAMES:  # raw completion: the model continues the file, as LongBench's LCC prompts it
+        before, after = "", ""
+    else:
+        before, after = _chat_parts(tokenizer, draft.question)
     after += draft.answer_prefix
 
     def encode(text: str) -> list[int]:
