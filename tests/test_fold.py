@@ -220,3 +220,23 @@ def test_trimming_quantized_and_rotated_factors_keeps_whole_directions(form, rot
     for a, b in zip(chunked.group_stores, one_shot.group_stores, strict=True):
         assert (a.rank_k, a.rank_v) == (b.rank_k, b.rank_v)
     assert error(chunked) < 1.3 * error(one_shot)  # a cut through mixed columns would be far worse
+
+
+def test_generate_with_prefill_chunks_folds_each_chunk():
+    from packaging.version import Version
+
+    from xkv.compat import TRANSFORMERS_VERSION
+
+    model = build_tiny("llama")
+    prompt = ids(100)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=32, fold_keep=0)
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, prefill_chunk_size=32)
+    cache = XKVCache(model, cfg)
+    if TRANSFORMERS_VERSION < Version("5.24"):
+        # 5.2 rotates every chunk at the last chunk's positions: refused, never a silently wrong prefix.
+        with pytest.raises(ValueError, match="RoPE positions 0..T-1"):
+            model.generate(prompt, **options, **cache_kwargs(cache))
+        return
+    expected = model.generate(prompt, **options, **cache_kwargs(DynamicCache()))
+    assert torch.equal(model.generate(prompt, **options, **cache_kwargs(cache)), expected)
+    assert cache.group_stores[0].prefix_len == 96  # chunks folded as they came; the tail holds the rest
