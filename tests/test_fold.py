@@ -232,7 +232,7 @@ def test_generate_with_prefill_chunks_folds_each_chunk():
     cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=32, fold_keep=0)
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, prefill_chunk_size=32)
     cache = XKVCache(model, cfg)
-    if TRANSFORMERS_VERSION < Version("5.24"):
+    if Version("5.24") > TRANSFORMERS_VERSION:
         # 5.2 rotates every chunk at the last chunk's positions: refused, never a silently wrong prefix.
         with pytest.raises(ValueError, match="RoPE positions 0..T-1"):
             model.generate(prompt, **options, **cache_kwargs(cache))
