@@ -726,9 +726,6 @@ class XKVGroupStore(CompressedStore):
             value_states: ``(batch, kv_heads, tokens, head_dim)``.
             inputs: RoPE angles the model used, when the transformers version passes them.
         """
-        # Inference-only: factors never carry an autograd graph (a forward pass outside `torch.no_grad()` would
-        # otherwise differentiate through the SVD and refuse the rebuild's `out=` matmuls).
-        key_states, value_states = key_states.detach(), value_states.detach()
         batch, heads, tokens, head_dim = key_states.shape
         if self.pending_keys and tokens != self.prefix_len:
             raise RuntimeError(
@@ -808,7 +805,6 @@ class XKVGroupStore(CompressedStore):
                 cuts back).
         """
         assert self.is_ready and self.dtype is not None
-        tails = [(k.detach(), v.detach()) for k, v in tails]
         keys0 = tails[0][0]
         batch, heads, _, head_dim = keys0.shape
         start, tokens = self.prefix_len, self.prefix_len + count
@@ -835,14 +831,10 @@ class XKVGroupStore(CompressedStore):
             assert rank is not None
             grown = append_rows(floating, [flat(part) for part in new], min(rank, floating.rank + count))
             if isinstance(held, LowRankFactors) or headroom:  # headroom: the model's dtype until `trim`
-                grown = LowRankFactors(grown.token_basis.to(self.dtype), grown.reconstruction.to(self.dtype))
+                grown = self._in_model_dtype(grown)
             self.prefix_len = tokens  # `_store` sizes an int4 budget by the new length
             setting = self.setting_k if side == "k" else self.setting_v
-            stored = grown if headroom else self._store(grown, setting, budget_rank=rank)
-            if side == "k":
-                self.key_factors, self.rank_k = stored, stored.rank
-            else:
-                self.value_factors, self.rank_v = stored, stored.rank
+            self._set_side(side, grown if headroom else self._store(grown, setting, budget_rank=rank))
         self.prefix_len = tokens
         self.selective = {}
 
@@ -869,14 +861,22 @@ class XKVGroupStore(CompressedStore):
             if floating.rank > rank:
                 floating = floating.recompressed(rank)
             if isinstance(held, LowRankFactors):
-                floating = LowRankFactors(floating.token_basis.to(self.dtype), floating.reconstruction.to(self.dtype))
-            stored = self._store(floating, self.setting_k if side == "k" else self.setting_v, budget_rank=rank)
-            if side == "k":
-                self.key_factors, self.rank_k = stored, stored.rank
-            else:
-                self.value_factors, self.rank_v = stored, stored.rank
+                floating = self._in_model_dtype(floating)
+            setting = self.setting_k if side == "k" else self.setting_v
+            self._set_side(side, self._store(floating, setting, budget_rank=rank))
             cut = True
         return cut
+
+    def _in_model_dtype(self, factors: LowRankFactors) -> LowRankFactors:
+        """``factors`` cast to the cache's dtype (folds and recompressions compute in float32)."""
+        return LowRankFactors(factors.token_basis.to(self.dtype), factors.reconstruction.to(self.dtype))
+
+    def _set_side(self, side: str, stored: StoredFactors) -> None:
+        """Hold ``stored`` as the keys' (``"k"``) or values' factors, with its rank."""
+        if side == "k":
+            self.key_factors, self.rank_k = stored, stored.rank
+        else:
+            self.value_factors, self.rank_v = stored, stored.rank
 
     def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
         """A copy of this factored store keeping the first ``r`` singular directions of each side.
