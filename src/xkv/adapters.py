@@ -5,7 +5,14 @@ Architectures are listed by ``config.model_type``. Each one listed here applies 
 (Gemma 2 and 3, or any model whose ``layer_types`` name them) are never factored: they keep transformers' own
 sliding-window cache layer, bounded by the window, and groups are formed over the full-attention layers only, so a
 group never mixes the two kinds. Gemma 3 rotates its two kinds with different RoPE bases; xkv uses the full-attention
-one. A fused latent (DeepSeek MLA) or a model without an entry here raises :class:`NotImplementedError`.
+one.
+
+Multi-head Latent Attention (DeepSeek V2 and V3) is served where transformers caches the latent (5.24: the cache
+gets the normalized latent ``c_kv`` and the rotated shared key part ``k_pe``; see
+:func:`xkv.compat.mla_caches_latent`): the latent, which carries no RoPE, is factored across layers and ``k_pe`` is
+kept exact, as in the paper (rank 512 over groups of 4 latents on DeepSeek-Coder-V2-Lite). Lines that cache
+decompressed per-head keys and values (5.2) are refused, as is a model without an entry here
+(:class:`NotImplementedError`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from xkv.compat import TRANSFORMERS_VERSION, mla_caches_latent
 
 #: model_type -> attribute path of the rotary module from the model's base (``model.model``).
 _ROTARY_PATHS: dict[str, str] = {
@@ -29,7 +38,10 @@ _ROTARY_PATHS: dict[str, str] = {
 #: base per layer kind).
 _ROTARY_LAYER_TYPE: dict[str, str] = {"gemma3_text": "full_attention"}
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ROTARY_PATHS))
+#: Multi-head Latent Attention: the cache's "keys" are the latent, its "values" the shared rotated key part.
+_LATENT_ATTENTION = ("deepseek_v2", "deepseek_v3")
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted((*_ROTARY_PATHS, *_LATENT_ATTENTION)))
 
 #: RoPE variants whose frequencies depend on the sequence length seen so far.
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -49,6 +61,10 @@ class ModelSpec:
         sliding_layers: layers with sliding-window attention (never factored; they keep a sliding-window layer).
         sliding_window: their window in tokens, or ``None`` without such layers.
         attention_softcap: the attention-logit softcapping (Gemma 2: ``tanh(s / c) * c``), or ``None``.
+        value_head_dim: features per head of what the cache holds as values, where it differs from ``head_dim``.
+        latent_attention: Multi-head Latent Attention: the cache's keys are the latent ``c_kv`` (one head of
+            ``kv_lora_rank`` features, no RoPE: factored) and its values the rotated shared key part ``k_pe`` (one
+            head of ``qk_rope_head_dim``: kept exact).
     """
 
     model_type: str
@@ -60,11 +76,18 @@ class ModelSpec:
     sliding_layers: tuple[int, ...] = ()
     sliding_window: int | None = None
     attention_softcap: float | None = None
+    value_head_dim: int | None = None
+    latent_attention: bool = False
 
     @property
     def kv_dim(self) -> int:
         """D, features of one layer's keys (or values) per token: ``num_kv_heads * head_dim``."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """Features of one layer's values per token (``kv_dim`` unless ``value_head_dim`` says otherwise)."""
+        return self.num_kv_heads * (self.value_head_dim or self.head_dim)
 
 
 def describe_model(model: nn.Module) -> ModelSpec:
@@ -82,6 +105,8 @@ def describe_model(model: nn.Module) -> ModelSpec:
         raise ValueError(f"expected a transformers model with a `config`, got {type(model).__name__}")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text_config, "model_type", None)
+    if model_type in _LATENT_ATTENTION:
+        return _describe_latent_attention(model, text_config, model_type)
     if model_type not in _ROTARY_PATHS:
         raise NotImplementedError(
             f"xkv has no adapter for model_type {model_type!r} yet; supported: {list(SUPPORTED_MODEL_TYPES)}"
@@ -131,6 +156,25 @@ def describe_model(model: nn.Module) -> ModelSpec:
         sliding_layers=sliding,
         sliding_window=window if sliding else None,
         attention_softcap=getattr(text_config, "attn_logit_softcapping", None),
+    )
+
+
+def _describe_latent_attention(model: nn.Module, config, model_type: str) -> ModelSpec:
+    """DeepSeek V2/V3: the latent is what gets factored (see the module docstring)."""
+    if not mla_caches_latent(model):
+        raise NotImplementedError(
+            f"{model_type} (Multi-head Latent Attention) needs a transformers whose attention caches the latent "
+            f"(tested: 5.24); transformers {TRANSFORMERS_VERSION} caches decompressed per-head keys and values, which "
+            "xkv does not factor"
+        )
+    return ModelSpec(
+        model_type=model_type,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=1,
+        head_dim=config.kv_lora_rank,
+        rotary_emb=None,  # the latent carries no RoPE; k_pe is kept as the model rotated it
+        value_head_dim=config.qk_rope_head_dim,
+        latent_attention=True,
     )
 
 

@@ -20,6 +20,7 @@ drive any :class:`CompressedStore`, so cross-layer baselines (``xkv.baselines.mi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -44,6 +45,7 @@ from xkv.decode import (
     build_selective_index,
     check_prefix_visible,
     group_queries,
+    prefix_mask,
     tail_mask,
     ungroup_output,
 )
@@ -468,7 +470,7 @@ class GroupedCache(Cache):
         dtype, batch = self._dtype_and_batch()
         if dtype is None:
             return report
-        dim = self.spec.kv_dim
+        dim, value_dim = self.spec.kv_dim, self.spec.value_dim
         tail: list[torch.Tensor] = []
         dense: list[torch.Tensor] = []
         for store in self.stores:
@@ -483,7 +485,7 @@ class GroupedCache(Cache):
                         rank_k=rank_k,
                         rank_v=rank_v,
                         held_bytes=tensor_bytes(store.prefix_tensors()),
-                        dense_bytes=dense_kv_bytes(batch, store.prefix_len, len(store.layers), dim, dtype),
+                        dense_bytes=dense_kv_bytes(batch, store.prefix_len, len(store.layers), dim, dtype, value_dim),
                     )
                 )
         for layer in self.layers:
@@ -496,7 +498,7 @@ class GroupedCache(Cache):
         report.held_bytes += report.table_bytes + report.workspace_bytes
         # The model's own cache: a sliding-window layer keeps at most `window - 1` tokens.
         report.dense_bytes = sum(
-            dense_kv_bytes(batch, self._own_cache_tokens(layer), 1, dim, dtype) for layer in self.layers
+            dense_kv_bytes(batch, self._own_cache_tokens(layer), 1, dim, dtype, value_dim) for layer in self.layers
         )
         return report
 
@@ -616,11 +618,37 @@ class DecodeRuntime:
             paths can see the query; if ``False`` every layer uses the rebuild path.
         table: RoPE angles of the prefix positions (``None`` for a model without RoPE).
         workspace: the rebuild path's buffers.
+        pads: ``(batch,)`` left-padding tokens per sequence of a padded batch, else ``None``: sequence ``b``'s token
+            at index ``i`` sits at RoPE position ``i - pads[b]``, and its first ``pads[b]`` rows are zero in the
+            factors (padding never enters a basis).
     """
 
     fast: bool
     table: PrefixAngles | None
     workspace: Workspace = field(default_factory=Workspace)
+    pads: torch.Tensor | None = None
+
+    def positions(self, start: int, stop: int, batch: int, device: torch.device) -> torch.Tensor:
+        """``(batch, stop - start)`` RoPE positions of token indices ``start .. stop-1`` (padding rows: 0)."""
+        index = torch.arange(start, stop, device=device).unsqueeze(0)
+        if self.pads is None:
+            return index.expand(batch, -1)
+        return (index - self.pads.to(device).unsqueeze(1)).clamp(min=0)
+
+    def padded_angles(self, tokens: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, tokens, rot_dim)`` float32 cos and sin of the prefix rows, each sequence at its own positions."""
+        assert self.table is not None
+        cos, sin = self.table.get(tokens, device)
+        if self.pads is None:
+            return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        index = self.positions(0, tokens, batch, device)
+        return cos[index], sin[index]
+
+    def real_rows(self, tokens: int, device: torch.device) -> torch.Tensor | None:
+        """``(batch, tokens)`` bool, ``False`` on left padding; ``None`` for an unpadded batch."""
+        if self.pads is None:
+            return None
+        return torch.arange(tokens, device=device).unsqueeze(0) >= self.pads.to(device).unsqueeze(1)
 
 
 class XKVGroupStore(CompressedStore):
@@ -741,17 +769,18 @@ class XKVGroupStore(CompressedStore):
                 if cos is None or sin is None:
                     cos, sin = self.angles(self.positions(batch, key_states.device))
                 keys = unapply_rope(key_states, cos, sin)
-            self.pending_keys[slot] = keys.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+            self.pending_keys[slot] = self._without_padding(keys.transpose(1, 2).reshape(batch, tokens, -1))
         else:
             self.pending_keys[slot] = key_states.clone()
         if self.config.compress_values and not self.exact_prefill:
-            self.pending_values[slot] = value_states.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+            self.pending_values[slot] = self._without_padding(value_states.transpose(1, 2).reshape(batch, tokens, -1))
         else:
             self.pending_values[slot] = value_states.clone()
         config = self.config
         if (
             config.decode == "selective"
             and self.runtime.fast
+            and self.runtime.pads is None
             and config.compress_keys
             and config.compress_values
             and not self.exact_prefill
@@ -763,6 +792,11 @@ class XKVGroupStore(CompressedStore):
             )  # fmt: skip
         if len(self.pending_keys) == self.group.size:
             self._factor()
+
+    def _without_padding(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` ``(batch, tokens, D)`` with the rows of left padding zeroed (a copy), so no basis sees them."""
+        real = self.runtime.real_rows(flat.shape[1], flat.device)
+        return flat if real is None else flat * real.unsqueeze(-1).to(flat.dtype)
 
     def _factor(self) -> None:
         assert self.dtype is not None
@@ -811,8 +845,7 @@ class XKVGroupStore(CompressedStore):
         rank_k, rank_v = self.headroom_ranks(tokens) if headroom else self.check_ranks(tokens, self.dtype)
         cos = sin = None
         if self.angles is not None:
-            positions = torch.arange(start, tokens, device=keys0.device).unsqueeze(0).expand(batch, -1)
-            cos, sin = self.angles(positions)
+            cos, sin = self.angles(self.runtime.positions(start, tokens, batch, keys0.device))
 
         def flat(x: torch.Tensor) -> torch.Tensor:
             return x.transpose(1, 2).reshape(batch, count, heads * head_dim)
@@ -936,10 +969,16 @@ class XKVGroupStore(CompressedStore):
 
     def _svd(self, layers: list[torch.Tensor], rank: int) -> LowRankFactors:
         config = self.config
-        return cross_layer_svd(
+        factors = cross_layer_svd(
             layers, rank, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
             seed=config.svd_seed,
         )  # fmt: skip
+        real = self.runtime.real_rows(self.prefix_len, factors.token_basis.device)
+        if real is None:
+            return factors
+        # The padding rows came in as zeros; the SVD leaves rounding noise there: make them exactly zero.
+        basis = factors.token_basis
+        return LowRankFactors(basis * real.unsqueeze(-1).to(basis.dtype), factors.reconstruction)
 
     def _store(self, factors: LowRankFactors, setting: ResolvedRank, budget_rank: int | None = None) -> StoredFactors:
         """``factors`` in the configured storage form.
@@ -964,8 +1003,8 @@ class XKVGroupStore(CompressedStore):
 
     # ------------------------------------------------------------------ rebuild
     def positions(self, batch: int, device: torch.device) -> torch.Tensor:
-        """``(batch, prefix_len)`` RoPE positions of the prefix (0..T-1: the cache checks this at prefill)."""
-        return torch.arange(self.prefix_len, device=device).unsqueeze(0).expand(batch, -1)
+        """``(batch, prefix_len)`` RoPE positions of the prefix: ``0..T-1``, or after each sequence's left padding."""
+        return self.runtime.positions(0, self.prefix_len, batch, device)
 
     def rebuild_keys(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` post-RoPE keys of one layer, rebuilt from the factors."""
@@ -977,8 +1016,7 @@ class XKVGroupStore(CompressedStore):
         keys = flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
         if self.runtime.table is None:
             return keys
-        cos, sin = self.runtime.table.get(tokens, keys.device)
-        return apply_rope(keys, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+        return apply_rope(keys, *self.runtime.padded_angles(tokens, batch, keys.device))
 
     def rebuild_values(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` values of one layer, rebuilt from the factors."""
@@ -1005,7 +1043,8 @@ class XKVGroupStore(CompressedStore):
             reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
         elif wanted == "selective" and slot not in self.selective:
             reason = (
-                "the prefix is shorter than sr_min_tokens, or was cropped or folded: no Selective Reconstruction index"
+                "the prefix is shorter than sr_min_tokens, was cropped or folded, or the batch is left-padded: no "
+                "Selective Reconstruction index"
             )
             if reason not in self._fallbacks_logged:
                 self._fallbacks_logged.add(reason)
@@ -1050,12 +1089,15 @@ class XKVGroupStore(CompressedStore):
             torch.matmul(basis[i], matrix[i], out=flat[i, :tokens])
         view = flat.view(batch, tokens + length, heads, head_dim)
         if side == "k" and self.runtime.table is not None:
-            cos, sin = self.runtime.table.get(tokens, basis.device)
             prefix = view[:, :tokens]
-            if self.runtime.table.halves_equal and basis.dtype in (torch.float32, torch.float64):
-                apply_rope_(prefix, cos, sin)
+            if (
+                self.runtime.table.halves_equal
+                and basis.dtype in (torch.float32, torch.float64)
+                and self.runtime.pads is None
+            ):
+                apply_rope_(prefix, *self.runtime.table.get(tokens, basis.device))
             else:
-                rotated = apply_rope(prefix.transpose(1, 2), cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+                rotated = apply_rope(prefix.transpose(1, 2), *self.runtime.padded_angles(tokens, batch, basis.device))
                 prefix.copy_(rotated.transpose(1, 2))
         if length:
             view[:, tokens:] = tail.transpose(1, 2)
@@ -1075,12 +1117,19 @@ class XKVGroupStore(CompressedStore):
         assert self.key_factors is not None and self.value_factors is not None
         tokens, heads = self.prefix_len, self.spec.num_kv_heads
         num_heads, length = query.shape[1], query.shape[2]
-        check_prefix_visible(attention_mask, tokens)
+        real = self.runtime.real_rows(tokens, query.device)
+        hidden = None
+        if real is None:
+            check_prefix_visible(attention_mask, tokens)
+        else:  # a left-padded batch (absorb only: no Selective Reconstruction index is built for one)
+            hidden = prefix_mask(attention_mask, real, length, num_heads // heads)
         grouped = group_queries(query, heads)
         mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads, query.device)
         if path == "absorb":
             keys = self._rebuilt("k", slot, tail_keys[:, :, :0])
-            out = attend_absorbed(grouped, keys, self.value_factors, slot, tail_keys, tail_values, scaling, mask)
+            out = attend_absorbed(
+                grouped, keys, self.value_factors, slot, tail_keys, tail_values, scaling, mask, hidden
+            )  # fmt: skip
         else:
             table = self.runtime.table
             angles = table.joint_table(tokens, query.device) if table is not None else None
@@ -1148,6 +1197,58 @@ class XKVGroupStore(CompressedStore):
         self._reset_state()
 
 
+def left_padding(
+    inputs: UpdateInputs, angles: RotaryAngles | None, batch: int, tokens: int, device: torch.device
+) -> torch.Tensor | None:
+    """Left padding per sequence of a first prefill, read from its RoPE positions; ``None`` if there is none.
+
+    Each sequence must sit at positions ``0..n-1`` after its ``T - n`` padding tokens (what ``generate`` gives a
+    left-padded batch); padding rows may carry any position. Positions come from ``position_ids`` (5.24) or are
+    matched from the cos/sin the model applied (5.2); without either, ``0..T-1`` is assumed.
+
+    Returns:
+        ``(batch,)`` int64 padding counts, or ``None`` if every sequence starts at position 0 at index 0.
+
+    Raises:
+        ValueError: for positions of any other pattern (custom ``position_ids``, a shifted start).
+    """
+    index = torch.arange(tokens, device=device).unsqueeze(0)
+    if inputs.position_ids is not None:
+        positions = inputs.position_ids.to(device).expand(batch, tokens)
+        pads = tokens - 1 - positions[:, -1]
+        valid = bool(((pads >= 0) & (pads < tokens)).all())
+        if valid:
+            real = index >= pads.unsqueeze(1)
+            valid = bool(torch.equal(positions[real], (index - pads.unsqueeze(1))[real]))
+    elif inputs.cos is not None and inputs.sin is not None and angles is not None:
+        cos, sin = angles(index)  # (1, T, rot)
+        given_cos, given_sin = inputs.cos.float().to(device), inputs.sin.float().to(device)
+        if given_cos.shape[-1] != cos.shape[-1] or given_cos.shape[-2] != tokens:
+            valid, pads = False, torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            given_cos, given_sin = given_cos.expand(batch, -1, -1), given_sin.expand(batch, -1, -1)
+            # the last token's angles name its position: the nearest row of the table (RoPE's slowest frequency
+            # turns by far less than a full circle over T tokens, so rows are distinct)
+            gap = (given_cos[:, -1:] - cos).square().sum(-1) + (given_sin[:, -1:] - sin).square().sum(-1)
+            pads = tokens - 1 - gap.argmin(-1)
+            rows = (index - pads.unsqueeze(1)).clamp(min=0)
+            real = (index >= pads.unsqueeze(1)).unsqueeze(-1)
+            tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
+            valid = bool(
+                ((given_cos - cos[0][rows]).abs().le(tol) | ~real).all()
+                and ((given_sin - sin[0][rows]).abs().le(tol) | ~real).all()
+            )
+    else:
+        return None
+    if not valid:
+        raise ValueError(
+            "XKVCache needs each sequence of the first prefill at RoPE positions 0..n-1 after its left padding "
+            "(as generate() gives a left-padded batch); the model used other positions (custom position_ids are "
+            "not supported)"
+        )
+    return pads.long() if bool(pads.any()) else None
+
+
 def _kept_dense(config: XKVConfig, spec: ModelSpec) -> tuple[int, ...]:
     """Layers outside every group: ``config.dense_layers`` and the model's sliding-window layers."""
     return tuple(sorted(set(config.dense_layers) | set(spec.sliding_layers)))
@@ -1173,6 +1274,10 @@ class XKVCache(GroupedCache):
         self.config = config or XKVConfig()
         self._model = weakref.ref(model)  # for the weights' fingerprint of a prefix file; never kept alive
         spec = describe_model(model)
+        if spec.latent_attention and self.config.compress_values:
+            # MLA: the cache's values are the rotated shared key part k_pe, which the paper keeps exact.
+            logger.info("%s: factoring the MLA latent; its RoPE part (k_pe) is kept exact", spec.model_type)
+            self.config = dataclasses.replace(self.config, compress_values=False)
         self.groups = build_groups(
             spec.num_layers,
             self.config.group_size,
@@ -1184,7 +1289,17 @@ class XKVCache(GroupedCache):
         check_groups_on_one_device(self.groups, layer_devices(model))
         self.angles = RotaryAngles(spec.rotary_emb, spec.rotary_layer_type) if spec.rotary_emb is not None else None
         # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
-        fast = self.config.decode != "rebuild" and spec.attention_softcap is None and attention.enable(model)
+        fast = (
+            self.config.decode != "rebuild"
+            and spec.attention_softcap is None
+            and not spec.latent_attention
+            and attention.enable(model)
+        )
+        if self.config.decode != "rebuild" and spec.latent_attention:
+            logger.info(
+                "%s expands its latent into per-head keys and values after the cache, where the fast paths cannot "
+                "see them: decoding with the lean rebuild of the latent", spec.model_type,
+            )  # fmt: skip
         if self.config.decode != "rebuild" and spec.attention_softcap is not None:
             logger.info(
                 "%s caps attention logits (attn_logit_softcapping=%s), which the fast paths do not: decoding with "
@@ -1237,8 +1352,8 @@ class XKVCache(GroupedCache):
 
         Raises:
             UnreachableRatioError: (a ``ValueError``) if a rank does not fit the number of tokens.
-            ValueError: if the model's RoPE positions are not ``0..T-1`` (left-padded batches and custom
-                ``position_ids`` are not supported yet).
+            ValueError: if a sequence's RoPE positions are not ``0..n-1`` after its left padding (custom
+                ``position_ids`` are not supported).
         """
         batch, _, tokens, _ = key_states.shape
         exact = tokens < self.config.min_tokens
@@ -1253,29 +1368,15 @@ class XKVCache(GroupedCache):
         for store in self.xkv_stores:
             store.exact_prefill = exact
             store.check_ranks(tokens, key_states.dtype)
-        expected = torch.arange(tokens, device=key_states.device).unsqueeze(0).expand(batch, -1)
-        if inputs.position_ids is not None and not torch.equal(
-            inputs.position_ids.to(expected.device).expand_as(expected), expected
-        ):
-            raise ValueError(
-                "XKVCache needs RoPE positions 0..T-1 for every sequence of the first prefill; got other "
-                "`position_ids` (left-padded batches and custom positions are not supported yet)"
-            )
         angles = self.angles
         if angles is not None and self.spec.rotary_layer_type and layer_idx in self.spec.sliding_layers:
             angles = RotaryAngles(angles.rotary_emb, "sliding_attention")  # that layer's own RoPE base (Gemma 3)
-        if inputs.cos is not None and inputs.sin is not None and angles is not None:
-            cos, sin = angles(expected)
-            tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
-            given_cos, given_sin = inputs.cos.float(), inputs.sin.float()
-            if given_cos.shape[-2:] != cos.shape[-2:] or not (
-                torch.allclose(given_cos, cos, atol=tol) and torch.allclose(given_sin, sin, atol=tol)
-            ):
-                raise ValueError(
-                    "XKVCache needs RoPE positions 0..T-1 for every sequence of the first prefill; the model "
-                    "rotated keys at other positions (left-padded batches and custom position_ids are not "
-                    "supported yet)"
-                )
+        self.runtime.pads = left_padding(inputs, angles, batch, tokens, key_states.device)
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._map_batch(fn)
+        if self.runtime.pads is not None:
+            self.runtime.pads = fn(self.runtime.pads)
 
     def before_update(self, layer_idx: int) -> None:
         """Fold a group's tails into its factors once they reach ``config.fold_tokens`` (checked at its first layer).
@@ -1356,7 +1457,9 @@ class XKVCache(GroupedCache):
         new = copy.copy(self)
         new.config = config
         # Its own tables and workspace: what a copy holds is counted for that copy alone.
-        new.runtime = DecodeRuntime(self.runtime.fast, PrefixAngles(self.angles) if self.angles is not None else None)
+        new.runtime = DecodeRuntime(
+            self.runtime.fast, PrefixAngles(self.angles) if self.angles is not None else None, pads=self.runtime.pads
+        )
         if new.runtime.table is not None and self.runtime.table is not None:  # shared: never written in place
             new.runtime.table.joint = self.runtime.table.joint
             new.runtime.table.halves_equal = self.runtime.table.halves_equal
@@ -1409,6 +1512,8 @@ class XKVCache(GroupedCache):
             raise RuntimeError("save() needs the model this cache was built for, which no longer exists")
         if not all(store.is_ready for store in self.xkv_stores) or any(s.pending_keys for s in self.xkv_stores):
             raise RuntimeError("save() needs a finished prefill (every group factored)")
+        if self.runtime.pads is not None:
+            raise ValueError("save() writes unpadded prefixes; this cache holds a left-padded batch")
         tensors: dict[str, torch.Tensor] = {}
         stores = []
         for i, store in enumerate(self.xkv_stores):
@@ -1536,6 +1641,7 @@ class XKVCache(GroupedCache):
         """Drop every stored token, the decode tables and workspaces; the cache can be reused for a new prompt."""
         super().reset()
         attention.discard()
+        self.runtime.pads = None
         if self.runtime.table is not None:
             self.runtime.table.reset()
         self.runtime.workspace.reset()

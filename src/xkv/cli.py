@@ -318,7 +318,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         progress.update(task, description=f"writing {args.out}")
         size = cache.save(args.out, prompt_ids=ids, tokenizer=tokenizer, model_name=args.model)
     spec = cache.spec
-    dense = dense_kv_bytes(1, ids.shape[1], spec.num_layers, spec.kv_dim, next(model.parameters()).dtype)
+    dense = dense_kv_bytes(
+        1, ids.shape[1], spec.num_layers, spec.kv_dim, next(model.parameters()).dtype, spec.value_dim
+    )
     console.print(
         f"wrote {args.out}: {size / 2**20:.1f} MiB on disk for {ids.shape[1]} tokens; a dense cache holds "
         f"{dense / 2**20:.1f} MiB ({dense / size:.2f}x)"

@@ -76,6 +76,19 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
     return {"past_key_values": cache}
 
 
+def mla_caches_latent(model: Any) -> bool:
+    """Whether this transformers' Multi-head Latent Attention (DeepSeek V2/V3) hands the cache its latent.
+
+    5.24 calls ``cache.update(latent, k_rope, layer_idx)`` with the normalized latent ``(b, 1, T, kv_lora_rank)`` and
+    the rotated shared key part ``(b, 1, T, qk_rope_head_dim)``, then expands them per head (``expand_kv``); 5.2
+    caches decompressed per-head keys and values. Checked on the model's attention modules, not on a version number.
+    """
+    for module in model.modules():
+        if hasattr(module, "kv_a_proj_with_mqa"):
+            return callable(getattr(module, "expand_kv", None))
+    return False
+
+
 def dequantized_for_saving(model: Any) -> Any:
     """Let ``save_pretrained`` write a model loaded from a GGUF file as plain (already dequantised) weights.
 

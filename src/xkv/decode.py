@@ -58,9 +58,7 @@ def tail_mask(
     """Additive mask ``(b or 1, 1, R*q, L)`` of the tail for grouped queries; ``None`` when nothing is masked.
 
     Uses the model's mask where it gives one; else the causal pattern of the ``q`` newest tail tokens, built on
-    ``device``. The prefix
-    is visible to every query: the cache refuses padded or shifted positions at the first prefill, and
-    :func:`check_prefix_visible` checks the model's mask agrees.
+    ``device``. The prefix is masked apart (:func:`prefix_mask`).
     """
     if attention_mask is not None:
         cols = attention_mask[..., prefix_len : prefix_len + tail_len]  # (b, 1|Hq, q, L)
@@ -76,6 +74,29 @@ def tail_mask(
     return mask.repeat(repeats, 1).view(1, 1, repeats * tokens, tail_len)
 
 
+def prefix_mask(
+    attention_mask: torch.Tensor | None, real_rows: torch.Tensor, tokens: int, repeats: int
+) -> torch.Tensor:
+    """Additive mask of a left-padded prefix for grouped queries: the model's where it gives one, else the padding's.
+
+    Args:
+        attention_mask: the model's mask ``(b, 1|Hq, q, kv)`` (bool or additive), or ``None``.
+        real_rows: ``(b, T)`` bool, ``False`` on padding.
+        tokens: queries ``q``.
+        repeats: query heads per KV head ``R``.
+
+    Returns:
+        ``(b, 1, R*q, T)`` float32 (``(b, 1, 1, T)`` without a model mask).
+    """
+    prefix_len = real_rows.shape[1]
+    if attention_mask is not None:
+        mask = tail_mask(attention_mask, 0, prefix_len, tokens, repeats)
+        assert mask is not None
+        return mask
+    hidden = torch.zeros(real_rows.shape, dtype=torch.float32, device=real_rows.device)
+    return hidden.masked_fill(~real_rows, -math.inf).view(real_rows.shape[0], 1, 1, prefix_len)
+
+
 def check_prefix_visible(attention_mask: torch.Tensor | None, prefix_len: int) -> None:
     """Raise if the model's mask hides part of the compressed prefix (these paths assume it never does)."""
     if attention_mask is None or prefix_len == 0:
@@ -84,8 +105,9 @@ def check_prefix_visible(attention_mask: torch.Tensor | None, prefix_len: int) -
     visible = cols.all() if cols.dtype == torch.bool else bool((cols == 0).all())
     if not visible:
         raise ValueError(
-            "the attention mask hides tokens of the compressed prefix; XKVCache's fast decode paths (and the cache "
-            "itself) support unpadded sequences only"
+            "the attention mask hides tokens of a compressed prefix whose first prefill had no left padding; "
+            "XKVCache's fast decode paths mask only the left padding it saw at that prefill (decode='rebuild' "
+            "follows any mask)"
         )
 
 
@@ -117,6 +139,7 @@ def attend_absorbed(
     tail_values: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None,
+    prefix_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with the prefix's values absorbed into the factors.
 
@@ -129,12 +152,15 @@ def attend_absorbed(
         tail_values: ``(b, H, L, hd)``.
         scaling: the score scale (``1/sqrt(hd)`` for most models).
         mask: additive ``(·, 1, M, L)`` tail mask or ``None``.
+        prefix_mask: additive ``(b, 1, M or 1, T)`` mask of the prefix (left padding), ``None`` if all is visible.
 
     Returns:
         ``(b, H, M, hd)``.
     """
     batch, heads, rows, _ = grouped_query.shape
     scores_prefix = torch.matmul(grouped_query, prefix_keys.transpose(-1, -2)) * scaling  # (b, H, M, T)
+    if prefix_mask is not None:
+        scores_prefix = scores_prefix + prefix_mask
     scores_tail = torch.matmul(grouped_query, tail_keys.transpose(-1, -2)) * scaling  # (b, H, M, L)
     if mask is not None:
         scores_tail = scores_tail + mask

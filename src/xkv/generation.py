@@ -18,21 +18,40 @@ from xkv.compat import cache_kwargs
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+def prefill(
+    model: nn.Module, input_ids: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run ``input_ids`` through the model into ``cache``.
 
     Args:
         model: a causal LM.
         input_ids: ``(batch, tokens)``, appended after whatever ``cache`` already holds.
         cache: any transformers cache (``XKVCache`` compresses during its first prefill).
+        attention_mask: ``(batch, cached + tokens)``, 0 on left padding, for a padded batch; each sequence then
+            gets RoPE positions ``0, 1, ...`` from its first real token, as ``generate`` gives it.
 
     Returns:
         Logits of the last position, ``(batch, vocab)``.
+
+    Raises:
+        ValueError: for an ``attention_mask`` of the wrong shape.
     """
     past = cache.get_seq_length()
-    positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+    batch, tokens = input_ids.shape
+    positions = torch.arange(past, past + tokens, device=input_ids.device)
+    extra: dict[str, torch.Tensor] = {}
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, past + tokens):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch, cached + new tokens) = {(batch, past + tokens)} but got "
+                f"{tuple(attention_mask.shape)}"
+            )
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        extra = {"attention_mask": attention_mask, "position_ids": position_ids}
     # logits_to_keep=1: the LM head runs on the last position only (a 4k prefill would otherwise build ~800 MB).
-    out = model(input_ids=input_ids, use_cache=True, cache_position=positions, logits_to_keep=1, **cache_kwargs(cache))
+    out = model(
+        input_ids=input_ids, use_cache=True, cache_position=positions, logits_to_keep=1, **extra, **cache_kwargs(cache)
+    )
     return out.logits[:, -1, :]
 
 
@@ -69,9 +88,11 @@ def chunked_prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache, chu
 
 
 @torch.no_grad()
-def decode_one_token(model: nn.Module, token: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """One decode step: ``token`` ``(batch, 1)`` in, last logits ``(batch, vocab)`` out."""
-    return prefill(model, token, cache)
+def decode_one_token(
+    model: nn.Module, token: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One decode step: ``token`` ``(batch, 1)`` in, last logits ``(batch, vocab)`` out (mask: see :func:`prefill`)."""
+    return prefill(model, token, cache, attention_mask)
 
 
 @dataclass
@@ -79,16 +100,27 @@ class Generation:
     """Result of :func:`greedy_generate`.
 
     Attributes:
-        tokens: generated token ids (batch 1), stop token excluded.
+        sequences: per sequence of the batch, its generated token ids (stop token excluded).
         prefill_s: wall time of the prefill.
         decode_s: wall time of all decode steps.
         steps: decode steps run.
     """
 
-    tokens: list[int] = field(default_factory=list)
+    sequences: list[list[int]] = field(default_factory=lambda: [[]])
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated token ids of a batch of one.
+
+        Raises:
+            ValueError: for a batch of several sequences (read ``sequences``).
+        """
+        if len(self.sequences) != 1:
+            raise ValueError(f"`tokens` is for a batch of one; this generation has {len(self.sequences)} sequences")
+        return self.sequences[0]
 
 
 @torch.no_grad()
@@ -98,41 +130,54 @@ def greedy_generate(
     cache: Cache,
     max_new_tokens: int,
     stop_ids: list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> Generation:
-    """Greedy decoding of one sequence through ``cache``.
+    """Greedy decoding through ``cache``, one sequence or a batch.
+
+    A sequence ends at its first stop token (or after ``max_new_tokens``); the others go on. Each finished
+    sequence is fed its last token again while the batch runs, and nothing more is recorded for it.
 
     Args:
         model: a causal LM.
-        input_ids: ``(1, tokens)``: the tokens not yet in ``cache`` (a whole prompt, or a question appended after a
-            context already prefilled).
+        input_ids: ``(batch, tokens)``: the tokens not yet in ``cache`` (a whole prompt, or a question appended
+            after a context already prefilled).
         cache: the cache to prefill and decode through.
-        max_new_tokens: at most this many tokens are generated.
-        stop_ids: token ids that end generation.
+        max_new_tokens: at most this many tokens are generated per sequence.
+        stop_ids: token ids that end a sequence.
+        attention_mask: ``(batch, cached + tokens)``, 0 on left padding, for a left-padded batch.
 
     Returns:
-        The generated tokens and the time of each phase.
+        The generated tokens per sequence and the time of each phase.
 
     Raises:
-        ValueError: for a batch other than 1 or ``max_new_tokens < 1``.
+        ValueError: for ``input_ids`` that are not ``(batch, tokens)``, ``max_new_tokens < 1``, or a mask of the
+            wrong shape.
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"`input_ids` must have shape (1, tokens) but got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"`input_ids` must have shape (batch, tokens) but got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1 but got {max_new_tokens}")
     stops = set(stop_ids or [])
-    result = Generation()
+    batch = input_ids.shape[0]
+    result = Generation(sequences=[[] for _ in range(batch)])
+    done = [False] * batch
     start = time.perf_counter()
-    logits = prefill(model, input_ids, cache)
+    logits = prefill(model, input_ids, cache, attention_mask)
     result.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        token = int(logits.argmax(dim=-1)[0])
-        if token in stops:
+        chosen = logits.argmax(dim=-1)
+        for i, token in enumerate(chosen.tolist()):
+            if done[i] or token in stops:
+                done[i] = True
+                continue
+            result.sequences[i].append(token)
+        if all(done) or step == max_new_tokens - 1:
             break
-        result.tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        logits = decode_one_token(model, torch.tensor([[token]], device=input_ids.device), cache)
+        last = torch.tensor([seq[-1] if seq else int(chosen[i]) for i, seq in enumerate(result.sequences)])
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        logits = prefill(model, last.view(batch, 1).to(input_ids.device), cache, attention_mask)
         result.steps += 1
     result.decode_s = time.perf_counter() - start
     return result

@@ -45,10 +45,15 @@ def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return total
 
 
-def dense_kv_bytes(batch: int, tokens: int, num_layers: int, dim: int, dtype: torch.dtype) -> int:
-    """Bytes of a dense cache: keys and values of ``num_layers`` layers, ``dim = kv_heads * head_dim`` each."""
+def dense_kv_bytes(
+    batch: int, tokens: int, num_layers: int, dim: int, dtype: torch.dtype, value_dim: int | None = None
+) -> int:
+    """Bytes of a dense cache: keys and values of ``num_layers`` layers, ``dim = kv_heads * head_dim`` each.
+
+    ``value_dim`` where values have other features per token than keys (MLA: the latent and the RoPE part).
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * batch * tokens * num_layers * dim * itemsize
+    return batch * tokens * num_layers * (dim + (dim if value_dim is None else value_dim)) * itemsize
 
 
 @dataclass

@@ -444,6 +444,11 @@ class MiniCache(GroupedCache):
                 f"MiniCache merges adjacent layer pairs, and {self.spec.model_type} alternates sliding-window layers "
                 f"{list(self.spec.sliding_layers)} with full-attention ones: a pair would mix the two kinds"
             )
+        if self.spec.latent_attention:
+            raise NotImplementedError(
+                f"MiniCache interpolates per-head key and value states; {self.spec.model_type} caches one latent "
+                "and a RoPE part per layer (Multi-head Latent Attention), which it does not merge"
+            )
         num_layers = self.spec.num_layers
         self.start_layer = self.config.resolve_start_layer(num_layers)
         stores = [
