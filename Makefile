@@ -14,7 +14,7 @@ NEWEST_TRANSFORMERS ?= 5.24.*
 CORE_TESTS := tests/test_cache.py tests/test_cache_contract.py tests/test_decode.py tests/test_fold.py \
 	tests/test_memory.py tests/test_rope.py tests/test_smollm2.py tests/test_factorization.py tests/test_forms.py \
 	tests/test_config.py tests/test_prompts.py tests/test_models.py tests/test_groups.py tests/test_layering.py \
-	tests/test_prefix.py tests/test_analysis.py tests/test_padding.py tests/test_mla.py
+	tests/test_prefix.py tests/test_analysis.py tests/test_padding.py tests/test_mla.py tests/test_grouping.py
 
 .PHONY: demo test test-main test-newest lint format clean
 

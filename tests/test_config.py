@@ -28,6 +28,12 @@ BAD_VALUES = [
     ({"svd": "qr"}, "svd"),
     ({"svd_oversample": -1}, "svd_oversample"),
     ({"svd_niter": -1}, "svd_niter"),
+    ({"grouping": "auto"}, "grouping: auto. needs .groups"),
+    ({"groups": [[0, 1]]}, "groups"),
+    ({"grouping": "auto", "groups": []}, "groups"),
+    ({"grouping": "auto", "groups": [[0, 1], [1, 2]]}, "groups. lists a layer twice"),
+    ({"grouping": "auto", "groups": [[0, -1]]}, "groups"),
+    ({"grouping": "auto", "group_size": 2, "groups": [[0, 1, 2]]}, "larger than .group_size"),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 ORDER = [
     "compat", "forms", "config", "groups", "factorization", "analysis", "memory", "rope", "decode", "attention",
     "adapters", "prefix", "cache", "models",
-    "prompts", "generation", "baselines", "integrations", "evaluation", "bench", "cli",
+    "prompts", "generation", "calibration", "baselines", "integrations", "evaluation", "bench", "cli",
 ]  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "xkv"
 FILES = sorted(p for p in SRC.rglob("*.py") if p.name != "__main__.py")

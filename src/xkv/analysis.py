@@ -16,6 +16,7 @@ And the energy a group's shared basis captures against its rank, for groups of 1
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -113,3 +114,91 @@ def analyze_layers(
         if on_progress:
             on_progress(f"energy of groups of {size}")
     return result
+
+
+def alignment_matrix(layers: list[torch.Tensor], rank: int) -> list[list[float]]:
+    """``[i][j]``: top-``rank`` subspace alignment of layers ``i`` and ``j`` ``(tokens, dim)`` (1 on the diagonal)."""
+    subspaces = [top_subspace(layer, rank) for layer in layers]
+    return [[subspace_alignment(u, v) for v in subspaces] for u in subspaces]
+
+
+def within_group_score(similarity: list[list[float]], groups: list[list[int]]) -> float:
+    """Mean similarity over the pairs of layers that share a group (``similarity`` indexed by layer position)."""
+    pairs = [similarity[a][b] for group in groups for i, a in enumerate(group) for b in group[i + 1 :]]
+    return sum(pairs) / len(pairs) if pairs else 0.0
+
+
+def alignment_groups(
+    similarity: list[list[float]], group_size: int, restarts: int = 32, seed: int = 0
+) -> list[list[int]]:
+    """Split positions ``0..n-1`` into groups with a high sum of within-group ``similarity``.
+
+    The groups have the sizes contiguous groups would have (``group_size``, the last one shorter). Local search from
+    several starts: a greedy one (each group starts from the lowest unassigned position and takes, one at a time,
+    the position most similar to its members) and ``restarts`` seeded random partitions; from each, the best swap of
+    two positions between groups is applied while it raises the sum. The best result wins. Deterministic for a seed.
+
+    Args:
+        similarity: symmetric ``[i][j]`` similarities, e.g. :func:`alignment_matrix`.
+        group_size: G.
+        restarts: random starting partitions besides the greedy one.
+        seed: seed of those partitions.
+
+    Returns:
+        Groups of positions, each sorted, ordered by their first position.
+
+    Raises:
+        ValueError: for ``group_size < 1``, ``restarts < 0`` or a non-square matrix.
+    """
+    n = len(similarity)
+    if group_size < 1:
+        raise ValueError(f"`group_size` must be >= 1 but got {group_size}")
+    if restarts < 0:
+        raise ValueError(f"`restarts` must be >= 0 but got {restarts}")
+    if any(len(row) != n for row in similarity):
+        raise ValueError("`similarity` must be a square matrix")
+    sizes = [min(group_size, n - start) for start in range(0, n, group_size)]
+    free = list(range(n))
+    greedy: list[list[int]] = []
+    for size in sizes:
+        group = [free.pop(0)]
+        while len(group) < size:
+            best = max(free, key=lambda c: (sum(similarity[c][m] for m in group), -c))
+            free.remove(best)
+            group.append(best)
+        greedy.append(group)
+    starts = [greedy]
+    generator = random.Random(seed)
+    for _ in range(restarts):
+        order = list(range(n))
+        generator.shuffle(order)
+        starts.append(
+            [order[start : start + size] for start, size in zip(range(0, n, group_size), sizes, strict=True)]
+        )
+    results = [_swap_search(similarity, groups) for groups in starts]
+    best_groups = max(results, key=lambda groups: within_group_score(similarity, groups))
+    return sorted(sorted(group) for group in best_groups)
+
+
+def _swap_search(similarity: list[list[float]], groups: list[list[int]]) -> list[list[int]]:
+    """Apply the best swap of two positions between groups while it raises the within-group sum (in place)."""
+
+    def gain(g1: list[int], a: int, g2: list[int], b: int) -> float:  # a moves to g2, b to g1
+        return sum(similarity[b][x] - similarity[a][x] for x in g1 if x != a) + sum(
+            similarity[a][y] - similarity[b][y] for y in g2 if y != b
+        )
+
+    while True:
+        best_gain, best_move = 1e-12, None
+        for i, g1 in enumerate(groups):
+            for j in range(i + 1, len(groups)):
+                for a in g1:
+                    for b in groups[j]:
+                        value = gain(g1, a, groups[j], b)
+                        if value > best_gain:
+                            best_gain, best_move = value, (i, a, j, b)
+        if best_move is None:
+            return groups
+        i, a, j, b = best_move
+        groups[i][groups[i].index(a)] = b
+        groups[j][groups[j].index(b)] = a

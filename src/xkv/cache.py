@@ -1254,6 +1254,14 @@ def _kept_dense(config: XKVConfig, spec: ModelSpec) -> tuple[int, ...]:
     return tuple(sorted(set(config.dense_layers) | set(spec.sliding_layers)))
 
 
+def _groups_for(config: XKVConfig, spec: ModelSpec) -> list[LayerGroup]:
+    """The layer groups ``config`` asks for on a model of ``spec``."""
+    return build_groups(
+        spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer,
+        _kept_dense(config, spec), config.groups,
+    )  # fmt: skip
+
+
 class XKVCache(GroupedCache):
     """KV-cache that keeps the context as cross-layer SVD factors (xKV, arXiv 2503.18893).
 
@@ -1278,14 +1286,7 @@ class XKVCache(GroupedCache):
             # MLA: the cache's values are the rotated shared key part k_pe, which the paper keeps exact.
             logger.info("%s: factoring the MLA latent; its RoPE part (k_pe) is kept exact", spec.model_type)
             self.config = dataclasses.replace(self.config, compress_values=False)
-        self.groups = build_groups(
-            spec.num_layers,
-            self.config.group_size,
-            self.config.grouping,
-            self.config.first_layer,
-            self.config.last_layer,
-            _kept_dense(self.config, spec),
-        )
+        self.groups = _groups_for(self.config, spec)
         check_groups_on_one_device(self.groups, layer_devices(model))
         self.angles = RotaryAngles(spec.rotary_emb, spec.rotary_layer_type) if spec.rotary_emb is not None else None
         # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
@@ -1448,10 +1449,7 @@ class XKVCache(GroupedCache):
         Raises:
             ValueError: if ``config`` groups the layers differently or asks for more rank than is held.
         """
-        groups = build_groups(
-            self.spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer,
-            _kept_dense(config, self.spec),
-        )  # fmt: skip
+        groups = _groups_for(config, self.spec)
         if [g.layers for g in groups] != [g.layers for g in self.groups]:
             raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")
         new = copy.copy(self)

@@ -355,17 +355,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Token cosine, CKA and subspace alignment per layer pair, and energy against rank per group size."""
     import torch
+    import yaml
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-    from transformers import DynamicCache
 
     from xkv.analysis import analyze_layers
-    from xkv.cache import XKVCache
+    from xkv.calibration import auto_groups, layer_states
     from xkv.evaluation.runner import parse_lengths
-    from xkv.generation import prefill
     from xkv.models import load
     from xkv.prompts import needle_sample
-    from xkv.rope import unapply_rope
 
     (tokens,) = parse_lengths(args.tokens) if "," not in args.tokens else (None,)
     if tokens is None:
@@ -377,17 +375,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _quiet_library_output(args.threads)
     model, tokenizer = load(args.model)
     ids = torch.tensor([needle_sample(tokenizer, tokens, seed=args.seed).context_ids], device=model.device)
-    cache = DynamicCache()
-    prefill(model, ids, cache)
-    angles = XKVCache(model).angles  # the model's own RoPE, to take keys back to pre-RoPE
-    positions = torch.arange(ids.shape[1], device=model.device).unsqueeze(0)
-    sides: dict[str, list[torch.Tensor]] = {"keys": [], "values": []}
-    for layer in cache.layers:
-        keys = layer.keys
-        if angles is not None:
-            keys = unapply_rope(keys, *angles(positions))
-        sides["keys"].append(keys[0].transpose(0, 1).reshape(ids.shape[1], -1).float())
-        sides["values"].append(layer.values[0].transpose(0, 1).reshape(ids.shape[1], -1).float())
+    sides = layer_states(model, ids)
     results = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=args.quiet) as progress:
@@ -412,6 +400,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         console.print(
             f"{side}: adjacent layers: token cosine {mean[0]:.2f}, CKA {mean[1]:.2f}, top-{args.rank} subspace "
             f"alignment {mean[2]:.2f} (means over {len(adjacent)} pairs)"
+        )
+    if args.group_size is not None:
+        found = auto_groups(model, ids, XKVConfig(group_size=args.group_size), args.rank, states=sides)
+        config = found.config
+        grouping = {"group_size": config.group_size, "grouping": config.grouping, "groups": config.groups}
+        header = (
+            f"# xkv analyze --group-size {args.group_size}: groups of {args.model}'s layers by the alignment of\n"
+            f"# their top-{args.rank} subspaces on a {ids.shape[1]}-token document (seed {args.seed});\n"
+            f"# mean within-group alignment {found.score:.3f}, contiguous groups {found.contiguous_score:.3f}.\n"
+        )
+        (out / "groups.yaml").write_text(header + yaml.safe_dump(grouping, sort_keys=False, default_flow_style=None))
+        console.print(
+            f"groups of {args.group_size} by alignment: {config.groups} (mean within-group alignment "
+            f"{found.score:.3f}; contiguous {found.contiguous_score:.3f}); wrote {out / 'groups.yaml'}"
         )
     console.print(f"wrote {', '.join(written)} in {out}")
     return 0
@@ -679,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--tokens", default="2k", help="document length in tokens")
     analyze.add_argument("--rank", type=int, default=32, help="r of the subspace alignment")
     analyze.add_argument("--seed", type=int, default=0, help="seed of the generated document")
+    analyze.add_argument(
+        "--group-size", type=int, default=None,
+        help="also form groups of this many layers by alignment and write them as groups.yaml (grouping: auto)",
+    )  # fmt: skip
     analyze.add_argument("--out", default="benchmarks/analysis", help="output folder")
     _model_and_runtime(analyze)
     analyze.set_defaults(func=cmd_analyze)

@@ -118,7 +118,10 @@ class XKVConfig:
         group_size: G, layers whose caches share one token basis. The last group may be shorter.
         grouping: ``"contiguous"`` groups adjacent layers; ``"stride"`` groups layers ``j, j+n, j+2n, ...``
             (n = number of groups). Stride groups finish only near the last layer, so more layers are held dense
-            during prefill.
+            during prefill. ``"auto"``: the layer groups in ``groups``, formed to maximise the measured alignment
+            of the layers' top singular subspaces on a calibration prompt (:func:`xkv.calibration.auto_groups`).
+        groups: with ``grouping: auto``, the groups as lists of layers (each at most ``group_size`` layers; they
+            must cover the compressed range except ``dense_layers``); ``None`` otherwise.
         first_layer: first compressed layer (0-based). Layers before it keep a dense cache.
         last_layer: last compressed layer (inclusive); ``None`` means the model's last layer.
         dense_layers: layers of that range kept dense (e.g. a first layer unlike the others); the groups are formed
@@ -174,7 +177,8 @@ class XKVConfig:
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults).
     group_size: int = 8
-    grouping: Literal["contiguous", "stride"] = "contiguous"
+    grouping: Literal["contiguous", "stride", "auto"] = "contiguous"
+    groups: list[list[int]] | None = None
     first_layer: int = 0
     last_layer: int | None = None
     dense_layers: list[int] = field(default_factory=list)
@@ -229,8 +233,9 @@ class XKVConfig:
                 raise ValueError(f"`{name}` must be an int but got {value!r}")
         if self.group_size < 1:
             raise ValueError(f"`group_size` must be >= 1 but got {self.group_size}")
-        if self.grouping not in ("contiguous", "stride"):
-            raise ValueError(f"`grouping` must be one of ['contiguous', 'stride'] but got {self.grouping!r}")
+        if self.grouping not in ("contiguous", "stride", "auto"):
+            raise ValueError(f"`grouping` must be one of ['contiguous', 'stride', 'auto'] but got {self.grouping!r}")
+        self._check_groups()
         if self.first_layer < 0:
             raise ValueError(f"`first_layer` must be >= 0 but got {self.first_layer}")
         if self.last_layer is not None:
@@ -290,6 +295,31 @@ class XKVConfig:
         # Frozen dataclass: the parsed forms are set once here (`dataclasses.replace` builds and checks anew).
         object.__setattr__(self, "_parsed_k", self._parse_side("rank_k", self.rank_k))
         object.__setattr__(self, "_parsed_v", self._parse_side("rank_v", self.rank_v))
+
+    def _check_groups(self) -> None:
+        groups = self.groups
+        if groups is None:
+            if self.grouping == "auto":
+                raise ValueError(
+                    "`grouping: auto` needs `groups`, the layer groups measured on a calibration prompt "
+                    "(xkv.calibration.auto_groups, or `xkv analyze --group-size G`)"
+                )
+            return
+        if self.grouping != "auto":
+            raise ValueError(f"`groups` is read with `grouping: auto` only, but grouping is {self.grouping!r}")
+        if isinstance(groups, tuple):
+            groups = list(groups)
+        if not isinstance(groups, list) or not groups or not all(isinstance(g, (list, tuple)) and g for g in groups):
+            raise ValueError(f"`groups` must be a non-empty list of non-empty lists of layers but got {groups!r}")
+        groups = [list(g) for g in groups]  # tuples become lists, so a config equals its YAML/JSON round trip
+        layers = [layer for group in groups for layer in group]
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
+            raise ValueError(f"`groups` must hold layer indices >= 0 but got {groups!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"`groups` lists a layer twice: {groups}")
+        if max(len(g) for g in groups) > self.group_size:
+            raise ValueError(f"`groups` has a group larger than `group_size` ({self.group_size}): {groups}")
+        object.__setattr__(self, "groups", groups)
 
     @staticmethod
     def _parse_side(name: str, spec: Any) -> list[ResolvedRank] | ResolvedRank:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,10 +34,11 @@ class LayerGroup:
 def build_groups(
     num_layers: int,
     group_size: int,
-    grouping: Literal["contiguous", "stride"] = "contiguous",
+    grouping: Literal["contiguous", "stride", "auto"] = "contiguous",
     first_layer: int = 0,
     last_layer: int | None = None,
     dense_layers: tuple[int, ...] | list[int] = (),
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> list[LayerGroup]:
     """Split the compressed layer range into groups.
 
@@ -49,6 +51,8 @@ def build_groups(
         last_layer: last compressed layer (inclusive), ``None`` for the model's last layer.
         dense_layers: layers of the range kept out of every group (they keep a dense cache); the groups are formed
             over the remaining layers.
+        groups: with ``grouping="auto"``, the groups themselves (e.g. from :func:`xkv.calibration.auto_groups`);
+            they must cover exactly the layers left, each group at most ``group_size`` layers.
 
     Returns:
         Groups in order of their index; every layer of the range not in ``dense_layers`` is in exactly one group.
@@ -79,8 +83,21 @@ def build_groups(
     elif grouping == "stride":
         num_groups = math.ceil(len(layers) / group_size)
         chunks = [layers[j::num_groups] for j in range(num_groups)]
+    elif grouping == "auto":
+        if groups is None:
+            raise ValueError("`grouping='auto'` needs `groups` (measured on a calibration prompt)")
+        chunks = [sorted(group) for group in groups]
+        listed = sorted(layer for group in chunks for layer in group)
+        if listed != layers:
+            raise ValueError(
+                f"`groups` must cover exactly the compressed layers {layers} (the range minus `dense_layers`) once "
+                f"each, but they hold {listed}"
+            )
+        if any(len(group) > group_size for group in chunks):
+            raise ValueError(f"`groups` has a group larger than `group_size` ({group_size}): {chunks}")
+        chunks.sort()
     else:
-        raise ValueError(f"`grouping` must be one of ['contiguous', 'stride'] but got {grouping!r}")
+        raise ValueError(f"`grouping` must be one of ['contiguous', 'stride', 'auto'] but got {grouping!r}")
     return [LayerGroup(index=i, layers=tuple(chunk)) for i, chunk in enumerate(chunks)]
 
 

@@ -259,8 +259,8 @@ class XKVMethod(Method):
         # One full-rank factorization per group size serves every decode path; it is built for "selective" so it
         # holds the landmarks, which only copies that decode selectively keep (XKVGroupStore.truncated).
         layout = (
-            config.group_size, config.grouping, config.first_layer, config.last_layer, tuple(config.dense_layers),
-            config.compress_keys, config.compress_values,
+            config.group_size, config.grouping, config.groups, config.first_layer, config.last_layer,
+            tuple(config.dense_layers), config.compress_keys, config.compress_values,
         )  # fmt: skip
         key = f"xkv:full-rank:{layout}"
         full = ctx.scratch.get(key)

@@ -1,0 +1,83 @@
+"""grouping: auto: groups formed from the measured alignment of the layers' top singular subspaces."""
+
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from xkv import XKVCache, XKVConfig
+from xkv.analysis import alignment_groups, alignment_matrix, within_group_score
+from xkv.calibration import auto_groups, layer_states
+from xkv.compat import cache_kwargs
+from xkv.groups import build_groups
+
+
+def test_alignment_groups_recover_interleaved_clusters():
+    # Layers 0, 2, 4, 6 are alike and so are 1, 3, 5, 7: contiguous groups of 4 mix the two kinds.
+    similarity = [[1.0 if i == j else (0.9 if i % 2 == j % 2 else 0.1) for j in range(8)] for i in range(8)]
+    found = alignment_groups(similarity, 4)
+    assert found == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert within_group_score(similarity, found) == pytest.approx(0.9)
+    assert within_group_score(similarity, [[0, 1, 2, 3], [4, 5, 6, 7]]) == pytest.approx((2 * 0.9 + 4 * 0.1) / 6)
+
+
+def test_alignment_groups_keep_contiguous_sizes_and_never_score_below_contiguous():
+    rng = random.Random(0)
+    n, size = 11, 4
+    similarity = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            similarity[i][j] = similarity[j][i] = 1.0 if i == j else rng.random()
+    found = alignment_groups(similarity, size)
+    assert sorted(len(g) for g in found) == [3, 4, 4]
+    assert sorted(x for g in found for x in g) == list(range(n))
+    contiguous = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    assert within_group_score(similarity, found) >= within_group_score(similarity, contiguous)
+    assert alignment_groups(similarity, size) == found  # deterministic
+    with pytest.raises(ValueError, match="square"):
+        alignment_groups([[1.0, 0.0]], 2)
+    with pytest.raises(ValueError, match="group_size"):
+        alignment_groups(similarity, 0)
+
+
+def test_alignment_matrix_is_one_for_the_same_subspace_and_low_for_independent_layers():
+    torch.manual_seed(0)
+    basis = torch.randn(64, 4)
+    same = [basis @ torch.randn(4, 16), basis @ torch.randn(4, 16)]
+    matrix = alignment_matrix([*same, torch.randn(64, 16)], rank=4)
+    assert matrix[0][1] == pytest.approx(1.0, abs=1e-6)
+    assert matrix[0][2] < 0.3  # about r / T = 4 / 64 for independent subspaces
+
+
+def test_build_groups_takes_measured_groups_that_cover_the_range():
+    groups = build_groups(6, 3, "auto", dense_layers=[5], groups=[[4, 0], [1, 2, 3]])
+    assert [g.layers for g in groups] == [(0, 4), (1, 2, 3)]
+    with pytest.raises(ValueError, match="cover exactly"):
+        build_groups(6, 3, "auto", groups=[[0, 1, 2], [3, 4]])
+    with pytest.raises(ValueError, match="needs `groups`"):
+        build_groups(6, 3, "auto")
+
+
+def test_auto_groups_on_a_model_give_a_config_the_cache_serves(tiny_llama, tmp_path):
+    ids = torch.randint(0, 99, (1, 48), generator=torch.Generator().manual_seed(3))
+    found = auto_groups(tiny_llama, ids, XKVConfig(group_size=2, min_tokens=0, rank_k=1.0, rank_v=1.0), rank=4)
+    config = found.config
+    assert config.grouping == "auto" and sorted(x for g in config.groups for x in g) == [0, 1, 2, 3]
+    assert found.score >= found.contiguous_score
+    assert len(found.similarity) == 4 and found.similarity[0][0] == pytest.approx(1.0)
+    path = tmp_path / "groups.yaml"
+    config.save(path)
+    assert XKVConfig.load(path) == config
+    cache = XKVCache(tiny_llama, config)
+    assert [list(g.layers) for g in cache.groups] == config.groups
+    with torch.no_grad():
+        expected = tiny_llama(ids, **cache_kwargs(DynamicCache())).logits
+        got = tiny_llama(ids, **cache_kwargs(cache)).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    lower = cache.with_ranks(XKVConfig.from_dict({**config.to_dict(), "rank_k": 2, "rank_v": 2}))
+    assert [g.rank_k for g in lower.memory_report().groups] == [2, 2]
+    states = layer_states(tiny_llama, ids)
+    assert len(states["keys"]) == 4 and states["keys"][0].shape == (48, 16)
+    with pytest.raises(ValueError, match="rank"):
+        auto_groups(tiny_llama, ids, config, rank=99, states=states)
