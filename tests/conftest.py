@@ -53,6 +53,19 @@ def build_tiny(family: str, seed: int = 0, **overrides):
     return model_cls(config).eval()
 
 
+def assert_decodes_like(model, reference, cache, prompt: torch.Tensor, steps: int = 20) -> None:
+    """``cache`` gives ``reference``'s logits (1e-4) over ``prompt`` and ``steps`` greedy decode steps."""
+    from xkv.compat import cache_kwargs
+
+    with torch.no_grad():
+        expected, got = (model(prompt, **cache_kwargs(c)).logits for c in (reference, cache))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        for _ in range(steps):
+            token = expected[:, -1:].argmax(-1)
+            expected, got = (model(token, **cache_kwargs(c)).logits for c in (reference, cache))
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return build_tiny("llama")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tests.conftest import TINY_FAMILIES, build_tiny
+from tests.conftest import TINY_FAMILIES, assert_decodes_like, build_tiny
 from xkv import XKVCache, XKVConfig, tensor_bytes
 from xkv.compat import cache_kwargs
 
@@ -275,13 +275,7 @@ def test_full_rank_matches_the_models_own_cache_over_twenty_steps(family):
     model = build_tiny(family)
     own = DynamicCache(config=model.config)  # what generate() builds: sliding-window layers where the model has them
     xkv = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, decode="absorb", **FULL))
-    with torch.no_grad():
-        expected, got = (model(ids(1, 40), **cache_kwargs(c)).logits for c in (own, xkv))
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        for _ in range(20):
-            token = expected[:, -1:].argmax(-1)
-            expected, got = (model(token, **cache_kwargs(c)).logits for c in (own, xkv))
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_decodes_like(model, own, xkv, ids(1, 40))
     report = xkv.memory_report()
     sliding = set(xkv.spec.sliding_layers)
     assert all(not sliding & set(g.layers) for g in report.groups)  # a group never holds a sliding-window layer

@@ -10,6 +10,7 @@ from transformers import (
     DynamicCache,
 )
 
+from tests.conftest import assert_decodes_like
 from xkv import SUPPORTED_MODEL_TYPES, XKVCache, XKVConfig, tensor_bytes
 from xkv.baselines.minicache import MiniCache
 from xkv.compat import cache_kwargs, mla_caches_latent
@@ -57,13 +58,7 @@ def test_full_rank_matches_the_models_own_latent_cache_over_twenty_steps(family)
     own = DynamicCache(config=model.config)
     xkv = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0))
     assert xkv.config.compress_values is False  # the RoPE part k_pe stays exact
-    with torch.no_grad():
-        expected, got = (model(ids(40), **cache_kwargs(c)).logits for c in (own, xkv))
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-        for _ in range(20):
-            token = expected[:, -1:].argmax(-1)
-            expected, got = (model(token, **cache_kwargs(c)).logits for c in (own, xkv))
-            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_decodes_like(model, own, xkv, ids(40))
     # The reference is the model's own cache: the latent (kv_lora_rank) and k_pe (qk_rope_head_dim) per layer.
     report = xkv.memory_report()
     assert report.dense_bytes == tensor_bytes(t for layer in own.layers for t in (layer.keys, layer.values))
