@@ -81,3 +81,37 @@ def test_auto_groups_on_a_model_give_a_config_the_cache_serves(tiny_llama, tmp_p
     assert len(states["keys"]) == 4 and states["keys"][0].shape == (48, 16)
     with pytest.raises(ValueError, match="rank"):
         auto_groups(tiny_llama, ids, config, rank=99, states=states)
+
+
+def test_allocated_ranks_meet_the_target_and_come_back_from_the_config(tiny_llama):
+    from xkv.calibration import allocate_ranks
+
+    ids = torch.randint(0, 99, (1, 64), generator=torch.Generator().manual_seed(4))
+    layout = XKVConfig(group_size=2, min_tokens=0, svd="exact", decode="rebuild")
+    allocated = allocate_ranks(tiny_llama, ids, 3.0, layout)
+    assert allocated.factor >= 3.0
+    assert all(0 < e <= 1 for group in allocated.energy for e in group)
+    assert isinstance(allocated.config.rank_k, list) and len(allocated.config.rank_k) == 2
+    cache = XKVCache(tiny_llama, allocated.config)
+    with torch.no_grad():
+        tiny_llama(ids, **cache_kwargs(cache))
+    report = cache.memory_report()
+    assert [(g.rank_k, g.rank_v) for g in report.groups] == allocated.ranks  # the stored factors give them back
+    held = sum(g.held_bytes for g in report.groups)
+    assert sum(g.dense_bytes for g in report.groups) / held == pytest.approx(allocated.factor, rel=1e-6)
+    with pytest.raises(ValueError, match="target"):
+        allocate_ranks(tiny_llama, ids, 1.0, layout)
+
+
+def test_a_per_group_allocation_scales_to_each_target():
+    from xkv.evaluation.methods import xkv_config_for
+
+    base = XKVConfig(rank_k=["6x", "12x"], rank_v=["3x", "4x"])
+    scaled = xkv_config_for(8.0, base)
+    factors = [float(f[:-1]) for f in (*scaled.rank_k, *scaled.rank_v)]
+    assert len(factors) / sum(1 / f for f in factors) == pytest.approx(8.0, rel=1e-4)
+    assert factors[1] / factors[0] == pytest.approx(2.0, rel=1e-4)  # proportions kept
+    with pytest.raises(ValueError, match="every entry is a factor"):
+        xkv_config_for(8.0, XKVConfig(rank_k=["6x", 12], rank_v=["3x", "4x"]))
+    with pytest.raises(ValueError, match="equal length"):
+        xkv_config_for(8.0, XKVConfig(rank_k=["6x", "12x"], rank_v="3x"))

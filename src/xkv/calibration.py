@@ -121,3 +121,105 @@ def auto_groups(
         score=within_group_score(similarity, found),
         contiguous_score=within_group_score(similarity, [[position[x] for x in g] for g in contiguous]),
     )
+
+
+@dataclasses.dataclass
+class AllocationResult:
+    """What :func:`allocate_ranks` chose.
+
+    Attributes:
+        config: the input config with per-group ``rank_k``/``rank_v`` lists of compression factors (they scale with
+            the context length the way a single factor does).
+        ranks: per group ``(rank_k, rank_v)`` at the calibration length (``None`` for a side kept exact).
+        energy: per group the fraction of each side's energy those ranks capture.
+        factor: the compression factor of the groups' factors at the calibration length (analytic bytes).
+    """
+
+    config: XKVConfig
+    ranks: list[tuple[int | None, int | None]]
+    energy: list[tuple[float | None, float | None]]
+    factor: float
+
+
+def allocate_ranks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    target: float,
+    config: XKVConfig | None = None,
+    states: dict[str, list[torch.Tensor]] | None = None,
+) -> AllocationResult:
+    """Per-group, per-side ranks that capture the most energy for ``target`` times fewer bytes (water-filling).
+
+    Every group side starts at rank 1; then, one direction at a time, the direction with the largest share of its
+    side's energy per byte it costs (``config.factor_form``'s bytes) is added while the groups' factors stay within
+    ``1 / target`` of their dense bytes. The shares are relative to each side's own energy, so a side whose
+    leading directions hold most of it (the pre-RoPE keys' channel offset) gets fewer directions than one with a
+    flat spectrum. The ranks are stored as per-group compression factors, so the config serves other lengths too.
+
+    Args:
+        model: a supported causal LM.
+        input_ids: ``(1, tokens)`` calibration prompt (keep it out of any evaluation).
+        target: compression factor of the groups' factors, e.g. ``4.0``.
+        config: the layout (group size, grouping, storage form) to allocate for; ``XKVConfig()`` if ``None``.
+        states: :func:`layer_states` of ``input_ids`` if already measured.
+
+    Raises:
+        ValueError: for ``target <= 1`` or a target the rank-1 factors already exceed.
+    """
+    if not target > 1:
+        raise ValueError(f"`target` must be > 1 but got {target}")
+    base = config or XKVConfig()
+    cache = XKVCache(model, base)
+    states = states if states is not None else layer_states(model, input_ids)
+    tokens = input_ids.shape[1]
+    itemsize = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    fmt, dim = base.factor_format, cache.spec.kv_dim
+    sides = [s for s, wanted in (("keys", base.compress_keys), ("values", base.compress_values)) if wanted]
+    shares: dict[tuple[int, str], list[float]] = {}
+    for group in cache.groups:
+        for side in sides:
+            stacked = torch.cat([states[side][layer] for layer in group.layers], dim=-1).double()
+            energy = torch.linalg.svdvals(stacked) ** 2
+            shares[group.index, side] = (energy / energy.sum()).tolist()
+    size = {group.index: group.size for group in cache.groups}
+
+    def cost(key: tuple[int, str], rank: int) -> int:
+        return fmt.factor_bytes(tokens, size[key[0]], dim, rank, itemsize)
+
+    dense = {key: tokens * size[key[0]] * dim * itemsize for key in shares}
+    budget = sum(dense.values()) / target
+    ranks = dict.fromkeys(shares, 1)
+    spent = sum(cost(key, 1) for key in shares)
+    if spent > budget:
+        raise ValueError(f"`target` {target} is below what rank 1 in every group side already costs")
+    while True:
+        best, best_value = None, 0.0
+        for key, rank in ranks.items():
+            if rank >= len(shares[key]):
+                continue
+            step = cost(key, rank + 1) - cost(key, rank)
+            if spent + step <= budget and shares[key][rank] / step > best_value:
+                best, best_value = key, shares[key][rank] / step
+        if best is None:
+            break
+        spent += cost(best, ranks[best] + 1) - cost(best, ranks[best])
+        ranks[best] += 1
+    # Factors a hair above dense / bytes, so resolving them at this length gives these ranks back.
+    factors = {key: dense[key] / cost(key, rank) * (1 - 1e-9) for key, rank in ranks.items()}
+    fields = {}
+    for side, name in (("keys", "rank_k"), ("values", "rank_v")):
+        if side in sides:
+            fields[name] = [f"{factors[group.index, side]:.9g}x" for group in cache.groups]
+    allocated = dataclasses.replace(base, **fields)
+    return AllocationResult(
+        config=allocated,
+        ranks=[tuple(ranks.get((g.index, side)) for side in ("keys", "values")) for g in cache.groups],  # type: ignore[misc]
+        energy=[
+            tuple(  # type: ignore[misc]
+                sum(shares[g.index, side][: ranks[g.index, side]]) if side in sides else None
+                for side in ("keys", "values")
+            )
+            for g in cache.groups
+        ],
+        factor=sum(dense.values()) / spent,
+    )

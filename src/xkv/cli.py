@@ -360,7 +360,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from xkv.analysis import analyze_layers
-    from xkv.calibration import auto_groups, layer_states
+    from xkv.calibration import allocate_ranks, auto_groups, layer_states
     from xkv.evaluation.runner import parse_lengths
     from xkv.models import load
     from xkv.prompts import needle_sample
@@ -415,6 +415,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             f"groups of {args.group_size} by alignment: {config.groups} (mean within-group alignment "
             f"{found.score:.3f}; contiguous {found.contiguous_score:.3f}); wrote {out / 'groups.yaml'}"
         )
+    layout = found.config if args.group_size is not None else XKVConfig()  # the auto groups, if formed above
+    for target in args.allocate or []:
+        allocated = allocate_ranks(model, ids, target, layout, states=sides)
+        keys = ("group_size", "grouping", "groups", "rank_k", "rank_v")
+        fields = {key: value for key, value in allocated.config.to_dict().items() if key in keys}
+        name = f"alloc-{target:g}x.yaml"
+        kept = [tuple(round(e, 3) for e in group if e is not None) for group in allocated.energy]
+        header = (
+            f"# xkv analyze --allocate {target:g}: per-group ranks of {args.model} by water-filling the keys' and\n"
+            f"# values' energy per byte on a {ids.shape[1]}-token document (seed {args.seed}). At that length:\n"
+            f"# ranks (k, v) {allocated.ranks}, energy kept {kept}\n"
+        )
+        (out / name).write_text(header + yaml.safe_dump(fields, sort_keys=False, default_flow_style=None))
+        console.print(f"{target:g}x by energy per byte: ranks (k, v) {allocated.ranks}; wrote {out / name}")
     console.print(f"wrote {', '.join(written)} in {out}")
     return 0
 
@@ -684,6 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--group-size", type=int, default=None,
         help="also form groups of this many layers by alignment and write them as groups.yaml (grouping: auto)",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--allocate", type=lambda text: [float(x) for x in text.split(",")], default=None, metavar="F[,F...]",
+        help="also allocate per-group ranks for these compression factors and write alloc-Fx.yaml each",
     )  # fmt: skip
     analyze.add_argument("--out", default="benchmarks/analysis", help="output folder")
     _model_and_runtime(analyze)

@@ -183,6 +183,8 @@ def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: floa
     Every other field comes from ``base``.
     """
     base = base or XKVConfig()
+    if isinstance(base.rank_k, list) or isinstance(base.rank_v, list):
+        return _scaled_allocation(factor, base)
     key_share = key_share_of(base) if key_share is None else key_share
     if factor < 2.1:  # below ~2x the split is narrowed so values still get a factor of at least 1.05
         key_share = min(key_share, factor / (2.1 - factor))
@@ -191,6 +193,31 @@ def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: floa
     # min_tokens=0: the harness asked for this factor, so short contexts are compressed too (or reported unreachable).
     data = {**base.to_dict(), "rank_k": f"{f_k:.4g}x", "rank_v": f"{f_v:.4g}x", "min_tokens": 0}
     return XKVConfig.from_dict(data)
+
+
+def _scaled_allocation(factor: float, base: XKVConfig) -> XKVConfig:
+    """``base``'s per-group factors (e.g. from :func:`xkv.calibration.allocate_ranks`) scaled to ``factor`` overall.
+
+    Every entry is multiplied by one constant, so the allocation's proportions stay; the overall factor is the
+    harmonic mean of the entries (groups weighted equally: the measured ratio is reported beside it).
+
+    Raises:
+        ValueError: unless both compressed sides are lists of compression factors (``"Nx"``) of equal length.
+    """
+    names = [name for name, on in (("rank_k", base.compress_keys), ("rank_v", base.compress_values)) if on]
+    lengths = {len(value) if isinstance(value, list) else None for value in (getattr(base, n) for n in names)}
+    if None in lengths or len(lengths) != 1:
+        raise ValueError(f"per-group ranks are scaled to a target only as lists of equal length on {names}")
+    (count,) = lengths
+    assert count is not None
+    settings = [[base.rank_setting(name[-1], i, count) for i in range(count)] for name in names]
+    entries = [r for side in settings for r in side]
+    if any(r.kind != "factor" for r in entries):
+        raise ValueError("per-group ranks are scaled to a target only when every entry is a factor such as '6x'")
+    overall = len(entries) / sum(1 / r.value for r in entries)
+    scale = factor / overall
+    scaled = {name: [f"{r.value * scale:.6g}x" for r in side] for name, side in zip(names, settings, strict=True)}
+    return XKVConfig.from_dict({**base.to_dict(), **scaled, "min_tokens": 0})
 
 
 class XKVMethod(Method):
