@@ -115,3 +115,19 @@ def test_a_per_group_allocation_scales_to_each_target():
         xkv_config_for(8.0, XKVConfig(rank_k=["6x", 12], rank_v=["3x", "4x"]))
     with pytest.raises(ValueError, match="equal length"):
         xkv_config_for(8.0, XKVConfig(rank_k=["6x", "12x"], rank_v="3x"))
+
+
+def test_auto_groups_average_only_the_factored_sides_and_other_layouts_drop_them(tiny_llama):
+    from xkv.evaluation.methods import SingleLayerSVD
+    from xkv.evaluation.tune import candidate
+
+    ids = torch.randint(0, 99, (1, 48), generator=torch.Generator().manual_seed(3))
+    states = layer_states(tiny_llama, ids)
+    keys_only = auto_groups(tiny_llama, ids, XKVConfig(group_size=2, compress_values=False), rank=4, states=states)
+    assert keys_only.similarity == alignment_matrix(states["keys"], 4)
+    auto = auto_groups(tiny_llama, ids, XKVConfig(group_size=2), rank=4, states=states).config
+    single = SingleLayerSVD(config=auto).config_for(4.0)  # one layer per group: the measured groups do not apply
+    assert single.group_size == 1 and single.grouping == "contiguous" and single.groups is None
+    tried = candidate(auto, 4.0, {"group_size": 4})
+    assert tried.grouping == "contiguous" and tried.groups is None
+    assert candidate(auto, 4.0, {"factor_form": "int8"}).groups == auto.groups

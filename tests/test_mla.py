@@ -81,3 +81,29 @@ def test_ratio_counts_the_latent_and_the_exact_rope_part(family):
     assert report.dense_bytes == 400 * 4 * (latent + rope) * 4
     with pytest.raises(NotImplementedError, match="Multi-head Latent Attention"):
         MiniCache(model)
+
+
+def test_padded_batches_lower_ranks_and_folds_on_the_latent():
+    model = build("deepseek_v2")
+    if not mla_caches_latent(model):
+        pytest.skip("this transformers caches per-head keys and values")
+    ids = torch.randint(1, 99, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    config = XKVConfig(
+        min_tokens=0, group_size=2, rank_k=1.0, svd="exact", decode="rebuild", fold_tokens=4, fold_keep=1
+    )
+    own, xkv = DynamicCache(config=model.config), XKVCache(model, config)
+    with torch.no_grad():
+        for step in range(8):  # the prefill, then tails folded into the latent's factors every 4 tokens
+            chunk = ids if step == 0 else torch.full((2, 1), 10 + step)
+            mask = mask if step == 0 else torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -chunk.shape[1] :]
+            kwargs = {"attention_mask": mask, "position_ids": positions}
+            expected, got = (model(chunk, **kwargs, **cache_kwargs(c)).logits for c in (own, xkv))
+            real = mask[:, -chunk.shape[1] :].bool()
+            torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert xkv.runtime.pads.tolist() == [0, 9] and xkv.group_stores[0].prefix_len > 40  # folded
+    lower = xkv.with_ranks(XKVConfig(min_tokens=0, group_size=2, rank_k=8, svd="exact", decode="rebuild"))
+    assert [g.rank_k for g in lower.memory_report().groups] == [8, 8]
+    assert XKVCache(model, XKVConfig(group_size=2, rank_v=100)).config.compress_values is False  # rank_v unused

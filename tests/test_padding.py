@@ -90,8 +90,8 @@ def test_padding_survives_beam_reorder_and_greedy_batches_equal_each_sequence_al
         forward(tiny_llama, cache, ids, mask)
     cache.reorder_cache(torch.tensor([1, 1, 0]))
     assert cache.runtime.pads.tolist() == [PADS[1], PADS[1], PADS[0]]
-    cache.batch_select_indices(torch.tensor([2]))
-    assert cache.runtime.pads.tolist() == [PADS[0]]
+    cache.batch_select_indices(torch.tensor([1]))
+    assert cache.runtime.pads.tolist() == [PADS[1]]
 
 
 def test_greedy_stops_each_sequence_at_its_own_stop_token(tiny_llama):
@@ -148,3 +148,52 @@ def test_a_padded_cache_is_not_saved(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="left-padded"):
         cache.save(tmp_path / "padded.xkv")
     assert not (tmp_path / "padded.xkv").exists()
+
+
+def test_reordered_padded_batch_decodes_like_the_models_own_cache_reordered(tiny_llama):
+    ids, mask = padded_batch()
+    own = DynamicCache()
+    xkv = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, **FULL))
+    order = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        for cache in (own, xkv):
+            forward(tiny_llama, cache, ids, mask)
+            cache.reorder_cache(order)
+        mask = torch.cat([mask[order], mask.new_ones(3, 1)], dim=1)
+        token = torch.tensor([[5], [7], [9]])
+        expected, got = (forward(tiny_llama, cache, token, mask) for cache in (own, xkv))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    xkv.batch_select_indices(torch.tensor([2]))  # only the unpadded sequence is left: no padding to mind
+    assert xkv.runtime.pads is None
+
+
+@pytest.mark.parametrize("decode", ["rebuild", "absorb"])
+def test_a_mask_without_positions_is_followed(tiny_llama, decode):
+    """A forward loop that passes the mask but not position_ids: the model rotates at 0..T-1; the cache follows."""
+    ids, mask = padded_batch()
+    own = DynamicCache()
+    xkv = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, decode=decode, **FULL))
+    with torch.no_grad():
+        for step in range(4):
+            chunk = ids if step == 0 else torch.full((2, 1), 3 + step)
+            mask = mask if step == 0 else torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            expected, got = (tiny_llama(chunk, attention_mask=mask, **cache_kwargs(c)).logits for c in (own, xkv))
+            real = mask[:, -chunk.shape[1] :].bool()
+            torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert xkv.runtime.pads is None  # nothing said the batch was padded: positions were 0..T-1
+
+
+def test_from_dense_takes_the_padding_mask(tiny_llama):
+    ids, mask = padded_batch()
+    config = XKVConfig(min_tokens=0, group_size=2, rank_k=6, rank_v=7, svd="exact")
+    dense, during = DynamicCache(), XKVCache(tiny_llama, config)
+    with torch.no_grad():
+        forward(tiny_llama, dense, ids, mask)
+        forward(tiny_llama, during, ids, mask)
+    after = XKVCache.from_dense(tiny_llama, [(layer.keys, layer.values) for layer in dense.layers], config, mask)
+    assert after.runtime.pads.tolist() == list(PADS)
+    for a, b in zip(after.group_stores, during.group_stores, strict=True):
+        for slot in range(a.group.size):
+            torch.testing.assert_close(a.rebuild_keys(slot), b.rebuild_keys(slot), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_mask"):
+        XKVCache.from_dense(tiny_llama, [(layer.keys, layer.values) for layer in dense.layers], config, mask[:, 1:])

@@ -134,9 +134,10 @@ def alignment_groups(
     """Split positions ``0..n-1`` into groups with a high sum of within-group ``similarity``.
 
     The groups have the sizes contiguous groups would have (``group_size``, the last one shorter). Local search from
-    several starts: a greedy one (each group starts from the lowest unassigned position and takes, one at a time,
-    the position most similar to its members) and ``restarts`` seeded random partitions; from each, the best swap of
-    two positions between groups is applied while it raises the sum. The best result wins. Deterministic for a seed.
+    several starts: the contiguous groups, a greedy one (each group starts from the lowest unassigned position and
+    takes, one at a time, the position most similar to its members) and ``restarts`` seeded random partitions; from
+    each, the best swap of two positions between groups is applied while it raises the sum. The best result wins.
+    Deterministic for a seed.
 
     Args:
         similarity: symmetric ``[i][j]`` similarities, e.g. :func:`alignment_matrix`.
@@ -167,7 +168,8 @@ def alignment_groups(
             free.remove(best)
             group.append(best)
         greedy.append(group)
-    starts = [greedy]
+    starts = [[list(range(start, start + size)) for start, size in zip(range(0, n, group_size), sizes, strict=True)]]
+    starts.append(greedy)  # contiguous first: the result never scores below contiguous groups
     generator = random.Random(seed)
     for _ in range(restarts):
         order = list(range(n))

@@ -545,12 +545,17 @@ class GroupedCache(Cache):
         dense.layers = layers  # sliding-window layers stay sliding-window layers
         return dense
 
-    def prefill_from(self, keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Self:
+    def prefill_from(
+        self, keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor | None = None
+    ) -> Self:
         """Fill this empty cache from a finished dense prefill, as if it had been passed to that forward pass.
 
         Args:
             keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
                 e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``; not modified.
+            attention_mask: ``(batch, tokens)``, 0 on left padding, if the prefill was a left-padded batch (its
+                sequences then sat at positions ``0, 1, ...`` from their first real token, as ``generate`` puts
+                them); ``None``: positions ``0..T-1``.
 
         Returns:
             ``self``.
@@ -568,8 +573,17 @@ class GroupedCache(Cache):
                 f"every layer of `keys_values` must hold the whole prompt, but they hold {lengths} tokens (a "
                 "sliding-window cache keeps only its window: prefill into `DynamicCache()` without a config)"
             )
+        extra: dict[str, Any] = {}
+        if attention_mask is not None:
+            batch, tokens = keys_values[0][0].shape[0], lengths[0]
+            if tuple(attention_mask.shape) != (batch, tokens):
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch, tokens) = {(batch, tokens)} but got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         for layer_idx, (keys, values) in enumerate(keys_values):
-            self.update(keys, values, layer_idx)
+            self.update(keys, values, layer_idx, **extra)
         return self
 
 
@@ -1117,12 +1131,12 @@ class XKVGroupStore(CompressedStore):
         assert self.key_factors is not None and self.value_factors is not None
         tokens, heads = self.prefix_len, self.spec.num_kv_heads
         num_heads, length = query.shape[1], query.shape[2]
-        real = self.runtime.real_rows(tokens, query.device)
         hidden = None
-        if real is None:
+        if path == "absorb":  # follows the model's mask over the prefix (left padding), or the padding it saw
+            hidden = prefix_mask(attention_mask, self.runtime.real_rows(tokens, query.device), tokens, length,
+                                 num_heads // heads)  # fmt: skip
+        else:  # Selective Reconstruction's index is built for unpadded prefixes only
             check_prefix_visible(attention_mask, tokens)
-        else:  # a left-padded batch (absorb only: no Selective Reconstruction index is built for one)
-            hidden = prefix_mask(attention_mask, real, length, num_heads // heads)
         grouped = group_queries(query, heads)
         mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads, query.device)
         if path == "absorb":
@@ -1254,8 +1268,17 @@ def _kept_dense(config: XKVConfig, spec: ModelSpec) -> tuple[int, ...]:
     return tuple(sorted(set(config.dense_layers) | set(spec.sliding_layers)))
 
 
-def _groups_for(config: XKVConfig, spec: ModelSpec) -> list[LayerGroup]:
-    """The layer groups ``config`` asks for on a model of ``spec``."""
+def effective_config(config: XKVConfig, spec: ModelSpec) -> XKVConfig:
+    """``config`` as a model of ``spec`` runs it: for MLA the values (the RoPE part ``k_pe``) are kept exact."""
+    if spec.latent_attention and config.compress_values:
+        # MLA: the cache's values are the rotated shared key part k_pe, which the paper keeps exact.
+        logger.info("%s: factoring the MLA latent; its RoPE part (k_pe) is kept exact", spec.model_type)
+        return dataclasses.replace(config, compress_values=False)
+    return config
+
+
+def groups_for(config: XKVConfig, spec: ModelSpec) -> list[LayerGroup]:
+    """The layer groups ``config`` asks for on a model of ``spec`` (sliding-window layers never join one)."""
     return build_groups(
         spec.num_layers, config.group_size, config.grouping, config.first_layer, config.last_layer,
         _kept_dense(config, spec), config.groups,
@@ -1279,14 +1302,10 @@ class XKVCache(GroupedCache):
     """
 
     def __init__(self, model: nn.Module, config: XKVConfig | None = None):
-        self.config = config or XKVConfig()
         self._model = weakref.ref(model)  # for the weights' fingerprint of a prefix file; never kept alive
         spec = describe_model(model)
-        if spec.latent_attention and self.config.compress_values:
-            # MLA: the cache's values are the rotated shared key part k_pe, which the paper keeps exact.
-            logger.info("%s: factoring the MLA latent; its RoPE part (k_pe) is kept exact", spec.model_type)
-            self.config = dataclasses.replace(self.config, compress_values=False)
-        self.groups = _groups_for(self.config, spec)
+        self.config = effective_config(config or XKVConfig(), spec)
+        self.groups = groups_for(self.config, spec)
         check_groups_on_one_device(self.groups, layer_devices(model))
         self.angles = RotaryAngles(spec.rotary_emb, spec.rotary_layer_type) if spec.rotary_emb is not None else None
         # The fast paths need the query: they run through the "xkv" attention implementation (xkv.attention).
@@ -1321,6 +1340,7 @@ class XKVCache(GroupedCache):
         model: nn.Module,
         keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]],
         config: XKVConfig | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> XKVCache:
         """Compress a finished dense cache, e.g. a ``DynamicCache`` after the context's forward pass.
 
@@ -1332,17 +1352,21 @@ class XKVCache(GroupedCache):
             keys_values: per layer ``(keys, values)``, each ``(batch, kv_heads, tokens, head_dim)``, keys post-RoPE,
                 e.g. ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``; not modified.
             config: compression settings.
+            attention_mask: ``(batch, tokens)``, 0 on left padding, for a left-padded prefill.
 
         Raises:
             ValueError: if the number of layers does not match the model, or a rank does not fit.
         """
-        return cls(model, config).prefill_from(keys_values)
+        return cls(model, config).prefill_from(keys_values, attention_mask)
 
     def _check_static_ranks(self, store: XKVGroupStore, spec: ModelSpec) -> None:
         # Integer ranks can be checked against G*D now; the token bound is checked at the first prefill.
         bound = spec.kv_dim * store.group.size
-        for side, setting in (("k", store.setting_k), ("v", store.setting_v)):
-            if setting.kind == "rank" and setting.value > bound:
+        for side, setting, wanted in (
+            ("k", store.setting_k, self.config.compress_keys),
+            ("v", store.setting_v, self.config.compress_values),
+        ):
+            if wanted and setting.kind == "rank" and setting.value > bound:
                 raise ValueError(
                     f"`rank_{side}` for group {store.group.index} must be in [1, {bound}] "
                     f"(group_size * kv_heads * head_dim) but got {int(setting.value)}"
@@ -1377,7 +1401,8 @@ class XKVCache(GroupedCache):
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_batch(fn)
         if self.runtime.pads is not None:
-            self.runtime.pads = fn(self.runtime.pads)
+            pads = fn(self.runtime.pads)
+            self.runtime.pads = pads if bool(pads.any()) else None  # e.g. only an unpadded sequence was kept
 
     def before_update(self, layer_idx: int) -> None:
         """Fold a group's tails into its factors once they reach ``config.fold_tokens`` (checked at its first layer).
@@ -1449,7 +1474,8 @@ class XKVCache(GroupedCache):
         Raises:
             ValueError: if ``config`` groups the layers differently or asks for more rank than is held.
         """
-        groups = _groups_for(config, self.spec)
+        config = effective_config(config, self.spec)
+        groups = groups_for(config, self.spec)
         if [g.layers for g in groups] != [g.layers for g in self.groups]:
             raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")
         new = copy.copy(self)

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from xkv.adapters import describe_model
 from xkv.analysis import alignment_groups, alignment_matrix, within_group_score
-from xkv.cache import XKVCache
+from xkv.cache import effective_config, groups_for
 from xkv.config import XKVConfig
 from xkv.generation import prefill
-from xkv.rope import unapply_rope
+from xkv.rope import RotaryAngles, unapply_rope
 
 
 @torch.no_grad()
@@ -41,7 +42,8 @@ def layer_states(model: nn.Module, input_ids: torch.Tensor) -> dict[str, list[to
         raise ValueError(f"`input_ids` must have shape (1, tokens) but got {tuple(input_ids.shape)}")
     cache = DynamicCache()
     prefill(model, input_ids, cache)
-    angles = XKVCache(model).angles  # the model's own RoPE, to take keys back to pre-RoPE
+    spec = describe_model(model)  # the model's own RoPE, to take keys back to pre-RoPE
+    angles = RotaryAngles(spec.rotary_emb, spec.rotary_layer_type) if spec.rotary_emb is not None else None
     tokens = input_ids.shape[1]
     positions = torch.arange(tokens, device=input_ids.device).unsqueeze(0)
     sides: dict[str, list[torch.Tensor]] = {"keys": [], "values": []}
@@ -84,8 +86,8 @@ def auto_groups(
     """Groups of ``config.group_size`` layers that maximise the alignment measured on ``input_ids``.
 
     The similarity of two layers is the mean of their pre-RoPE keys' and their values' top-``rank`` subspace
-    alignment (1: the same token subspace). Only the layers ``config`` compresses are grouped (its layer range,
-    minus ``dense_layers`` and sliding-window layers).
+    alignment (1: the same token subspace), over the sides ``config`` factors (the latent alone for MLA). Only the
+    layers ``config`` compresses are grouped (its layer range, minus ``dense_layers`` and sliding-window layers).
 
     Args:
         model: a supported causal LM.
@@ -100,16 +102,23 @@ def auto_groups(
     Raises:
         ValueError: for a batch other than 1 or a rank outside ``[1, min(tokens, kv_dim)]``.
     """
-    base = dataclasses.replace(config or XKVConfig(), grouping="contiguous", groups=None)
-    contiguous = [list(group.layers) for group in XKVCache(model, base).groups]
+    spec = describe_model(model)
+    base = effective_config(dataclasses.replace(config or XKVConfig(), grouping="contiguous", groups=None), spec)
+    contiguous = [list(group.layers) for group in groups_for(base, spec)]
     layers = sorted(layer for group in contiguous for layer in group)
     states = states if states is not None else layer_states(model, input_ids)
-    tokens, dim = states["keys"][0].shape
-    if not 1 <= rank <= min(tokens, dim):
-        raise ValueError(f"`rank` must be in [1, {min(tokens, dim)}] for {tokens} tokens of {dim} features")
-    per_side = [alignment_matrix([states[side][layer] for layer in layers], rank) for side in ("keys", "values")]
+    sides = [side for side, on in (("keys", base.compress_keys), ("values", base.compress_values)) if on]
+    if not sides:
+        raise ValueError("`compress_keys` and `compress_values` are both off: nothing is factored to group")
+    for side in sides:
+        tokens, dim = states[side][0].shape
+        if not 1 <= rank <= min(tokens, dim):
+            raise ValueError(f"`rank` must be in [1, {min(tokens, dim)}] for {tokens} tokens of {dim} {side} features")
+    # The similarity of two layers: their alignment averaged over the sides that are factored.
+    per_side = [alignment_matrix([states[side][layer] for layer in layers], rank) for side in sides]
     similarity = [
-        [(k + v) / 2 for k, v in zip(row_k, row_v, strict=True)] for row_k, row_v in zip(*per_side, strict=True)
+        [sum(matrix[i][j] for matrix in per_side) / len(per_side) for j in range(len(layers))]
+        for i in range(len(layers))
     ]
     found = alignment_groups(similarity, base.group_size)
     position = {layer: i for i, layer in enumerate(layers)}
@@ -168,20 +177,21 @@ def allocate_ranks(
     """
     if not target > 1:
         raise ValueError(f"`target` must be > 1 but got {target}")
-    base = config or XKVConfig()
-    cache = XKVCache(model, base)
+    spec = describe_model(model)
+    base = effective_config(config or XKVConfig(), spec)
+    groups = groups_for(base, spec)
     states = states if states is not None else layer_states(model, input_ids)
     tokens = input_ids.shape[1]
     itemsize = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-    fmt, dim = base.factor_format, cache.spec.kv_dim
+    fmt, dim = base.factor_format, spec.kv_dim
     sides = [s for s, wanted in (("keys", base.compress_keys), ("values", base.compress_values)) if wanted]
     shares: dict[tuple[int, str], list[float]] = {}
-    for group in cache.groups:
+    for group in groups:
         for side in sides:
             stacked = torch.cat([states[side][layer] for layer in group.layers], dim=-1).double()
             energy = torch.linalg.svdvals(stacked) ** 2
             shares[group.index, side] = (energy / energy.sum()).tolist()
-    size = {group.index: group.size for group in cache.groups}
+    size = {group.index: group.size for group in groups}
 
     def cost(key: tuple[int, str], rank: int) -> int:
         return fmt.factor_bytes(tokens, size[key[0]], dim, rank, itemsize)
@@ -209,17 +219,17 @@ def allocate_ranks(
     fields = {}
     for side, name in (("keys", "rank_k"), ("values", "rank_v")):
         if side in sides:
-            fields[name] = [f"{factors[group.index, side]:.9g}x" for group in cache.groups]
+            fields[name] = [f"{factors[group.index, side]:.9g}x" for group in groups]
     allocated = dataclasses.replace(base, **fields)
     return AllocationResult(
         config=allocated,
-        ranks=[tuple(ranks.get((g.index, side)) for side in ("keys", "values")) for g in cache.groups],  # type: ignore[misc]
+        ranks=[tuple(ranks.get((g.index, side)) for side in ("keys", "values")) for g in groups],  # type: ignore[misc]
         energy=[
             tuple(  # type: ignore[misc]
                 sum(shares[g.index, side][: ranks[g.index, side]]) if side in sides else None
                 for side in ("keys", "values")
             )
-            for g in cache.groups
+            for g in groups
         ],
         factor=sum(dense.values()) / spent,
     )

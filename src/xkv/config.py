@@ -119,7 +119,8 @@ class XKVConfig:
         grouping: ``"contiguous"`` groups adjacent layers; ``"stride"`` groups layers ``j, j+n, j+2n, ...``
             (n = number of groups). Stride groups finish only near the last layer, so more layers are held dense
             during prefill. ``"auto"``: the layer groups in ``groups``, formed to maximise the measured alignment
-            of the layers' top singular subspaces on a calibration prompt (:func:`xkv.calibration.auto_groups`).
+            of the layers' top singular subspaces on a calibration prompt (:func:`xkv.calibration.auto_groups`); like
+            stride groups, a group that is not contiguous holds its earlier layers dense until its last one arrives.
         groups: with ``grouping: auto``, the groups as lists of layers (each at most ``group_size`` layers; they
             must cover the compressed range except ``dense_layers``); ``None`` otherwise.
         first_layer: first compressed layer (0-based). Layers before it keep a dense cache.

@@ -75,24 +75,24 @@ def tail_mask(
 
 
 def prefix_mask(
-    attention_mask: torch.Tensor | None, real_rows: torch.Tensor, tokens: int, repeats: int
-) -> torch.Tensor:
-    """Additive mask of a left-padded prefix for grouped queries: the model's where it gives one, else the padding's.
+    attention_mask: torch.Tensor | None, real_rows: torch.Tensor | None, prefix_len: int, tokens: int, repeats: int
+) -> torch.Tensor | None:
+    """Additive mask of the prefix for grouped queries: the model's where it gives one, else the left padding's.
 
     Args:
         attention_mask: the model's mask ``(b, 1|Hq, q, kv)`` (bool or additive), or ``None``.
-        real_rows: ``(b, T)`` bool, ``False`` on padding.
+        real_rows: ``(b, T)`` bool, ``False`` on left padding, or ``None`` for an unpadded prefix.
+        prefix_len: ``T``.
         tokens: queries ``q``.
         repeats: query heads per KV head ``R``.
 
     Returns:
-        ``(b, 1, R*q, T)`` float32 (``(b, 1, 1, T)`` without a model mask).
+        ``(b, 1, R*q, T)`` (``(b, 1, 1, T)`` from the padding alone) float32, or ``None`` when nothing is masked.
     """
-    prefix_len = real_rows.shape[1]
     if attention_mask is not None:
-        mask = tail_mask(attention_mask, 0, prefix_len, tokens, repeats)
-        assert mask is not None
-        return mask
+        return tail_mask(attention_mask, 0, prefix_len, tokens, repeats)
+    if real_rows is None:
+        return None
     hidden = torch.zeros(real_rows.shape, dtype=torch.float32, device=real_rows.device)
     return hidden.masked_fill(~real_rows, -math.inf).view(real_rows.shape[0], 1, 1, prefix_len)
 

@@ -90,8 +90,8 @@ def build_groups(
         listed = sorted(layer for group in chunks for layer in group)
         if listed != layers:
             raise ValueError(
-                f"`groups` must cover exactly the compressed layers {layers} (the range minus `dense_layers`) once "
-                f"each, but they hold {listed}"
+                f"`groups` must cover exactly the compressed layers {layers} (the range minus `dense_layers` and "
+                f"sliding-window layers) once each, but they hold {listed}"
             )
         if any(len(group) > group_size for group in chunks):
             raise ValueError(f"`groups` has a group larger than `group_size` ({group_size}): {chunks}")

@@ -376,7 +376,8 @@ class SingleLayerSVD(XKVMethod):
     def config_for(self, factor: float) -> XKVConfig:
         """Same ranks rule as xKV, one layer per group."""
         base = self.options.get("config") or XKVConfig()
-        return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), "group_size": 1, "decode": self.decode}))
+        single = {"group_size": 1, "grouping": "contiguous", "groups": None, "decode": self.decode}
+        return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), **single}))
 
 
 class MiniCacheMethod(Method):

@@ -81,6 +81,8 @@ def candidate(base: XKVConfig, target: float, choice: dict[str, Any]) -> XKVConf
             power of two).
     """
     fields = {name: value for name, value in choice.items() if name != "key_share"}
+    if "group_size" in fields and fields["group_size"] != base.group_size and base.grouping == "auto":
+        fields.update(grouping="contiguous", groups=None)  # measured groups are for the base's group size only
     config = XKVConfig.from_dict({**base.to_dict(), **fields})
     return xkv_config_for(target, config, float(choice.get("key_share", key_share_of(base))))
 
