@@ -131,3 +131,46 @@ def test_auto_groups_average_only_the_factored_sides_and_other_layouts_drop_them
     tried = candidate(auto, 4.0, {"group_size": 4})
     assert tried.grouping == "contiguous" and tried.groups is None
     assert candidate(auto, 4.0, {"factor_form": "int8"}).groups == auto.groups
+
+
+@pytest.mark.parametrize("form", ["model", "int8", "int4"])
+def test_the_written_factor_of_an_allocated_rank_resolves_to_that_rank(form):
+    from xkv.calibration import rank_factor
+    from xkv.config import ResolvedRank
+    from xkv.factorization import resolve_rank
+    from xkv.forms import FactorFormat
+
+    fmt = FactorFormat(form, 64)
+    checked = 0
+    for tokens in (300, 2038, 4000):
+        for group_size in (1, 2, 4, 8):
+            for dim, itemsize in ((64, 4), (192, 2), (192, 4)):
+                bound = min(tokens, group_size * dim)
+                for rank in sorted({1, 2, 7, 37, 58, 199, bound // 3, bound - 1, bound} - {0}):
+                    if rank > bound or fmt.factor_bytes(tokens, group_size, dim, rank, itemsize) >= (
+                        tokens * group_size * dim * itemsize
+                    ):
+                        continue  # an allocation never gives a side its dense bytes
+                    written = float(f"{rank_factor(fmt, tokens, group_size, dim, rank, itemsize):.6g}")
+                    setting = ResolvedRank("factor", written)
+                    got = resolve_rank(setting, tokens, group_size, dim, field_name="r", fmt=fmt, itemsize=itemsize)
+                    assert got == rank, (tokens, group_size, dim, itemsize, rank)
+                    checked += 1
+    assert checked > 150
+
+
+def test_allocation_on_the_svd_baseline_and_tune_falls_back_to_the_default_split(tiny_llama):
+    from xkv.evaluation.methods import SingleLayerSVD, xkv_config_for
+    from xkv.evaluation.tune import candidate
+
+    listed = XKVConfig(group_size=2, rank_k=["6x", "12x"], rank_v=["3x", "4x"])
+    single = SingleLayerSVD(config=listed).config_for(4.0, tiny_llama)
+    assert single.group_size == 1 and single.rank_k == "6x" and single.rank_v == "3x"  # the default split at 4x
+    assert candidate(listed, 4.0, {"group_size": 4}).rank_k == "6x"
+    with pytest.raises(ValueError, match="key_share"):
+        candidate(listed, 4.0, {"key_share": 2.0})
+    weighted = xkv_config_for(8.0, listed, group_sizes=[3, 1])
+    factors = [float(f[:-1]) for f in (*weighted.rank_k, *weighted.rank_v)]
+    assert sum((3, 1, 3, 1)) / sum(w / f for w, f in zip((3, 1, 3, 1), factors, strict=True)) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="factor <= 1"):
+        xkv_config_for(1.2, listed)

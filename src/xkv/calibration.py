@@ -20,6 +20,7 @@ from xkv.adapters import describe_model
 from xkv.analysis import alignment_groups, alignment_matrix, within_group_score
 from xkv.cache import effective_config, groups_for
 from xkv.config import XKVConfig
+from xkv.forms import FactorFormat
 from xkv.generation import prefill
 from xkv.rope import RotaryAngles, unapply_rope
 
@@ -132,6 +133,18 @@ def auto_groups(
     )
 
 
+def rank_factor(fmt: FactorFormat, tokens: int, group_size: int, dim: int, rank: int, itemsize: int) -> float:
+    """A compression factor that resolves to ``rank`` for a group side of ``tokens`` tokens.
+
+    Halfway (in bytes) between ``rank`` and ``rank + 1`` directions, so six written digits still give ``rank``
+    back; at the full rank ``min(tokens, group_size * dim)``, just under its bytes.
+    """
+    held = fmt.factor_bytes(tokens, group_size, dim, rank, itemsize)
+    bound = min(tokens, group_size * dim)
+    upper = fmt.factor_bytes(tokens, group_size, dim, rank + 1, itemsize) if rank < bound else held * 1.001
+    return tokens * group_size * dim * itemsize / ((held + upper) / 2)
+
+
 @dataclasses.dataclass
 class AllocationResult:
     """What :func:`allocate_ranks` chose.
@@ -179,6 +192,11 @@ def allocate_ranks(
         raise ValueError(f"`target` must be > 1 but got {target}")
     spec = describe_model(model)
     base = effective_config(config or XKVConfig(), spec)
+    if base.factor_form == "int4" and base.factor_head != 0:
+        raise ValueError(
+            "allocate_ranks counts int4 factors without an int8 head: set factor_head=0 (an 'auto' head is paid for "
+            "out of each side's budget at store time, so the ranks held would be lower than allocated)"
+        )
     groups = groups_for(base, spec)
     states = states if states is not None else layer_states(model, input_ids)
     tokens = input_ids.shape[1]
@@ -205,7 +223,7 @@ def allocate_ranks(
     while True:
         best, best_value = None, 0.0
         for key, rank in ranks.items():
-            if rank >= len(shares[key]):
+            if rank >= len(shares[key]) or cost(key, rank + 1) >= dense[key]:  # a side never costs its dense bytes
                 continue
             step = cost(key, rank + 1) - cost(key, rank)
             if spent + step <= budget and shares[key][rank] / step > best_value:
@@ -214,12 +232,13 @@ def allocate_ranks(
             break
         spent += cost(best, ranks[best] + 1) - cost(best, ranks[best])
         ranks[best] += 1
-    # Factors a hair above dense / bytes, so resolving them at this length gives these ranks back.
-    factors = {key: dense[key] / cost(key, rank) * (1 - 1e-9) for key, rank in ranks.items()}
+
     fields = {}
     for side, name in (("keys", "rank_k"), ("values", "rank_v")):
         if side in sides:
-            fields[name] = [f"{factors[group.index, side]:.9g}x" for group in groups]
+            fields[name] = [
+                f"{rank_factor(fmt, tokens, size[g.index], dim, ranks[g.index, side], itemsize):.6g}x" for g in groups
+            ]
     allocated = dataclasses.replace(base, **fields)
     return AllocationResult(
         config=allocated,

@@ -105,9 +105,8 @@ def check_prefix_visible(attention_mask: torch.Tensor | None, prefix_len: int) -
     visible = cols.all() if cols.dtype == torch.bool else bool((cols == 0).all())
     if not visible:
         raise ValueError(
-            "the attention mask hides tokens of a compressed prefix whose first prefill had no left padding; "
-            "XKVCache's fast decode paths mask only the left padding it saw at that prefill (decode='rebuild' "
-            "follows any mask)"
+            "the attention mask hides tokens of the compressed prefix, which Selective Reconstruction does not "
+            "support (decode='absorb' or 'rebuild' follow any mask)"
         )
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from xkv.adapters import describe_model
 from xkv.baselines.minicache import MiniCache
 from xkv.baselines.presses import (
     PRESSES,
@@ -35,7 +36,7 @@ from xkv.baselines.quantized import (
     quantized_memory_report,
     tail_tokens,
 )
-from xkv.cache import XKVCache
+from xkv.cache import XKVCache, effective_config, groups_for
 from xkv.config import UnreachableRatioError, XKVConfig
 from xkv.generation import chunked_prefill, prefill
 from xkv.memory import dense_kv_bytes, tensor_bytes
@@ -167,24 +168,34 @@ class FullCache(Method):
 
 def key_share_of(config: XKVConfig) -> float:
     """How many times harder ``config`` compresses keys than values (2 unless both ranks are one factor each)."""
+    if isinstance(config.rank_k, list) or isinstance(config.rank_v, list):
+        return 2.0
     k, v = config.rank_setting("k", 0, 1), config.rank_setting("v", 0, 1)
-    if isinstance(config.rank_k, list) or isinstance(config.rank_v, list) or k.kind != "factor" or v.kind != "factor":
+    if k.kind != "factor" or v.kind != "factor":
         return 2.0
     return k.value / v.value
 
 
-def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: float | None = None) -> XKVConfig:
+def xkv_config_for(
+    factor: float,
+    base: XKVConfig | None = None,
+    key_share: float | None = None,
+    group_sizes: list[int] | None = None,
+) -> XKVConfig:
     """Ranks for ``factor`` overall, keys compressed ``key_share`` times harder than values.
 
     With ``1/f_k + 1/f_v = 2/f`` and ``f_k = key_share * f_v``: ``f_v = f (1 + key_share) / (2 key_share)``.
     ``key_share`` defaults to the base config's split (:func:`key_share_of`): the default config's K@6x / V@3x gives
     2, and at 4x this is that default again (benchmarks/defaults). Below 2.1x the split is narrowed to
     ``factor / (2.1 - factor)`` at most, so values keep a factor of at least 1.05 (at 1.3x: K@1.71x / V@1.05x).
-    Every other field comes from ``base``.
+    Every other field comes from ``base``. A base with per-group factor lists (an allocation) keeps its proportions
+    and is scaled to ``factor`` overall, each group weighted by its layers (``group_sizes``; equal without them).
     """
     base = base or XKVConfig()
     if isinstance(base.rank_k, list) or isinstance(base.rank_v, list):
-        return _scaled_allocation(factor, base)
+        if key_share is not None:
+            raise ValueError("a K/V split (`key_share`) does not apply to per-group rank lists (an allocation)")
+        return _scaled_allocation(factor, base, group_sizes)
     key_share = key_share_of(base) if key_share is None else key_share
     if factor < 2.1:  # below ~2x the split is narrowed so values still get a factor of at least 1.05
         key_share = min(key_share, factor / (2.1 - factor))
@@ -195,14 +206,34 @@ def xkv_config_for(factor: float, base: XKVConfig | None = None, key_share: floa
     return XKVConfig.from_dict(data)
 
 
-def _scaled_allocation(factor: float, base: XKVConfig) -> XKVConfig:
+def without_measured_layout(config: XKVConfig) -> dict[str, Any]:
+    """Fields that undo what was measured for ``config``'s group layout (auto groups, per-group rank lists).
+
+    For a config run at another group size: contiguous groups, and the default K/V split for list ranks.
+    """
+    fields: dict[str, Any] = {"grouping": "contiguous", "groups": None} if config.grouping == "auto" else {}
+    if isinstance(config.rank_k, list) or isinstance(config.rank_v, list):
+        default = XKVConfig()
+        fields.update(rank_k=default.rank_k, rank_v=default.rank_v)
+    return fields
+
+
+def _group_sizes(config: XKVConfig | None, model: nn.Module | None) -> list[int] | None:
+    """Layers per group of ``config`` on ``model``, for weighting a per-group allocation (``None`` without one)."""
+    if model is None or config is None or not (isinstance(config.rank_k, list) or isinstance(config.rank_v, list)):
+        return None
+    spec = describe_model(model)
+    return [group.size for group in groups_for(effective_config(config, spec), spec)]
+
+
+def _scaled_allocation(factor: float, base: XKVConfig, group_sizes: list[int] | None = None) -> XKVConfig:
     """``base``'s per-group factors (e.g. from :func:`xkv.calibration.allocate_ranks`) scaled to ``factor`` overall.
 
     Every entry is multiplied by one constant, so the allocation's proportions stay; the overall factor is the
-    harmonic mean of the entries (groups weighted equally: the measured ratio is reported beside it).
+    harmonic mean of the entries weighted by the dense bytes they stand for (the layers of their group).
 
     Raises:
-        ValueError: unless both compressed sides are lists of compression factors (``"Nx"``) of equal length.
+        ValueError: unless every compressed side is a list of compression factors (``"Nx"``), one per group.
     """
     names = [name for name, on in (("rank_k", base.compress_keys), ("rank_v", base.compress_values)) if on]
     lengths = {len(value) if isinstance(value, list) else None for value in (getattr(base, n) for n in names)}
@@ -214,8 +245,14 @@ def _scaled_allocation(factor: float, base: XKVConfig) -> XKVConfig:
     entries = [r for side in settings for r in side]
     if any(r.kind != "factor" for r in entries):
         raise ValueError("per-group ranks are scaled to a target only when every entry is a factor such as '6x'")
-    overall = len(entries) / sum(1 / r.value for r in entries)
+    weights = group_sizes or [1] * count
+    if len(weights) != count:
+        raise ValueError(f"the per-group rank lists have {count} entries but the model has {len(weights)} groups")
+    weighted = [(w, r) for side in settings for w, r in zip(weights, side, strict=True)]
+    overall = sum(w for w, _ in weighted) / sum(w / r.value for w, r in weighted)
     scale = factor / overall
+    if any(r.value * scale <= 1 for r in entries):
+        raise ValueError(f"scaled to {factor:g}x overall, this allocation would give a group side a factor <= 1")
     scaled = {name: [f"{r.value * scale:.6g}x" for r in side] for name, side in zip(names, settings, strict=True)}
     return XKVConfig.from_dict({**base.to_dict(), **scaled, "min_tokens": 0})
 
@@ -239,18 +276,20 @@ class XKVMethod(Method):
         if label is not None:  # a method named after a config file (``--methods tuned=best.yaml``)
             self.name = label
 
-    def config_for(self, factor: float) -> XKVConfig:
+    def config_for(self, factor: float, model: nn.Module | None = None) -> XKVConfig:
         """The config run at ``factor`` (ranks from :func:`xkv_config_for`, other fields from the base config).
 
-        A config-file method keeps the file's ``decode``; the registered methods set their own.
+        A config-file method keeps the file's ``decode``; the registered methods set their own. ``model`` weights
+        the groups of a per-group allocation by their layers.
         """
-        config = xkv_config_for(factor, self.options.get("config"))
+        base = self.options.get("config")
+        config = xkv_config_for(factor, base, group_sizes=_group_sizes(base, model))
         decode = config.decode if self.labelled else self.decode
         return XKVConfig.from_dict({**config.to_dict(), **self.overrides, "decode": decode})
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
-        config = self.config_for(factor)
+        config = self.config_for(factor, ctx.model)
         try:
             cache = self._compress(ctx, config)
         except UnreachableRatioError as err:
@@ -342,15 +381,15 @@ class XKVChunkedMethod(XKVMethod):
     reuses_prefill = False
     chunk_tokens: ClassVar[int] = 512
 
-    def config_for(self, factor: float) -> XKVConfig:
+    def config_for(self, factor: float, model: nn.Module | None = None) -> XKVConfig:
         """The ``xkv`` config at ``factor`` with folding at every chunk."""
-        config = super().config_for(factor)
+        config = super().config_for(factor, model)
         data = {**config.to_dict(), "fold_tokens": self.chunk_tokens, "fold_keep": 0, "fold_headroom": True}
         return XKVConfig.from_dict(data)
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Prefill chunk by chunk through the real cache, fold the last chunk, answer through the cache."""
-        config = self.config_for(factor)
+        config = self.config_for(factor, ctx.model)
         cache = XKVCache(ctx.model, config)
         try:
             logits = chunked_prefill(ctx.model, ctx.context_ids, cache, self.chunk_tokens)
@@ -373,10 +412,10 @@ class SingleLayerSVD(XKVMethod):
 
     name = "svd"
 
-    def config_for(self, factor: float) -> XKVConfig:
-        """Same ranks rule as xKV, one layer per group."""
+    def config_for(self, factor: float, model: nn.Module | None = None) -> XKVConfig:
+        """Same ranks rule as xKV, one layer per group (a base's measured groups and allocation do not apply)."""
         base = self.options.get("config") or XKVConfig()
-        single = {"group_size": 1, "grouping": "contiguous", "groups": None, "decode": self.decode}
+        single = {**without_measured_layout(base), "group_size": 1, "decode": self.decode}
         return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), **single}))
 
 

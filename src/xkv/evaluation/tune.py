@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from xkv.config import XKVConfig
-from xkv.evaluation.methods import key_share_of, xkv_config_for
+from xkv.evaluation.methods import key_share_of, without_measured_layout, xkv_config_for
 from xkv.evaluation.runner import EvalPlan, Runner
 
 #: Axes ``xkv tune`` can search, and the values tried by default (in order; the first is the starting value unless
@@ -81,10 +81,13 @@ def candidate(base: XKVConfig, target: float, choice: dict[str, Any]) -> XKVConf
             power of two).
     """
     fields = {name: value for name, value in choice.items() if name != "key_share"}
-    if "group_size" in fields and fields["group_size"] != base.group_size and base.grouping == "auto":
-        fields.update(grouping="contiguous", groups=None)  # measured groups are for the base's group size only
+    if "group_size" in fields and fields["group_size"] != base.group_size:
+        fields = {**without_measured_layout(base), **fields}  # measured groups/ranks fit the base's group size only
     config = XKVConfig.from_dict({**base.to_dict(), **fields})
-    return xkv_config_for(target, config, float(choice.get("key_share", key_share_of(base))))
+    listed = isinstance(config.rank_k, list) or isinstance(config.rank_v, list)
+    if listed and "key_share" in choice:
+        raise ValueError("the key_share axis does not apply to a base config with per-group rank lists")
+    return xkv_config_for(target, config, None if listed else float(choice.get("key_share", key_share_of(base))))
 
 
 def label(choice: dict[str, Any]) -> str:
