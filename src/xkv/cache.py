@@ -61,7 +61,7 @@ from xkv.factorization import (
 from xkv.forms import StoredFactors, choose_head
 from xkv.groups import LayerGroup, build_groups, check_groups_on_one_device
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
-from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, unapply_rope
+from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, left_padded_positions, unapply_rope
 
 logger = logging.getLogger(__name__)
 
@@ -581,7 +581,7 @@ class GroupedCache(Cache):
                     f"`attention_mask` must have shape (batch, tokens) = {(batch, tokens)} but got "
                     f"{tuple(attention_mask.shape)}"
                 )
-            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            extra["position_ids"] = left_padded_positions(attention_mask)
         for layer_idx, (keys, values) in enumerate(keys_values):
             self.update(keys, values, layer_idx, **extra)
         return self
@@ -641,6 +641,9 @@ class DecodeRuntime:
     table: PrefixAngles | None
     workspace: Workspace = field(default_factory=Workspace)
     pads: torch.Tensor | None = None
+    # The prefix's per-sequence cos/sin for ``pads``, built at the first decode step, not at every one:
+    # (pads it was built for, tokens, cos, sin). Counted with the RoPE table.
+    _padded: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def positions(self, start: int, stop: int, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch, stop - start)`` RoPE positions of token indices ``start .. stop-1`` (padding rows: 0)."""
@@ -655,8 +658,16 @@ class DecodeRuntime:
         cos, sin = self.table.get(tokens, device)
         if self.pads is None:
             return cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        index = self.positions(0, tokens, batch, device)
-        return cos[index], sin[index]
+        held = self._padded
+        if held is None or held[0] is not self.pads or held[1] != tokens or held[2].device != device:
+            index = self.positions(0, tokens, batch, device)
+            held = self._padded = (self.pads, tokens, cos[index], sin[index])
+        return held[2], held[3]
+
+    def padded_tensors(self) -> list[torch.Tensor]:
+        """The per-sequence cos/sin tables held for a padded batch (empty otherwise)."""
+        held = self._padded
+        return [held[2], held[3]] if held is not None and held[0] is self.pads else []
 
     def real_rows(self, tokens: int, device: torch.device) -> torch.Tensor | None:
         """``(batch, tokens)`` bool, ``False`` on left padding; ``None`` for an unpadded batch."""
@@ -1659,6 +1670,7 @@ class XKVCache(GroupedCache):
 
     def _decode_bytes(self) -> tuple[int, int]:
         table = self.runtime.table.tensors() if self.runtime.table is not None else []
+        table += self.runtime.padded_tensors()
         return tensor_bytes(table), tensor_bytes(self.runtime.workspace.tensors())
 
     def reset(self) -> None:
@@ -1666,6 +1678,7 @@ class XKVCache(GroupedCache):
         super().reset()
         attention.discard()
         self.runtime.pads = None
+        self.runtime._padded = None
         if self.runtime.table is not None:
             self.runtime.table.reset()
         self.runtime.workspace.reset()

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from xkv.compat import cache_kwargs
+from xkv.rope import left_padded_positions
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def prefill(
                 f"`attention_mask` must have shape (batch, cached + new tokens) = {(batch, past + tokens)} but got "
                 f"{tuple(attention_mask.shape)}"
             )
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        position_ids = left_padded_positions(attention_mask)[:, past:]
         extra = {"attention_mask": attention_mask, "position_ids": position_ids}
     # logits_to_keep=1: the LM head runs on the last position only (a 4k prefill would otherwise build ~800 MB).
     out = model(

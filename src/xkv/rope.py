@@ -60,6 +60,14 @@ def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((unrotated, x_pass), dim=-1) if x_pass.shape[-1] else unrotated
 
 
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens)`` positions of a left-padded batch: ``0, 1, ...`` from each first real token, 0 on padding.
+
+    As ``generate`` numbers them; ``attention_mask`` is ``(batch, tokens)``, 0 on padding.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class RotaryAngles:
     """cos/sin of the model's own rotary module at given positions, always in float32.
 
