@@ -1,5 +1,6 @@
 """The decode paths: rebuild (lean), value absorption and Selective Reconstruction, on tiny models of every family."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -10,7 +11,7 @@ from tests.conftest import TINY_FAMILIES, build_tiny
 from xkv import XKVCache, XKVConfig
 from xkv.attention import IMPLEMENTATION
 from xkv.compat import cache_kwargs
-from xkv.decode import build_selective_index, select_chunks
+from xkv.decode import build_selective_index, select_chunks, selective_index_bytes
 from xkv.memory import tensor_bytes
 
 
@@ -96,9 +97,21 @@ def test_selective_at_a_small_budget_still_attends_every_exact_token():
     # Outliers: the chunks whose least similar key agrees least with their landmark.
     chunked = keys[:, :, :68].reshape(batch, heads, 17, chunk, head_dim)
     means = chunked.mean(dim=3)
-    # Landmarks are int8 with one absmax scale each: within half a step of the mean key.
-    step = means.abs().amax(-1, keepdim=True) / 127
-    assert index.landmarks.dtype == torch.int8 and (index.landmark_values() - means).abs().le(step / 2 + 1e-6).all()
+    # Landmarks are int4 (two a byte) with one absmax scale each: within half a step of the mean key.
+    step = means.abs().amax(-1, keepdim=True) / 7
+    assert index.landmarks.dtype == torch.uint8 and index.landmarks.shape[-1] == head_dim // 2
+    assert (index.landmark_values() - means).abs().le(step / 2 + 1e-6).all()
+    # Scores read from the nibbles equal the dequantized landmarks' (int8 landmarks of older files too).
+    query = torch.randn(batch, heads, 3, head_dim)
+    expected = torch.matmul(query, index.landmark_values().transpose(-1, -2))
+    torch.testing.assert_close(index.landmark_scores(query), expected, rtol=1e-4, atol=1e-4)
+    old = torch.round(means / (means.abs().amax(-1, keepdim=True) / 127)).to(torch.int8)
+    legacy = dataclasses.replace(index, landmarks=old, landmark_scales=means.abs().amax(-1, keepdim=True) / 127)
+    torch.testing.assert_close(legacy.landmark_values(), means, rtol=0, atol=float(step.max()) / 17)
+    torch.testing.assert_close(
+        legacy.landmark_scores(query), torch.matmul(query, legacy.landmark_values().transpose(-1, -2)), rtol=1e-4,
+        atol=1e-4,
+    )  # fmt: skip
     cos = torch.nn.functional.cosine_similarity(chunked, means.unsqueeze(3), dim=-1).amin(-1)
     cos[:, :, [0, 15, 16]] = float("inf")
     assert torch.equal(chunks[..., 1:4].sort(-1).values, cos.topk(3, largest=False).indices.sort(-1).values)
@@ -139,8 +152,8 @@ def test_decode_bytes_are_counted():
             for f in (store.key_factors, store.value_factors)
             for t in (f.token_basis, f.reconstruction)
         )
-        # int8 landmarks + one float32 scale each, int64 chunk ids, exact keys and values
-        per_layer = heads * (chunks * (head_dim + f32) + exact_chunks * 8 + 2 * rows * head_dim * f32)
+        # int4 landmarks + one float32 scale each, int64 chunk ids, exact keys and values
+        per_layer = heads * (chunks * (head_dim // 2 + f32) + exact_chunks * 8 + 2 * rows * head_dim * f32)
         assert group.held_bytes == factors + 2 * per_layer
     assert report.table_bytes == 2 * 64 * head_dim * f32  # cos and sin of the 64 prefix positions
     assert report.held_bytes == sum(g.held_bytes for g in report.groups) + report.tail_bytes + report.table_bytes
@@ -148,6 +161,32 @@ def test_decode_bytes_are_counted():
     tails = [layer.keys for layer in cache.layers]
     assert report.tail_bytes == tensor_bytes(tails + [layer.values for layer in cache.layers])
     assert all(t.untyped_storage().nbytes() == heads * 16 * head_dim * f32 for t in tails)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "chunk", "sink", "local", "outliers", "dtype"),
+    [(64, 4, 1, 1, 1, torch.float32), (67, 8, 1, 2, 3, torch.bfloat16), (30, 4, 4, 4, 9, torch.float16),
+     (9, 8, 2, 2, 2, torch.float32), (5, 8, 1, 1, 1, torch.float32), (96, 4, 0, 0, 0, torch.float32)],
+)  # fmt: skip
+def test_selective_index_bytes_are_the_tensors_bytes(tokens, chunk, sink, local, outliers, dtype):
+    keys = torch.randn(2, 3, tokens, 8, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    index = build_selective_index(keys, keys * 2, chunk, sink, local, outliers)
+    key_bytes, value_bytes = selective_index_bytes(tokens, 3, 8, keys.element_size(), chunk, sink, local, outliers)
+    assert 2 * (key_bytes + value_bytes) == tensor_bytes(index.tensors())  # two sequences
+    assert 2 * value_bytes == tensor_bytes([index.exact_values])
+
+
+def test_a_compression_factor_pays_for_the_selective_index():
+    model = build_tiny("llama")
+    prompt = ids(1, 64)
+    targets = dict(rank_k="3x", rank_v="2x")
+    _, plain = logits_after(model, config("absorb", **targets), prompt, TURNS)
+    _, selective = logits_after(model, config("selective", **targets), prompt, TURNS)
+    for fast, slow in zip(selective.memory_report().groups, plain.memory_report().groups, strict=True):
+        budget = fast.dense_bytes / 2 / 3 + fast.dense_bytes / 2 / 2  # keys at 3x, values at 2x
+        assert fast.held_bytes <= budget  # the landmarks and exact chunks are paid within the budget
+        assert fast.rank_k < slow.rank_k and fast.rank_v < slow.rank_v
+        assert slow.held_bytes <= budget
 
 
 def test_rebuild_workspace_is_counted():

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from xkv import compression_factor, cross_layer_svd, relative_error
 from xkv.config import parse_rank
 from xkv.factorization import full_rank, rank_for_compression_factor, resolve_rank
+from xkv.forms import FactorFormat
 
 
 def make_layers(seed, batch, tokens, dim, group_size, dtype=torch.float64):
@@ -119,3 +120,18 @@ def test_resolve_rank_errors_name_the_field():
         resolve_rank(parse_rank("20x", "rank_v"), 10, 2, 8, field_name="rank_v for group 0")
     assert resolve_rank(parse_rank(1.0, "r"), 10, 2, 8, field_name="r") == 10
     assert resolve_rank(parse_rank(0.01, "r"), 10, 2, 8, field_name="r") == 1
+
+
+@pytest.mark.parametrize("reserved", [0, 1000, 250_000])
+@pytest.mark.parametrize("form", ["model", "int8"])
+def test_reserved_bytes_come_out_of_the_budget(reserved, form):
+    fmt = FactorFormat(form, 64)
+    tokens, group_size, dim, factor = 2048, 8, 192, 4.0
+    budget = group_size * tokens * dim * 4 / factor
+    rank = rank_for_compression_factor(tokens, group_size, dim, factor, fmt, 4, reserved)
+    assert fmt.factor_bytes(tokens, group_size, dim, rank, 4) + reserved <= budget
+    assert fmt.factor_bytes(tokens, group_size, dim, rank + 1, 4) + reserved > budget
+    assert rank_for_compression_factor(tokens, group_size, dim, factor, fmt, 4, budget) == 0
+    with pytest.raises(ValueError, match="Selective Reconstruction's index"):
+        resolve_rank(parse_rank("4x", "rank_k"), tokens, group_size, dim, field_name="rank_k", fmt=fmt,
+                     reserved_bytes=budget)  # fmt: skip

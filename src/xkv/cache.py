@@ -46,11 +46,13 @@ from xkv.decode import (
     check_prefix_visible,
     group_queries,
     prefix_mask,
+    selective_index_bytes,
     tail_mask,
     ungroup_output,
 )
 from xkv.factorization import (
     LowRankFactors,
+    UnreachableRatioError,
     append_rows,
     as_float,
     cross_layer_svd,
@@ -726,6 +728,8 @@ class XKVGroupStore(CompressedStore):
         self.exact_prefill = False
         # Selective Reconstruction: landmarks and exact chunks per slot (built at prefill when decode="selective").
         self.selective: dict[int, SelectiveIndex] = {}
+        # False when the index's bytes would leave a side no rank at the target (`plan_index`).
+        self.index_fits = True
 
     # ------------------------------------------------------------------ prefill
     def headroom_ranks(self, tokens: int) -> tuple[int | None, int | None]:
@@ -748,18 +752,79 @@ class XKVGroupStore(CompressedStore):
         if self.exact_prefill:
             return None, None
         fmt, itemsize = self.config.factor_format, torch.empty((), dtype=dtype).element_size()
-        ranks: list[int | None] = []
-        for side, setting, wanted in (
+        sides = (
             ("k", self.setting_k, self.config.compress_keys),
             ("v", self.setting_v, self.config.compress_values),
-        ):
+        )
+        reserved = self._index_reservations(tokens, itemsize, [setting for _, setting, _ in sides])
+        ranks: list[int | None] = []
+        for (side, setting, wanted), extra in zip(sides, reserved, strict=True):
             field_name = f"rank_{side} for group {self.group.index}"
             ranks.append(
                 resolve_rank(setting, tokens, self.group.size, self.spec.kv_dim, field_name=field_name, fmt=fmt,
-                             itemsize=itemsize)
+                             itemsize=itemsize, reserved_bytes=extra)
                 if wanted else None
             )  # fmt: skip
         return ranks[0], ranks[1]
+
+    def plan_index(self, tokens: int, dtype: torch.dtype) -> None:
+        """Check the ranks of a first prefill; drop Selective Reconstruction's index where its bytes leave no rank.
+
+        A short prefix at a high factor may not afford the landmarks and exact chunks on top of rank 1: it then
+        decodes with ``"absorb"`` (logged) instead of failing.
+
+        Raises:
+            UnreachableRatioError: if a rank does not fit even without the index.
+        """
+        self.index_fits = True
+        try:
+            self.check_ranks(tokens, dtype)
+        except UnreachableRatioError:
+            if not self.builds_index(tokens):
+                raise
+            self.index_fits = False
+            self.check_ranks(tokens, dtype)
+            logger.info(
+                "group %d: Selective Reconstruction's landmarks and exact chunks do not fit the target at %d tokens; "
+                "it decodes with 'absorb'", self.group.index, tokens,
+            )  # fmt: skip
+
+    def builds_index(self, tokens: int) -> bool:
+        """Whether a prefill of ``tokens`` tokens holds a Selective Reconstruction index (landmarks, exact chunks)."""
+        config = self.config
+        return (
+            self.index_fits
+            and config.decode == "selective"
+            and self.runtime.fast
+            and self.runtime.pads is None
+            and config.compress_keys
+            and config.compress_values
+            and not self.exact_prefill
+            and tokens >= config.sr_min_tokens
+        )
+
+    def _index_reservations(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
+        """Bytes of the Selective Reconstruction index each side's compression factor must also pay for.
+
+        The index's bytes (:func:`xkv.decode.selective_index_bytes`, ``G`` layers) are shared between the sides
+        set by a compression factor, in proportion to their budgets, so each side's factors plus its share meet
+        its factor: ``"4x"`` measures 4x with the landmarks and exact chunks counted. Nothing is reserved without
+        an index, or for a side set by an explicit rank or fraction.
+        """
+        holds = bool(self.selective) if self.is_ready else self.builds_index(tokens)  # folds and crops drop it
+        if not holds:
+            return [0.0 for _ in settings]
+        config = self.config
+        per_layer = sum(selective_index_bytes(
+            tokens, self.spec.num_kv_heads, self.spec.head_dim, itemsize, config.sr_chunk_size,
+            config.sr_sink_chunks, config.sr_local_chunks, config.sr_outlier_chunks,
+        ))  # fmt: skip
+        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
+        budgets = [dense_side / s.value if s.kind == "factor" else 0.0 for s in settings]
+        total = sum(budgets)
+        if total == 0:
+            return [0.0 for _ in settings]
+        return [self.group.size * per_layer * b / total for b in budgets]
 
     @property
     def is_ready(self) -> bool:
@@ -802,15 +867,7 @@ class XKVGroupStore(CompressedStore):
         else:
             self.pending_values[slot] = value_states.clone()
         config = self.config
-        if (
-            config.decode == "selective"
-            and self.runtime.fast
-            and self.runtime.pads is None
-            and config.compress_keys
-            and config.compress_values
-            and not self.exact_prefill
-            and tokens >= config.sr_min_tokens
-        ):
+        if self.builds_index(tokens):
             self.selective[slot] = build_selective_index(
                 key_states, value_states, config.sr_chunk_size, config.sr_sink_chunks, config.sr_local_chunks,
                 config.sr_outlier_chunks,
@@ -963,7 +1020,13 @@ class XKVGroupStore(CompressedStore):
         new.prefix_len = self.prefix_len
         new.dtype = self.dtype
         assert self.dtype is not None
-        new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
+        try:
+            new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
+        except UnreachableRatioError:
+            if not new.selective:
+                raise
+            new.selective = {}  # the index does not fit these ranks' budget: decode with "absorb"
+            new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
         for side, rank, held, exact in (
             ("k", new.rank_k, self.key_factors, self.exact_keys),
             ("v", new.rank_v, self.value_factors, self.exact_values),
@@ -1068,8 +1131,8 @@ class XKVGroupStore(CompressedStore):
             reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
         elif wanted == "selective" and slot not in self.selective:
             reason = (
-                "the prefix is shorter than sr_min_tokens, was cropped or folded, or the batch is left-padded: no "
-                "Selective Reconstruction index"
+                "the prefix is shorter than sr_min_tokens, was cropped or folded, the batch is left-padded, or the "
+                "landmarks did not fit the target ratio: no Selective Reconstruction index"
             )
             if reason not in self._fallbacks_logged:
                 self._fallbacks_logged.add(reason)
@@ -1403,7 +1466,7 @@ class XKVCache(GroupedCache):
             logger.info("prefill of %d tokens < min_tokens=%d: kept exact", tokens, self.config.min_tokens)
         for store in self.xkv_stores:
             store.exact_prefill = exact
-            store.check_ranks(tokens, key_states.dtype)
+            store.plan_index(tokens, key_states.dtype)
         angles = self.angles
         if angles is not None and self.spec.rotary_layer_type and layer_idx in self.spec.sliding_layers:
             angles = RotaryAngles(angles.rotary_emb, "sliding_attention")  # that layer's own RoPE base (Gemma 3)

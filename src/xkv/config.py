@@ -201,12 +201,12 @@ class XKVConfig:
     # "selective" is faster still from ~6k tokens but an approximation: on the embedded model it answers the 4k demo
     # needle only with a budget of half the prefix (benchmarks/decode/README.md), so it is opt-in.
     decode: Literal["rebuild", "absorb", "selective"] = "absorb"
-    # Chunks of 8 and a budget of 256 tokens: on calibration samples (benchmarks/decode/calibration.json, seeds
-    # 100-109) they matched the rebuild path at 4x and beat it at 8x, where chunks of 16 or a budget of 128 lost.
-    sr_chunk_size: int = 8
-    # 256 tokens: on SmolLM2 (r_k ~ 186 > head_dim 64) rebuilding a token costs ~3x reading a dense one, so a
-    # larger budget costs more than dense attention at 4k (benchmarks/decode).
-    sr_budget: int | float = 256
+    # Chunks of 4: with chunks of 8 the 4k demo lost the needle's last digits at any budget under 512 (a 7-digit
+    # needle straddles chunks); chunks of 4 answered seeds 0, 2 and 3 at 128 tokens (benchmarks/decode/README.md).
+    sr_chunk_size: int = 4
+    # 128 tokens: on SmolLM2 (r_k ~ 186 > head_dim 64) rebuilding a token costs ~3x reading a dense one, so a
+    # budget of 256 cost 1.15x the dense step at 4k (benchmarks/decode).
+    sr_budget: int | float = 128
     # 4 budgets: below it SR rebuilds a quarter of the prefix or more while its tables cost ~5% of the dense bytes.
     sr_min_tokens: int = 1024
     sr_sink_chunks: int = 1

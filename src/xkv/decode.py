@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xkv.forms import StoredFactors, gather_chunks
+from xkv.forms import StoredFactors, dequantize, gather_chunks, quantize
 
 
 def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -177,9 +177,10 @@ class SelectiveIndex:
 
     Attributes:
         chunk_size: tokens per chunk ``c``.
-        landmarks: ``(b, H, C, hd)`` int8: the mean post-RoPE key of each of the ``C = T // c`` chunks, quantized
-            (they only rank chunks; in the model's dtype they would cost ``1 / (2c)`` of the dense cache, as much as
-            the factors at 8x with ``c = 8``).
+        landmarks: ``(b, H, C, ceil(hd / 2))`` uint8: the mean post-RoPE key of each of the ``C = T // c`` chunks
+            in int4, two a byte (:func:`xkv.forms.quantize`; they only rank chunks: in the model's dtype they would
+            cost ``1 / (2c)`` of the dense cache, as much as the factors at 8x with ``c = 8``). Indexes saved
+            before int4 hold ``(b, H, C, hd)`` int8 and are read as such.
         landmark_scales: ``(b, H, C, 1)`` float32, one absmax scale per landmark.
         exact_chunks: ``(b, H, E)`` int64 chunk indices kept exact per KV head (sinks, local, outliers), sorted.
         exact_keys: ``(b, H, E*c + rest, hd)`` post-RoPE keys of those chunks, then of the ``T % c`` last tokens.
@@ -203,7 +204,30 @@ class SelectiveIndex:
 
     def landmark_values(self) -> torch.Tensor:
         """``(b, H, C, hd)`` float32 landmarks, dequantized."""
-        return self.landmarks.float() * self.landmark_scales
+        if self.landmarks.dtype == torch.int8:
+            return self.landmarks.float() * self.landmark_scales
+        head_dim = self.exact_keys.shape[-1]
+        return dequantize(self.landmarks, self.landmark_scales, 4, head_dim, head_dim, torch.float32)
+
+    def landmark_scores(self, grouped_query: torch.Tensor) -> torch.Tensor:
+        """``(b, H, M, C)`` float32 ``q . landmark`` for ``grouped_query`` ``(b, H, M, hd)``.
+
+        Read from the packed nibbles without interleaving them back: ``s * (q_even . low + q_odd . high - 8 sum q)``.
+        """
+        landmarks, scales = self.landmarks, self.landmark_scales.transpose(-1, -2)  # scales (b, H, 1, C)
+        dtype = grouped_query.dtype
+        if landmarks.dtype == torch.int8:
+            raw = torch.matmul(grouped_query, landmarks.to(dtype).transpose(-1, -2))
+        elif grouped_query.shape[-1] % 2:
+            raw = torch.matmul(
+                grouped_query, (self.landmark_values() / self.landmark_scales).to(dtype).transpose(-1, -2)
+            )
+        else:
+            even, odd = grouped_query[..., 0::2], grouped_query[..., 1::2]
+            raw = torch.matmul(even, (landmarks & 15).to(dtype).transpose(-1, -2))
+            raw = raw + torch.matmul(odd, (landmarks >> 4).to(dtype).transpose(-1, -2))
+            raw = raw - 8.0 * grouped_query.sum(dim=-1, keepdim=True)
+        return raw.float() * scales
 
     @property
     def num_chunks(self) -> int:
@@ -255,19 +279,52 @@ def build_selective_index(
         exact_chunks = torch.cat([fixed_index, outliers], dim=-1).sort(dim=-1).values
     else:
         exact_chunks = fixed_index.clone()
-    scales = (landmarks.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    quantized = torch.round(landmarks / scales).to(torch.int8).contiguous()
+    quantized, scales = quantize(landmarks, 4, head_dim)  # int4, one scale per landmark
     rows = (exact_chunks.unsqueeze(-1) * chunk_size + torch.arange(chunk_size, device=keys.device)).flatten(2)
     rest = torch.arange(body, tokens, device=keys.device).expand(batch, heads, -1)
     rows = torch.cat([rows, rest], dim=-1)
     return SelectiveIndex(
         chunk_size=chunk_size,
         landmarks=quantized,
-        landmark_scales=scales,
+        landmark_scales=scales.view(batch, heads, num_chunks, 1),
         exact_chunks=exact_chunks.contiguous(),
         exact_keys=_gather_rows(keys, rows).contiguous(),
         exact_values=_gather_rows(values, rows).contiguous(),
     )
+
+
+def selective_index_bytes(
+    tokens: int,
+    heads: int,
+    head_dim: int,
+    itemsize: int,
+    chunk_size: int,
+    sink_chunks: int,
+    local_chunks: int,
+    outlier_chunks: int,
+) -> tuple[int, int]:
+    """Bytes :func:`build_selective_index` holds for one layer and one sequence: ``(keys' share, values' share)``.
+
+    The keys' share is the int4 landmarks, their float32 scales, the int64 chunk ids and the exact keys; the
+    values' share the exact values. Rank targets subtract them (``XKVGroupStore.check_ranks``), so a compression
+    factor counts every byte Selective Reconstruction keeps.
+
+    Args:
+        tokens: ``T``, the prefix.
+        heads: KV heads.
+        head_dim: ``hd``.
+        itemsize: bytes per value of the model's dtype (the exact chunks' dtype).
+        chunk_size: ``c``.
+        sink_chunks: first chunks kept exact.
+        local_chunks: last chunks kept exact.
+        outlier_chunks: further chunks kept exact (as many as are left).
+    """
+    num_chunks = tokens // chunk_size
+    fixed = len(set(range(min(sink_chunks, num_chunks))) | set(range(max(0, num_chunks - local_chunks), num_chunks)))
+    exact = fixed + max(0, min(outlier_chunks, num_chunks - fixed))
+    rows = exact * chunk_size + tokens - num_chunks * chunk_size
+    key_bytes = heads * (num_chunks * ((head_dim + 1) // 2 + 4) + exact * 8 + rows * head_dim * itemsize)
+    return key_bytes, heads * rows * head_dim * itemsize
 
 
 def select_chunks(grouped_query: torch.Tensor, index: SelectiveIndex, count: int, scaling: float) -> torch.Tensor:
@@ -276,9 +333,7 @@ def select_chunks(grouped_query: torch.Tensor, index: SelectiveIndex, count: int
     A chunk scores ``softmax(q . landmarks * scaling)`` maxed over the query heads of its KV head and the query
     tokens; exact chunks are never picked (they are attended anyway).
     """
-    landmarks = index.landmarks.to(grouped_query.dtype).transpose(-1, -2)  # (b, H, hd, C), int8 values
-    scales = index.landmark_scales.transpose(-1, -2) * scaling  # (b, H, 1, C)
-    scores = torch.matmul(grouped_query, landmarks).float() * scales  # (b, H, M, C)
+    scores = index.landmark_scores(grouped_query) * scaling  # (b, H, M, C)
     best = torch.softmax(scores, dim=-1).amax(dim=2)  # (b, H, C)
     best.scatter_(-1, index.exact_chunks, -1.0)
     return best.topk(count, dim=-1).indices

@@ -122,6 +122,7 @@ def rank_for_compression_factor(
     factor: float,
     fmt: FactorFormat | None = None,
     itemsize: int = 4,
+    reserved_bytes: float = 0.0,
 ) -> int:
     """Largest rank whose bytes are at most ``1 / factor`` of the dense group in the model's dtype.
 
@@ -136,10 +137,14 @@ def rank_for_compression_factor(
         factor: target compression factor (> 1).
         fmt: storage form of the factors (default: the model's dtype).
         itemsize: bytes per value of the model's dtype (the dense cache's, and the ``"model"`` form's).
+        reserved_bytes: bytes held beside the factors that the budget must also pay for (Selective
+            Reconstruction's landmarks and exact chunks).
     """
+    budget = group_size * tokens * dim * itemsize / factor - reserved_bytes
+    if budget <= 0:
+        return 0
     if fmt is None or fmt.form == "model":
-        return int(math.floor(group_size * tokens * dim / (factor * (tokens + group_size * dim)) + 1e-9))
-    budget = group_size * tokens * dim * itemsize / factor
+        return int(math.floor(budget / (itemsize * (tokens + group_size * dim)) + 1e-9))
     low, high = 0, full_rank(tokens, group_size, dim)
     while low < high:  # bytes grow with the rank: the largest rank within the budget
         mid = (low + high + 1) // 2
@@ -159,6 +164,7 @@ def resolve_rank(
     field_name: str,
     fmt: FactorFormat | None = None,
     itemsize: int = 4,
+    reserved_bytes: float = 0.0,
 ) -> int:
     """Turn a rank setting into a number of singular vectors for a group of known shape.
 
@@ -170,6 +176,7 @@ def resolve_rank(
         field_name: named in error messages (e.g. ``"rank_k for group 3"``).
         fmt: storage form of the factors: a compression factor counts its bytes (default: the model's dtype).
         itemsize: bytes per value of the model's dtype.
+        reserved_bytes: bytes a compression factor must also pay for (see :func:`rank_for_compression_factor`).
 
     Returns:
         ``r`` with ``1 <= r <= min(T, G*D)``.
@@ -189,14 +196,18 @@ def resolve_rank(
         return rank
     if setting.kind == "fraction":
         return max(1, min(bound, round(setting.value * bound)))
-    rank = min(bound, rank_for_compression_factor(tokens, group_size, dim, setting.value, fmt, itemsize))
+    rank = min(
+        bound, rank_for_compression_factor(tokens, group_size, dim, setting.value, fmt, itemsize, reserved_bytes)
+    )
     if rank < 1:
         fmt = fmt or FactorFormat()
-        best = group_size * tokens * dim * itemsize / fmt.factor_bytes(tokens, group_size, dim, 1, itemsize)
+        held = fmt.factor_bytes(tokens, group_size, dim, 1, itemsize) + reserved_bytes
+        best = group_size * tokens * dim * itemsize / held
+        extra = f" and {reserved_bytes:.0f} bytes of Selective Reconstruction's index" if reserved_bytes else ""
         raise UnreachableRatioError(
             f"`{field_name}` asks for {setting.value:g}x, which {tokens} tokens of a {group_size}-layer group "
-            f"cannot reach even at rank 1 (at most {best:.2f}x with {fmt.form} factors): use a longer context, a "
-            "lower factor or a larger group"
+            f"cannot reach even at rank 1 (at most {best:.2f}x with {fmt.form} factors{extra}): use a longer "
+            "context, a lower factor or a larger group"
         )
     return rank
 
