@@ -189,6 +189,23 @@ def test_a_compression_factor_pays_for_the_selective_index():
         assert slow.held_bytes <= budget
 
 
+def test_an_index_that_does_not_fit_the_target_is_dropped(caplog):
+    # 64 tokens of a tiny model: the 3 exact chunks alone are 19% of the dense bytes, more than keys at 6x allow.
+    model = build_tiny("llama")
+    tight = config("selective", rank_k="6x", rank_v="3x")
+    with caplog.at_level(logging.INFO, logger="xkv.cache"):
+        _, cache = logits_after(model, tight, ids(1, 64), TURNS)
+    assert "do not fit the target" in caplog.text
+    assert all(not store.selective and store.decode_path(0) == "absorb" for store in cache.group_stores)
+    assert all(group.compression_factor >= 4 for group in cache.memory_report().groups)  # keys 6x, values 3x
+    # A copy at those ranks of a cache that holds the index drops it too, and decodes like the one above.
+    _, full = logits_after(model, config("selective", rank_k=1.0, rank_v=1.0), ids(1, 64), TURNS)
+    assert all(store.selective for store in full.group_stores)
+    copy = full.with_ranks(tight)
+    assert all(not store.selective for store in copy.group_stores)
+    assert [g.rank_k for g in copy.memory_report().groups] == [g.rank_k for g in cache.memory_report().groups]
+
+
 def test_rebuild_workspace_is_counted():
     model = build_tiny("llama")
     _, cache = logits_after(model, config("rebuild"), ids(1, 64), TURNS)
