@@ -179,14 +179,26 @@ def test_selective_index_bytes_are_the_tensors_bytes(tokens, chunk, sink, local,
 def test_a_compression_factor_pays_for_the_selective_index():
     model = build_tiny("llama")
     prompt = ids(1, 64)
-    targets = dict(rank_k="3x", rank_v="2x")
+    targets = dict(rank_k="3x", rank_v="2x", sr_max_share=1.0)
     _, plain = logits_after(model, config("absorb", **targets), prompt, TURNS)
     _, selective = logits_after(model, config("selective", **targets), prompt, TURNS)
+    assert all(store.selective for store in selective.group_stores)
     for fast, slow in zip(selective.memory_report().groups, plain.memory_report().groups, strict=True):
         budget = fast.dense_bytes / 2 / 3 + fast.dense_bytes / 2 / 2  # keys at 3x, values at 2x
         assert fast.held_bytes <= budget  # the landmarks and exact chunks are paid within the budget
         assert fast.rank_k < slow.rank_k and fast.rank_v < slow.rank_v
         assert slow.held_bytes <= budget
+    # The share of the budget the index takes decides whether it is held at all (sr_max_share).
+    share = selective.group_stores[0].index_share(64, torch.float32)
+    index = selective.group_stores[0].selective[0]
+    per_layer = tensor_bytes(index.tensors())
+    assert share == pytest.approx(2 * per_layer / (selective.memory_report().groups[0].dense_bytes * (1 / 6 + 1 / 4)))
+    _, full = logits_after(model, config("selective", rank_k=1.0, rank_v=1.0), prompt, TURNS)
+    for limit, held in ((share * 1.01, True), (share * 0.99, False)):
+        _, cache = logits_after(model, config("selective", **{**targets, "sr_max_share": limit}), prompt, TURNS)
+        assert all(bool(store.selective) == held for store in cache.group_stores)
+        copy = full.with_ranks(config("selective", **{**targets, "sr_max_share": limit}))
+        assert all(bool(store.selective) == held for store in copy.group_stores)
 
 
 def test_an_index_that_does_not_fit_the_target_is_dropped(caplog):
@@ -297,5 +309,8 @@ def test_bad_decode_settings_name_the_field():
         XKVConfig(sr_budget=1.5)
     with pytest.raises(ValueError, match="`sr_chunk_size`"):
         XKVConfig(sr_chunk_size=0)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match="`sr_max_share`"):
+            XKVConfig(sr_max_share=bad)
     with pytest.raises(ValueError, match="`sr_outlier_chunks`"):
         XKVConfig(sr_outlier_chunks=-1)

@@ -450,3 +450,25 @@ def test_a_run_made_with_other_xkv_defaults_is_not_resumed(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="xkv_defaults"):
         check_resumable(plan, "tiny")
+
+
+def test_merging_runs_compares_the_xkv_defaults_they_recorded(tmp_path):
+    from xkv.evaluation.runner import merge_runs
+
+    def run(name, defaults, method):
+        folder = tmp_path / name
+        folder.mkdir()
+        plan = {"model": "m", "question_in_context": False, "max_new_tokens": 8, "haystack_sha256": "h",
+                "method_options": {}, "xkv_defaults": defaults}  # fmt: skip
+        (folder / "plan.json").write_text(json.dumps(plan))
+        row = {"sample_id": "t-2048-0", "method": method, "target_ratio": 4.0, "status": "ok", "prediction": "x",
+               "score": 1.0, "measured_ratio": 4.0}  # fmt: skip
+        (folder / "results.jsonl").write_text(json.dumps(row) + "\n")
+        return folder
+
+    old = run("old", None, "a")  # made before plans recorded the defaults
+    new = run("new", {"svd": "randomized"}, "b")
+    assert [r["method"] for r in merge_runs([old, new])] == ["a", "b"]
+    other = run("other", {"svd": "exact"}, "c")
+    with pytest.raises(ValueError, match="xkv_defaults"):
+        merge_runs([new, other])

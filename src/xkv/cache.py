@@ -779,15 +779,28 @@ class XKVGroupStore(CompressedStore):
         self.index_fits = True
         try:
             self.check_ranks(tokens, dtype)
+            fits = self.index_share(tokens, dtype) <= self.config.sr_max_share
         except UnreachableRatioError:
             if not self.builds_index(tokens):
                 raise
+            fits = False
+        if not fits:
             self.index_fits = False
             self.check_ranks(tokens, dtype)
             logger.info(
-                "group %d: Selective Reconstruction's landmarks and exact chunks do not fit the target at %d tokens; "
-                "it decodes with 'absorb'", self.group.index, tokens,
+                "group %d: Selective Reconstruction's landmarks and exact chunks do not fit the target at %d tokens "
+                "(more than sr_max_share=%g of its bytes); it decodes with 'absorb'",
+                self.group.index, tokens, self.config.sr_max_share,
             )  # fmt: skip
+
+    def index_share(self, tokens: int, dtype: torch.dtype) -> float:
+        """The fraction of this group's byte budget Selective Reconstruction's index would take (0 without one)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        settings = [self.setting_k, self.setting_v]
+        reserved = sum(self._index_reservations(tokens, itemsize, settings))
+        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
+        budget = sum(dense_side / s.value for s in settings if s.kind == "factor")
+        return reserved / budget if budget else 0.0
 
     def builds_index(self, tokens: int) -> bool:
         """Whether a prefill of ``tokens`` tokens holds a Selective Reconstruction index (landmarks, exact chunks)."""
@@ -1022,10 +1035,13 @@ class XKVGroupStore(CompressedStore):
         assert self.dtype is not None
         try:
             new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
+            fits = new.index_share(self.prefix_len, self.dtype) <= config.sr_max_share
         except UnreachableRatioError:
             if not new.selective:
                 raise
-            new.selective = {}  # the index does not fit these ranks' budget: decode with "absorb"
+            fits = False
+        if not fits:  # the index does not fit these ranks' budget: decode with "absorb"
+            new.selective = {}
             new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
         for side, rank, held, exact in (
             ("k", new.rank_k, self.key_factors, self.exact_keys),

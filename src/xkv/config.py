@@ -152,6 +152,10 @@ class XKVConfig:
         sr_local_chunks: last chunks of the prefix kept exact (the most recent context).
         sr_outlier_chunks: further chunks kept exact per layer and KV head: those whose keys agree least with
             their landmark.
+        sr_max_share: the largest fraction of a group's byte budget (from ``rank_k``/``rank_v`` factors) that
+            Selective Reconstruction's landmarks and exact chunks may take; beyond it the group holds no index and
+            decodes with ``"absorb"`` (logged), since the factors would lose the rank the index takes. ``1.0``
+            allows any share that leaves rank 1.
         factor_form: storage of the factors (:mod:`xkv.forms`): ``"model"`` (the model's dtype), ``"int8"`` or
             ``"int4"`` (packed two a byte), with float32 scales. Compression factors in ``rank_k``/``rank_v``
             count the bytes of this form, so a quantized form buys rank at the same factor.
@@ -194,13 +198,14 @@ class XKVConfig:
     svd_oversample: int = 10
     svd_niter: int = 1
     svd_seed: int = 0
-    # At 512 tokens a G=8 group of SmolLM2 (D=192) at the default 6x keeps 64 key directions; a 42-token chat
-    # prompt would keep 6 and answer wrongly while reporting 4x (review of the foundation). Below it: exact.
-    min_tokens: int = 512
-    # "absorb": the same attention as rebuilding (exact xKV), 1.5-3.3x faster per step than "rebuild" on CPU.
-    # "selective" is faster still from ~6k tokens but an approximation: on the embedded model it answers the 4k demo
-    # needle only with a budget of half the prefix (benchmarks/decode/README.md), so it is opt-in.
-    decode: Literal["rebuild", "absorb", "selective"] = "absorb"
+    # Measured at 4x on SmolLM2 (benchmarks/min_tokens): compressed, needle prompts of 512 tokens kept 20% against
+    # 90% for the full cache, 768 tokens 60% against 80%, 1024 tokens 75% against 85%, 2048 tokens 70% against 70%.
+    # Shorter prefixes stay exact (they are small anyway).
+    min_tokens: int = 1024
+    # "selective": the fastest path (benchmarks/decode/README.md); with its index paid out of the rank target it
+    # stays within 2 points of the exact path at 4x on RULER-lite 2k, and where the index would take more than
+    # sr_max_share of the budget (8x here) the group decodes with the exact "absorb" instead.
+    decode: Literal["rebuild", "absorb", "selective"] = "selective"
     # Chunks of 4: with chunks of 8 the 4k demo lost the needle's last digits at any budget under 512 (a 7-digit
     # needle straddles chunks); chunks of 4 answered seeds 0, 2 and 3 at 128 tokens (benchmarks/decode/README.md).
     sr_chunk_size: int = 4
@@ -212,6 +217,9 @@ class XKVConfig:
     sr_sink_chunks: int = 1
     sr_local_chunks: int = 1
     sr_outlier_chunks: int = 2
+    # 1/8: at 2k on SmolLM2 (float32) the index took 9% of the 4x budget and SR stayed within 2 points of the exact
+    # path; at 8x it took 19% and lost 28 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
+    sr_max_share: float = 0.125
     factor_form: Literal["model", "int8", "int4"] = "model"
     factor_group_size: int = 64
     factor_rotation: Literal["none", "hadamard"] = "none"
@@ -279,6 +287,9 @@ class XKVConfig:
                      "fold_keep"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0 but got {getattr(self, name)}")
+        share = self.sr_max_share
+        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"`sr_max_share` must be a number in [0, 1] but got {share!r}")
         budget = self.sr_budget
         if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
             raise ValueError(f"`sr_budget` must be an int (tokens) or a float in (0, 1] but got {budget!r}")

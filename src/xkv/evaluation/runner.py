@@ -282,6 +282,8 @@ def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
                 both = methods & first_methods  # options matter only for methods whose rows are in both
                 mine = {name: opts for name, opts in mine.items() if name in both}
                 theirs = {name: opts for name, opts in theirs.items() if name in both}
+            if key == "xkv_defaults" and (mine is None or theirs is None):
+                continue  # not recorded by runs made before plans held it: nothing to compare
             if mine != theirs:
                 raise ValueError(
                     f"{run_dir} was run with {key}={plan.get(key)!r} but {first_dir} with {first_plan.get(key)!r}: "
