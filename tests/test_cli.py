@@ -55,7 +55,7 @@ def test_parser_has_a_subcommand_per_job():
 def test_demo_runs_end_to_end(tmp_path):
     out_json = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "xkv.cli", "demo", "--context-tokens", "1000", "--quiet", "--json", str(out_json)],
+        [sys.executable, "-m", "xkv.cli", "demo", "--context-tokens", "1200", "--quiet", "--json", str(out_json)],
         capture_output=True,
         text=True,
         timeout=600,
