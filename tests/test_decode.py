@@ -105,6 +105,13 @@ def test_selective_at_a_small_budget_still_attends_every_exact_token():
     query = torch.randn(batch, heads, 3, head_dim)
     expected = torch.matmul(query, index.landmark_values().transpose(-1, -2))
     torch.testing.assert_close(index.landmark_scores(query), expected, rtol=1e-4, atol=1e-4)
+    # In 16-bit queries too: no worse than a product with the dequantized landmarks (a mean far from zero).
+    for dtype in (torch.bfloat16, torch.float16):
+        shifted = (query + 3).to(dtype)
+        exact = torch.matmul(shifted.float(), index.landmark_values().transpose(-1, -2))
+        reference = torch.matmul(shifted, index.landmark_values().to(dtype).transpose(-1, -2)).float()
+        error = (index.landmark_scores(shifted) - exact).abs().max()
+        assert error <= 2 * (reference - exact).abs().max() + 1e-2
     old = torch.round(means / (means.abs().amax(-1, keepdim=True) / 127)).to(torch.int8)
     legacy = dataclasses.replace(index, landmarks=old, landmark_scales=means.abs().amax(-1, keepdim=True) / 127)
     torch.testing.assert_close(legacy.landmark_values(), means, rtol=0, atol=float(step.max()) / 17)
@@ -216,6 +223,19 @@ def test_an_index_that_does_not_fit_the_target_is_dropped(caplog):
     copy = full.with_ranks(tight)
     assert all(not store.selective for store in copy.group_stores)
     assert [g.rank_k for g in copy.memory_report().groups] == [g.rank_k for g in cache.memory_report().groups]
+
+
+def test_a_fold_drops_the_index_and_its_reservation():
+    model = build_tiny("llama")
+    targets = dict(rank_k="3x", rank_v="2x", sr_max_share=1.0)
+    ranks = {}
+    for decode in ("absorb", "selective"):
+        _, cache = logits_after(model, config(decode, **targets), ids(1, 64), TURNS)
+        assert bool(cache.group_stores[0].selective) == (decode == "selective")
+        cache.fold(0)
+        assert not any(store.selective for store in cache.group_stores)
+        ranks[decode] = [(g.rank_k, g.rank_v) for g in cache.memory_report().groups]
+    assert ranks["selective"] == ranks["absorb"]
 
 
 def test_rebuild_workspace_is_counted():

@@ -472,3 +472,5 @@ def test_merging_runs_compares_the_xkv_defaults_they_recorded(tmp_path):
     other = run("other", {"svd": "exact"}, "c")
     with pytest.raises(ValueError, match="xkv_defaults"):
         merge_runs([new, other])
+    with pytest.raises(ValueError, match="xkv_defaults"):  # an unrecorded first run does not hide the others
+        merge_runs([old, new, other])

@@ -116,7 +116,7 @@ def test_compress_then_ask_on_the_command_line(smollm2, tmp_path, capsys):
     from xkv.cli import main
 
     doc = tmp_path / "doc.txt"
-    doc.write_text("Notes from the meeting. " * 120 + "The launch code for the rocket is 5521. " + "Coffee. " * 120)
+    doc.write_text("Notes from the meeting. " * 200 + "The launch code for the rocket is 5521. " + "Coffee. " * 200)
     out = tmp_path / "doc.xkv"
     assert main(["compress", str(doc), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out

@@ -41,10 +41,11 @@ def main() -> None:
         print(f"seed {seed}: needle {sample.answer} at {sample.depth:.0%} of {len(sample.context_ids)} tokens")
         for fields in settings:
             cache = XKVCache.from_dense(model, states, XKVConfig(**fields))
+            ratio = cache.memory_report().compression_factor  # the context's bytes, before any decode buffer
             generation = greedy_generate(model, torch.tensor([sample.question_ids]), cache, 24, stops)
             answer = tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
             mark = "correct" if is_correct(answer, sample.answer) else "wrong"
-            print(f"  {json.dumps(fields)}: {answer!r} ({mark}, {cache.memory_report().compression_factor:.2f}x)")
+            print(f"  {json.dumps(fields)}: {answer!r} ({mark}, context at {ratio:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -937,6 +937,7 @@ class XKVGroupStore(CompressedStore):
         keys0 = tails[0][0]
         batch, heads, _, head_dim = keys0.shape
         start, tokens = self.prefix_len, self.prefix_len + count
+        self.selective = {}  # its chunks describe the old prefix; no bytes are reserved for it from here on
         rank_k, rank_v = self.headroom_ranks(tokens) if headroom else self.check_ranks(tokens, self.dtype)
         cos = sin = None
         if self.angles is not None:
@@ -1480,13 +1481,14 @@ class XKVCache(GroupedCache):
             )  # fmt: skip
         elif exact:
             logger.info("prefill of %d tokens < min_tokens=%d: kept exact", tokens, self.config.min_tokens)
-        for store in self.xkv_stores:
-            store.exact_prefill = exact
-            store.plan_index(tokens, key_states.dtype)
         angles = self.angles
         if angles is not None and self.spec.rotary_layer_type and layer_idx in self.spec.sliding_layers:
             angles = RotaryAngles(angles.rotary_emb, "sliding_attention")  # that layer's own RoPE base (Gemma 3)
-        self.runtime.pads = left_padding(inputs, angles, batch, tokens, key_states.device)
+        pads = left_padding(inputs, angles, batch, tokens, key_states.device)
+        self.runtime.pads = pads  # before the ranks: a padded batch holds no Selective Reconstruction index
+        for store in self.xkv_stores:
+            store.exact_prefill = exact
+            store.plan_index(tokens, key_states.dtype)
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_batch(fn)

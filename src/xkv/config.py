@@ -217,8 +217,8 @@ class XKVConfig:
     sr_sink_chunks: int = 1
     sr_local_chunks: int = 1
     sr_outlier_chunks: int = 2
-    # 1/8: at 2k on SmolLM2 (float32) the index took 9% of the 4x budget and SR stayed within 2 points of the exact
-    # path; at 8x it took 19% and lost 28 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
+    # 1/8: at 2k on SmolLM2 (float32) the index takes 10% of the 4x budget, where SR stayed within 2 points of the
+    # exact path; at 8x about 20%, where it lost 16.5 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
     sr_max_share: float = 0.125
     factor_form: Literal["model", "int8", "int4"] = "model"
     factor_group_size: int = 64

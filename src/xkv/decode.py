@@ -212,7 +212,7 @@ class SelectiveIndex:
     def landmark_scores(self, grouped_query: torch.Tensor) -> torch.Tensor:
         """``(b, H, M, C)`` float32 ``q . landmark`` for ``grouped_query`` ``(b, H, M, hd)``.
 
-        Read from the packed nibbles without interleaving them back: ``s * (q_even . low + q_odd . high - 8 sum q)``.
+        Read from the packed nibbles without interleaving them back: ``s * (q_even . (low - 8) + q_odd . (high - 8))``.
         """
         landmarks, scales = self.landmarks, self.landmark_scales.transpose(-1, -2)  # scales (b, H, 1, C)
         dtype = grouped_query.dtype
@@ -223,10 +223,11 @@ class SelectiveIndex:
                 grouped_query, (self.landmark_values() / self.landmark_scales).to(dtype).transpose(-1, -2)
             )
         else:
+            # Nibbles centred before the product (exact in any dtype): no large terms cancel in 16-bit queries.
             even, odd = grouped_query[..., 0::2], grouped_query[..., 1::2]
-            raw = torch.matmul(even, (landmarks & 15).to(dtype).transpose(-1, -2))
-            raw = raw + torch.matmul(odd, (landmarks >> 4).to(dtype).transpose(-1, -2))
-            raw = raw - 8.0 * grouped_query.sum(dim=-1, keepdim=True)
+            low = ((landmarks & 15).to(torch.int8) - 8).to(dtype)
+            high = ((landmarks >> 4).to(torch.int8) - 8).to(dtype)
+            raw = torch.matmul(even, low.transpose(-1, -2)) + torch.matmul(odd, high.transpose(-1, -2))
         return raw.float() * scales
 
     @property

@@ -277,16 +277,20 @@ def merge_runs(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     for run_dir, plan, run_rows in runs:
         methods = {row["method"] for row in run_rows}
         for key in _MERGE_KEYS:
-            mine, theirs = plan.get(key), first_plan.get(key)
+            mine, theirs, ref_dir = plan.get(key), first_plan.get(key), first_dir
             if key == "method_options" and mine is not None and theirs is not None:
                 both = methods & first_methods  # options matter only for methods whose rows are in both
                 mine = {name: opts for name, opts in mine.items() if name in both}
                 theirs = {name: opts for name, opts in theirs.items() if name in both}
-            if key == "xkv_defaults" and (mine is None or theirs is None):
-                continue  # not recorded by runs made before plans held it: nothing to compare
+            if key == "xkv_defaults":
+                # Runs made before plans recorded the defaults hold None: compare the recorded ones with each other.
+                recorded = [(d, p[key]) for d, p, _ in runs if p.get(key) is not None]
+                if mine is None or not recorded:
+                    continue
+                ref_dir, theirs = recorded[0]
             if mine != theirs:
                 raise ValueError(
-                    f"{run_dir} was run with {key}={plan.get(key)!r} but {first_dir} with {first_plan.get(key)!r}: "
+                    f"{run_dir} was run with {key}={mine!r} but {ref_dir} with {theirs!r}: "
                     "their rows do not belong in one report"
                 )
         for row in run_rows:
