@@ -190,7 +190,7 @@ def test_randomized_svd_cache_runs(tiny_llama):
 
 
 def test_short_prompts_are_kept_exact_by_default(tiny_llama):
-    # A prompt under min_tokens (default 512) is not factored: generate() behaves like a dense cache.
+    # A prompt under min_tokens (default 1024) is not factored: generate() behaves like a dense cache.
     prompt = ids(1, 2)
     with torch.no_grad():
         expected = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)

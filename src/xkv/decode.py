@@ -223,11 +223,15 @@ class SelectiveIndex:
                 grouped_query, (self.landmark_values() / self.landmark_scales).to(dtype).transpose(-1, -2)
             )
         else:
-            # Nibbles centred before the product (exact in any dtype): no large terms cancel in 16-bit queries.
-            even, odd = grouped_query[..., 0::2], grouped_query[..., 1::2]
-            low = ((landmarks & 15).to(torch.int8) - 8).to(dtype)
-            high = ((landmarks >> 4).to(torch.int8) - 8).to(dtype)
-            raw = torch.matmul(even, low.transpose(-1, -2)) + torch.matmul(odd, high.transpose(-1, -2))
+            # One product over [low | high] nibbles against [q_even | q_odd]. In 16-bit queries the nibbles are centred
+            # first (exact), so no large terms cancel; in float32 the cancellation is harmless and two ops cheaper.
+            nibbles = torch.cat([landmarks & 15, landmarks >> 4], dim=-1)  # (b, H, C, hd)
+            split = torch.cat([grouped_query[..., 0::2], grouped_query[..., 1::2]], dim=-1)
+            if dtype in (torch.float32, torch.float64):
+                raw = torch.matmul(split, nibbles.to(dtype).transpose(-1, -2))
+                raw = raw - 8.0 * grouped_query.sum(dim=-1, keepdim=True)
+            else:
+                raw = torch.matmul(split, (nibbles.to(torch.int8) - 8).to(dtype).transpose(-1, -2))
         return raw.float() * scales
 
     @property
