@@ -210,7 +210,7 @@ class XKVConfig:
     # needle straddles chunks); chunks of 4 answered seeds 0, 2 and 3 at 128 tokens (benchmarks/decode/README.md).
     sr_chunk_size: int = 4
     # 128 tokens: on SmolLM2 (r_k ~ 186 > head_dim 64) rebuilding a token costs ~3x reading a dense one, so a
-    # budget of 256 cost 1.15x the dense step at 4k (benchmarks/decode).
+    # budget of 128 keeps the step at 1.00-1.07x the dense step at 4k (benchmarks/decode); 256 rebuilds twice the rows.
     sr_budget: int | float = 128
     # 4 budgets: below it SR rebuilds a quarter of the prefix or more while its tables cost ~5% of the dense bytes.
     sr_min_tokens: int = 1024
