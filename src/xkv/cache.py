@@ -768,23 +768,17 @@ class XKVGroupStore(CompressedStore):
         return ranks[0], ranks[1]
 
     def plan_index(self, tokens: int, dtype: torch.dtype) -> None:
-        """Check the ranks of a first prefill; drop Selective Reconstruction's index where its bytes leave no rank.
+        """Check the ranks of a first prefill; drop Selective Reconstruction's index where it does not fit.
 
-        A short prefix at a high factor may not afford the landmarks and exact chunks on top of rank 1: it then
-        decodes with ``"absorb"`` (logged) instead of failing.
+        A short prefix at a high factor may not afford the landmarks and exact chunks on top of rank 1, and at a
+        high factor they may take more than ``sr_max_share`` of the bytes: the group then decodes with ``"absorb"``
+        (logged) instead of failing or starving its factors.
 
         Raises:
             UnreachableRatioError: if a rank does not fit even without the index.
         """
         self.index_fits = True
-        try:
-            self.check_ranks(tokens, dtype)
-            fits = self.index_share(tokens, dtype) <= self.config.sr_max_share
-        except UnreachableRatioError:
-            if not self.builds_index(tokens):
-                raise
-            fits = False
-        if not fits:
+        if self.affordable_ranks(tokens, dtype) is None:
             self.index_fits = False
             self.check_ranks(tokens, dtype)
             logger.info(
@@ -793,14 +787,28 @@ class XKVGroupStore(CompressedStore):
                 self.group.index, tokens, self.config.sr_max_share,
             )  # fmt: skip
 
+    def affordable_ranks(self, tokens: int, dtype: torch.dtype) -> tuple[int | None, int | None] | None:
+        """The ranks with the index paid for, or ``None`` where the index does not fit.
+
+        It does not fit when it would leave a side no rank or take more than ``sr_max_share`` of the budget.
+
+        Raises:
+            UnreachableRatioError: if a rank does not fit and no index is reserved for.
+        """
+        try:
+            ranks = self.check_ranks(tokens, dtype)
+        except UnreachableRatioError:
+            if not self._holds_index(tokens):
+                raise
+            return None
+        return ranks if self.index_share(tokens, dtype) <= self.config.sr_max_share else None
+
     def index_share(self, tokens: int, dtype: torch.dtype) -> float:
         """The fraction of this group's byte budget Selective Reconstruction's index would take (0 without one)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         settings = [self.setting_k, self.setting_v]
-        reserved = sum(self._index_reservations(tokens, itemsize, settings))
-        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
-        budget = sum(dense_side / s.value for s in settings if s.kind == "factor")
-        return reserved / budget if budget else 0.0
+        budget = sum(self._factor_budgets(tokens, itemsize, settings))
+        return sum(self._index_reservations(tokens, itemsize, settings)) / budget if budget else 0.0
 
     def builds_index(self, tokens: int) -> bool:
         """Whether a prefill of ``tokens`` tokens holds a Selective Reconstruction index (landmarks, exact chunks)."""
@@ -816,6 +824,18 @@ class XKVGroupStore(CompressedStore):
             and tokens >= config.sr_min_tokens
         )
 
+    def _holds_index(self, tokens: int) -> bool:
+        """Whether ranks resolved now pay for an index.
+
+        Once factored, the one held (folds and crops drop it); before, the one a prefill of ``tokens`` tokens builds.
+        """
+        return bool(self.selective) if self.is_ready else self.builds_index(tokens)
+
+    def _factor_budgets(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
+        """Bytes each side's compression factor allows for ``tokens`` tokens (0 for an explicit rank or fraction)."""
+        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
+        return [dense_side / s.value if s.kind == "factor" else 0.0 for s in settings]
+
     def _index_reservations(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
         """Bytes of the Selective Reconstruction index each side's compression factor must also pay for.
 
@@ -824,19 +844,15 @@ class XKVGroupStore(CompressedStore):
         its factor: ``"4x"`` measures 4x with the landmarks and exact chunks counted. Nothing is reserved without
         an index, or for a side set by an explicit rank or fraction.
         """
-        holds = bool(self.selective) if self.is_ready else self.builds_index(tokens)  # folds and crops drop it
-        if not holds:
+        budgets = self._factor_budgets(tokens, itemsize, settings)
+        total = sum(budgets)
+        if not self._holds_index(tokens) or total == 0:
             return [0.0 for _ in settings]
         config = self.config
         per_layer = sum(selective_index_bytes(
             tokens, self.spec.num_kv_heads, self.spec.head_dim, itemsize, config.sr_chunk_size,
             config.sr_sink_chunks, config.sr_local_chunks, config.sr_outlier_chunks,
         ))  # fmt: skip
-        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
-        budgets = [dense_side / s.value if s.kind == "factor" else 0.0 for s in settings]
-        total = sum(budgets)
-        if total == 0:
-            return [0.0 for _ in settings]
         return [self.group.size * per_layer * b / total for b in budgets]
 
     @property
@@ -1034,16 +1050,11 @@ class XKVGroupStore(CompressedStore):
         new.prefix_len = self.prefix_len
         new.dtype = self.dtype
         assert self.dtype is not None
-        try:
-            new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
-            fits = new.index_share(self.prefix_len, self.dtype) <= config.sr_max_share
-        except UnreachableRatioError:
-            if not new.selective:
-                raise
-            fits = False
-        if not fits:  # the index does not fit these ranks' budget: decode with "absorb"
+        ranks = new.affordable_ranks(self.prefix_len, self.dtype)
+        if ranks is None:  # the index does not fit these ranks' budget: decode with "absorb"
             new.selective = {}
-            new.rank_k, new.rank_v = new.check_ranks(self.prefix_len, self.dtype)
+            ranks = new.check_ranks(self.prefix_len, self.dtype)
+        new.rank_k, new.rank_v = ranks
         for side, rank, held, exact in (
             ("k", new.rank_k, self.key_factors, self.exact_keys),
             ("v", new.rank_v, self.value_factors, self.exact_values),
@@ -1484,8 +1495,8 @@ class XKVCache(GroupedCache):
         angles = self.angles
         if angles is not None and self.spec.rotary_layer_type and layer_idx in self.spec.sliding_layers:
             angles = RotaryAngles(angles.rotary_emb, "sliding_attention")  # that layer's own RoPE base (Gemma 3)
-        pads = left_padding(inputs, angles, batch, tokens, key_states.device)
-        self.runtime.pads = pads  # before the ranks: a padded batch holds no Selective Reconstruction index
+        # Before the ranks: a padded batch holds no Selective Reconstruction index.
+        self.runtime.pads = left_padding(inputs, angles, batch, tokens, key_states.device)
         for store in self.xkv_stores:
             store.exact_prefill = exact
             store.plan_index(tokens, key_states.dtype)
