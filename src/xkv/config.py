@@ -133,7 +133,9 @@ class XKVConfig:
         compress_values: if ``False``, values of compressed layers are kept exact.
         svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (seeded randomized range finder, Halko et al.).
         svd_oversample: extra random directions of the randomized SVD.
-        svd_niter: power iterations of the randomized SVD.
+        svd_niter: power iterations of the randomized SVD, a multiple of 0.5: each whole one is two more passes over
+            the group's matrix; a half one ends the sketch on the feature side, one pass fewer
+            (:func:`xkv.factorization.cross_layer_svd`).
         svd_seed: seed of the randomized SVD's test matrix, so factors are reproducible.
         min_tokens: a first prefill shorter than this is kept exact (no group is factored; ``memory_report()``
             shows 1x), so short chat prompts behave like a dense cache instead of getting tiny ranks.
@@ -196,7 +198,7 @@ class XKVConfig:
     # 65.5/35.0 at 4x/8x against 61.5/35.0 for the exact SVD (benchmarks/ruler_lite/README.md, "Prefill").
     svd: Literal["exact", "randomized"] = "randomized"
     svd_oversample: int = 10
-    svd_niter: int = 1
+    svd_niter: float = 1
     svd_seed: int = 0
     # Measured at 4x on SmolLM2 (benchmarks/min_tokens): compressed, needle prompts of 512 tokens kept 20% against
     # 90% for the full cache, 768 tokens 60% against 80%, 1024 tokens 75% against 85%, 2048 tokens 70% against 70%.
@@ -234,7 +236,7 @@ class XKVConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "group_size", "first_layer", "svd_oversample", "svd_niter", "svd_seed", "min_tokens", "sr_chunk_size",
+            "group_size", "first_layer", "svd_oversample", "svd_seed", "min_tokens", "sr_chunk_size",
             "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens", "fold_keep",
         ):  # fmt: skip
             value = getattr(self, name)
@@ -269,8 +271,16 @@ class XKVConfig:
             raise ValueError(f"`svd` must be one of ['exact', 'randomized'] but got {self.svd!r}")
         if self.svd_oversample < 0:
             raise ValueError(f"`svd_oversample` must be >= 0 but got {self.svd_oversample}")
-        if self.svd_niter < 0:
-            raise ValueError(f"`svd_niter` must be >= 0 but got {self.svd_niter}")
+        niter = self.svd_niter
+        if (
+            isinstance(niter, bool)
+            or not isinstance(niter, (int, float))
+            or not (0 <= niter < 1e6)
+            or 2 * niter != int(2 * niter)
+        ):
+            raise ValueError(f"`svd_niter` must be a multiple of 0.5 and >= 0 (e.g. 0, 0.5, 1) but got {niter!r}")
+        if isinstance(niter, float) and niter.is_integer():
+            object.__setattr__(self, "svd_niter", int(niter))  # 1.0 and 1 are one setting (and compare equal)
         if self.min_tokens < 0:
             raise ValueError(f"`min_tokens` must be >= 0 but got {self.min_tokens}")
         if self.decode not in DECODE_PATHS:

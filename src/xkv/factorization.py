@@ -213,23 +213,41 @@ def resolve_rank(
 
 
 def _randomized_svd(
-    matrix: torch.Tensor, rank: int, oversample: int, niter: int, generator: torch.Generator
+    matrix: torch.Tensor, rank: int, oversample: int, niter: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Randomized range finder with power iterations (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
+    """Randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1) with whole or half power iterations.
+
+    ``matrix`` ``(batch, rows, cols)`` is read in ``2 * niter + 2`` passes (products with a ``width``-column block).
+    The sketch alternates sides: ``Y = A Omega`` on the long side, ``Z = A^T Y`` on the short side, and so on. Only
+    the short side's blocks are orthonormalized between passes (a QR of ``cols x width`` is cheap, one of ``rows x
+    width`` costs about a pass), which spans the same subspaces as Halko's QR after every product: the error
+    matched to 5 digits on SmolLM2's KV groups (``benchmarks/prefill/README.md``). A whole number of iterations
+    ends on the long side with ``Q`` and finishes as ``A ~ Q (Q^T A)``; a half iteration ends on the short side
+    with ``Z`` and finishes as ``A ~ (A Z) Z^T``, the SVD of the tall ``A Z`` taken through its QR: one pass
+    fewer than the next whole number, at an error between the two.
 
     ``torch.svd_lowrank`` draws its test matrix from the global RNG; this takes an explicit generator so factors are
     reproducible without touching global state.
+
+    Returns:
+        ``(u, s, vh)`` with ``width = min(rank + oversample, rows, cols)`` directions, largest first.
     """
+    if matrix.shape[-2] < matrix.shape[-1]:  # keep the long side first: short prefixes of wide groups
+        u, s, vh = _randomized_svd(matrix.mT, rank, oversample, niter, generator)
+        return vh.mT, s, u.mT
     batch, rows, cols = matrix.shape
-    width = min(rank + oversample, rows, cols)
-    test = torch.randn(batch, cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
-    basis = torch.linalg.qr(matrix @ test).Q  # (batch, rows, width)
-    for _ in range(niter):
-        # One QR per power iteration, not two: the step through A^T needs none for the kept directions (the same
-        # error to 5 digits on benchmarks/prefill/range_finder.py's matrix), and it saves a tall QR.
-        basis = torch.linalg.qr(matrix @ (matrix.mT @ basis)).Q
-    small = basis.mT @ matrix  # (batch, width, cols)
-    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    width = min(rank + oversample, cols)
+    side = torch.randn(batch, cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
+    halves = round(2 * niter)
+    for _ in range((halves + 1) // 2):  # the long side's block is left unnormalized, the short side's is not
+        side = torch.linalg.qr(matrix.mT @ (matrix @ side)).Q  # (batch, cols, width)
+    long = matrix @ side  # (batch, rows, width)
+    if halves % 2:  # a half iteration: A ~ (A Z) Z^T
+        q, r = torch.linalg.qr(long)
+        u_small, s, vh_small = torch.linalg.svd(r, full_matrices=False)
+        return q @ u_small, s, vh_small @ side.mT
+    basis = torch.linalg.qr(long).Q  # whole iterations: A ~ Q (Q^T A)
+    u_small, s, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
     return basis @ u_small, s, vh
 
 
@@ -239,7 +257,7 @@ def cross_layer_svd(
     *,
     method: Literal["exact", "randomized"] = "exact",
     oversample: int = 10,
-    niter: int = 2,
+    niter: float = 2,
     seed: int = 0,
     out_dtype: torch.dtype | None = None,
 ) -> LowRankFactors:
@@ -252,7 +270,8 @@ def cross_layer_svd(
         method: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (exact where ``rank + oversample`` reaches
             the matrix's smaller side: the range finder would be as wide as the matrix).
         oversample: extra random directions (randomized only).
-        niter: power iterations (randomized only).
+        niter: power iterations, a multiple of 0.5 (randomized only; a half iteration saves a pass over the matrix,
+            see :func:`_randomized_svd`).
         seed: seed of the random test matrix (randomized only).
         out_dtype: dtype of the stored factors; defaults to the input dtype.
 
@@ -281,6 +300,8 @@ def cross_layer_svd(
     stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
     if method not in ("exact", "randomized"):
         raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
+    if niter < 0 or 2 * niter != round(2 * niter):
+        raise ValueError(f"`niter` must be a multiple of 0.5 and >= 0 but got {niter}")
     # A range finder as wide as the matrix saves nothing (and squares the condition number in its power steps).
     if method == "exact" or rank + oversample >= min(tokens, group_size * dim):
         u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
