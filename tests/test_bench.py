@@ -13,18 +13,28 @@ def test_bench_measures_every_method_side_by_side(tmp_path):
     model = build_tiny("llama", max_position_embeddings=1024)
     config = XKVConfig(group_size=2, min_tokens=0, sr_min_tokens=0, sr_budget=32, sr_chunk_size=8)
     labels = []
-    rows = run_bench(model, [128, 256], list(BENCH_METHODS), steps=2, config=config, on_progress=labels.append)
+    rows = run_bench(
+        model, [128, 256], list(BENCH_METHODS), steps=2, config=config, on_progress=labels.append, prefill_repeats=2
+    )
     assert [(r.context, r.method) for r in rows] == [(t, m) for t in (128, 256) for m in BENCH_METHODS]
     dense = {r.context: r for r in rows if r.method == "dense"}
     for row in rows:
         assert row.decode_ms > 0 and row.prefill_s > 0 and row.peak_rss_mb > 0
         assert row.decode_vs_dense == pytest.approx(row.decode_ms / dense[row.context].decode_ms)
+        assert len(row.prefill_runs) == 2 and row.prefill_s == pytest.approx(sum(row.prefill_runs) / 2)
+        assert row.prefill_vs_dense == pytest.approx(row.prefill_s / dense[row.context].prefill_s)
         assert row.kv_bytes > 0
     # Every xKV path holds the factors: fewer bytes than the dense cache.
     assert all(r.kv_bytes < dense[r.context].kv_bytes for r in rows if r.method.startswith("xkv"))
-    assert len(labels) == 2 * (len(BENCH_METHODS) + 4)
+    assert len(labels) == 2 * (2 * len(BENCH_METHODS) + 4)
+    # Round 2 runs the methods in rotated order: the second method first.
+    first = [label for label in labels if label.startswith("128 tokens")][len(BENCH_METHODS)]
+    assert first == f"128 tokens: {BENCH_METHODS[1]} prefill 2/2"
     md = write_report(rows, tmp_path, "xkv bench --lengths 128,256")
-    assert "xkv bench --lengths 128,256" in md.read_text()
+    text = md.read_text()
+    assert "xkv bench --lengths 128,256" in text
+    row = rows[0]  # the median and the range of the runs
+    assert f"{row.prefill_s:.2f} ({min(row.prefill_runs):.2f}-{max(row.prefill_runs):.2f})" in text
     assert len(json.loads((tmp_path / "results.json").read_text())) == len(rows)
 
 
@@ -34,6 +44,8 @@ def test_bench_rejects_bad_arguments():
         run_bench(model, [64], ["dense", "nope"])
     with pytest.raises(ValueError, match="`steps`"):
         run_bench(model, [64], ["dense"], steps=0)
+    with pytest.raises(ValueError, match="`prefill_repeats`"):
+        run_bench(model, [64], ["dense"], prefill_repeats=0)
 
 
 def _can_reset_peak() -> bool:

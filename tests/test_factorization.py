@@ -91,6 +91,58 @@ def test_randomized_close_to_exact_and_seeded():
     assert relative_error(layers, rand_a) <= exact * 1.05 + 1e-6
 
 
+def _decaying(seed, tokens, dim, group_size):
+    """Layers whose concatenation has a geometrically decaying spectrum (as KV caches do), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    width = group_size * dim
+    left = torch.linalg.qr(torch.randn(tokens, width, generator=gen, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64)).Q
+    matrix = (left * torch.logspace(0, -3, width, dtype=torch.float64)) @ right.T
+    return list(matrix.unsqueeze(0).split(dim, dim=-1))
+
+
+def _halko_qr_every_product(layers, rank, seed):
+    """Algorithm 4.4 of Halko et al. with one power iteration and a QR after every product: the reference."""
+    matrix = torch.cat(layers, dim=-1)
+    test = torch.randn(
+        1, matrix.shape[-1], rank + 10, generator=torch.Generator().manual_seed(seed), dtype=matrix.dtype
+    )
+    basis = torch.linalg.qr(matrix @ test).Q
+    basis = torch.linalg.qr(matrix.mT @ basis).Q
+    basis = torch.linalg.qr(matrix @ basis).Q
+    return basis
+
+
+def test_randomized_spans_halko_subspace_and_half_iterations_order_the_error():
+    layers = _decaying(0, 300, 16, 4)
+    rank = 12
+    factors = {n: cross_layer_svd(layers, rank, method="randomized", niter=n, seed=5) for n in (0, 0.5, 1, 1.5)}
+    errors = {n: relative_error(layers, f) for n, f in factors.items()}
+    exact = relative_error(layers, cross_layer_svd(layers, rank))
+    # Each half iteration (one more pass over the matrix) brings the error closer to the exact SVD's.
+    assert exact <= errors[1.5] <= errors[1] <= errors[0.5] <= errors[0]
+    assert errors[0.5] - exact < 0.25 * (errors[0] - exact)
+    # Orthonormalizing only the short side spans Halko's subspace: the token bases project alike.
+    reference = _halko_qr_every_product(layers, rank, seed=5)
+    ours = torch.linalg.qr(factors[1].token_basis).Q
+    projected = reference.mT @ ours  # (1, w, rank): ours lies in the reference's span
+    assert torch.allclose(projected.norm(dim=1), torch.ones(1, rank, dtype=torch.float64), atol=1e-8)
+
+
+def test_randomized_on_a_wide_group_factors_its_transpose():
+    layers = _decaying(1, 40, 32, 3)  # 40 tokens, 96 features: the short side is the tokens
+    for niter in (0.5, 1):
+        factors = cross_layer_svd(layers, 8, method="randomized", niter=niter)
+        assert factors.token_basis.shape == (1, 40, 8) and factors.reconstruction.shape == (1, 3, 8, 32)
+        assert relative_error(layers, factors) <= relative_error(layers, cross_layer_svd(layers, 8)) * 1.05
+
+
+@pytest.mark.parametrize("niter", [-1, 0.3, float("nan")])
+def test_randomized_rejects_bad_niter(niter):
+    with pytest.raises(ValueError, match="multiple of 0.5"):
+        cross_layer_svd(_decaying(0, 60, 8, 2), 3, method="randomized", niter=niter)
+
+
 def test_dtype_kept_and_bad_inputs():
     layers = make_layers(0, 1, 10, 4, 2, dtype=torch.float32)
     assert cross_layer_svd(layers, 3).token_basis.dtype == torch.float32

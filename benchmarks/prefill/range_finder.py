@@ -1,55 +1,103 @@
-"""Randomized range finders on one 4096 x 1536 test matrix (a group of 8 SmolLM2 layers at 4k): time and error.
+"""The randomized SVD's settings on real KV groups: time of the factorization and its relative error.
 
-Run: ``.venv/bin/python benchmarks/prefill/range_finder.py`` (README.md in this folder has its output). Compares
-Halko et al.'s one power iteration with a QR after each product (3 QRs) against one QR per power iteration (2 QRs,
-what ``xkv.factorization`` does), and a Cholesky-QR variant. Best of 3 wall times, 2 threads.
+Run: ``.venv/bin/python benchmarks/prefill/range_finder.py --lengths 4k,7k`` (``README.md`` in this folder has its
+output). The matrices are the groups the default ``XKVCache`` factors while it prefills a needle prompt of SmolLM2-
+135M (keys before RoPE and values, 4 groups of up to 8 layers, at the ranks the default configuration resolves).
+Each group is factored by ``xkv.factorization.cross_layer_svd`` with the exact SVD and with the randomized SVD at
+several ``svd_niter``, and by Halko et al.'s range finder with a QR after every product (the textbook algorithm 4.4,
+what ``cross_layer_svd`` did before 2026-11-30), for comparison. Times are the best of 3, summed over the groups.
 """
 
+from __future__ import annotations
+
+import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
-torch.set_num_threads(2)
-torch.manual_seed(0)
-TOKENS, COLUMNS, RANK = 4096, 1536, 200
-WIDTH = RANK + 10
-matrix = (torch.randn(TOKENS, COLUMNS) @ torch.randn(COLUMNS, COLUMNS) * torch.logspace(0, -3, COLUMNS)).contiguous()
-test = torch.randn(COLUMNS, WIDTH)
+import xkv.cache
+from xkv.cache import XKVCache
+from xkv.compat import cache_kwargs
+from xkv.evaluation.runner import parse_lengths
+from xkv.factorization import LowRankFactors, cross_layer_svd, relative_error
+from xkv.models import load
+from xkv.prompts import needle_sample
+
+Factorizer = Callable[[list[torch.Tensor], int], LowRankFactors]
 
 
-def three_qr() -> torch.Tensor:
+def captured_groups(length: int) -> list[tuple[list[torch.Tensor], int]]:
+    """The ``(layers, rank)`` the default cache factors while it prefills a ``length``-token needle prompt."""
+    model, tokenizer = load()
+    groups: list[tuple[list[torch.Tensor], int]] = []
+    factor = xkv.cache.cross_layer_svd
+
+    def grab(layers: list[torch.Tensor], rank: int, **kwargs: object) -> LowRankFactors:
+        groups.append(([layer.clone() for layer in layers], rank))
+        return factor(layers, rank, **kwargs)  # type: ignore[arg-type]
+
+    xkv.cache.cross_layer_svd = grab  # type: ignore[assignment]
+    try:
+        ids = torch.tensor([needle_sample(tokenizer, length, seed=3).context_ids])
+        with torch.no_grad():
+            model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(XKVCache(model)))
+    finally:
+        xkv.cache.cross_layer_svd = factor
+    return groups
+
+
+def halko_qr_every_product(layers: list[torch.Tensor], rank: int) -> LowRankFactors:
+    """One power iteration with a QR after each of the three products (Halko et al. 2011, algorithm 4.4)."""
+    matrix = torch.cat(layers, dim=-1)
+    batch, _, cols = matrix.shape
+    test = torch.randn(batch, cols, rank + 10, generator=torch.Generator().manual_seed(0))
     basis = torch.linalg.qr(matrix @ test).Q
-    basis = torch.linalg.qr(matrix.T @ basis).Q
-    return torch.linalg.qr(matrix @ basis).Q
+    basis = torch.linalg.qr(matrix.mT @ basis).Q
+    basis = torch.linalg.qr(matrix @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    root = s[..., :rank].sqrt()
+    dim = layers[0].shape[-1]
+    recon = (root.unsqueeze(-1) * vh[..., :rank, :]).reshape(batch, rank, len(layers), dim).transpose(1, 2)
+    return LowRankFactors((basis @ u[..., :rank]) * root.unsqueeze(-2), recon)
 
 
-def two_qr() -> torch.Tensor:
-    basis = torch.linalg.qr(matrix @ test).Q
-    return torch.linalg.qr(matrix @ (matrix.T @ basis)).Q
+def settings() -> dict[str, Factorizer]:
+    """Name -> factorizer of a group's layers at a rank."""
+    chosen: dict[str, Factorizer] = {"exact SVD": lambda layers, rank: cross_layer_svd(layers, rank)}
+    for niter in (0, 0.5, 1, 1.5):
+        chosen[f"randomized, svd_niter {niter}"] = lambda layers, rank, n=niter: cross_layer_svd(
+            layers, rank, method="randomized", niter=n
+        )
+    chosen["randomized, 1 iteration, a QR after every product"] = halko_qr_every_product
+    return chosen
 
 
-def cholesky_qr(y: torch.Tensor) -> torch.Tensor:
-    factor = torch.linalg.cholesky(y.T.double() @ y.double())
-    return torch.linalg.solve_triangular(factor.float(), y.T, upper=False).T
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4k,7k", help="prompt lengths")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| context | setting | passes over the matrix | seconds (4 groups, keys and values) | relative error |")
+    print("|---|---|---|---|---|")
+    passes = {"exact SVD": "-", "randomized, 1 iteration, a QR after every product": "4"}
+    for length in parse_lengths(args.lengths):
+        groups = captured_groups(length)
+        for name, factorize in settings().items():
+            seconds, errors = 0.0, []
+            for layers, rank in groups:
+                best = float("inf")
+                for _ in range(3):
+                    start = time.perf_counter()
+                    factors = factorize(layers, rank)
+                    best = min(best, time.perf_counter() - start)
+                seconds += best
+                errors.append(relative_error(layers, factors))
+            count = passes.get(name) or str(int(2 * float(name.rsplit(" ", 1)[1]) + 2))
+            error = sum(errors) / len(errors)
+            print(f"| {length} | {name} | {count} | {seconds:.2f} | {error:.4f} (mean of {len(errors)}) |")
 
 
-def two_cholesky() -> torch.Tensor:
-    basis = cholesky_qr(matrix @ test)
-    return cholesky_qr(matrix @ (matrix.T @ basis))
-
-
-def finish(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return (basis @ u)[:, :RANK], s[:RANK], vh[:RANK]
-
-
-singular = torch.linalg.svdvals(matrix)
-best_error = float((singular[RANK:] ** 2).sum().sqrt() / matrix.norm())
-for name, finder in (("three QRs (Halko 4.4)", three_qr), ("two QRs", two_qr), ("two Cholesky-QRs", two_cholesky)):
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        u, s, vh = finish(finder())
-        best = min(best, time.perf_counter() - start)
-    error = float((matrix - u * s @ vh).norm() / matrix.norm())
-    print(f"{name}: {best:.3f} s, relative error {error:.5f} (exact SVD at rank {RANK}: {best_error:.5f})")
+if __name__ == "__main__":
+    main()

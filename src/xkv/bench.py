@@ -2,11 +2,12 @@
 
 Speed (:func:`run_bench`) is measured side by side in one process.
 
-For each context length every method prefills the same random-token prompt (one after another), then the decode
-steps are interleaved (one step of each method in turn), so a noisy machine slows every method alike. Reported per
-method and length: the median decode step, the prefill time, the KV bytes held after the prefill (measured from the
-tensors) and the process's resident memory: its peak while that method prefilled, and that peak above the resident
-memory just before (the prefill's transients plus the cache it keeps).
+For each context length every method prefills the same random-token prompt, in rounds (each round runs every
+method once, the order rotated from round to round), then the decode steps are interleaved (one step of each method
+in turn), so a noisy machine slows every method alike. Reported per method and length: the median decode step, the
+median prefill time, the KV bytes held after the prefill (measured from the tensors) and the process's resident
+memory: its peak while that method prefilled, and that peak above the resident memory just before (the prefill's
+transients plus the cache it keeps).
 
 Peak memory (:func:`run_peak_bench`, ``xkv bench --memory``) is measured in one fresh process per method and length:
 the kernel's high-water mark of resident memory (``VmHWM``, reset after the model is loaded), so no other method's
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,13 @@ class BenchRow:
         context: prompt tokens.
         decode_ms: median wall time of one decode step.
         decode_vs_dense: ``decode_ms`` over the dense cache's in the same run.
-        prefill_s: wall time of the prefill (compression included).
+        prefill_s: wall time of the prefill (compression included): the median of ``prefill_runs``.
         prefill_vs_dense: ``prefill_s`` over the dense cache's.
         kv_bytes: bytes the cache holds after the prefill (from its tensors).
         kv_bytes_decoded: bytes it holds after the timed decode steps (tail buffers and decode workspaces too).
-        peak_rss_mb: the process's peak resident memory while this method prefilled.
-        peak_delta_mb: that peak above the resident memory just before the prefill.
+        peak_rss_mb: the process's peak resident memory while this method prefilled (the highest of its prefills).
+        peak_delta_mb: that peak above the resident memory just before the prefill (the highest of its prefills).
+        prefill_runs: wall time of each of the method's prefills, in the order they ran.
     """
 
     method: str
@@ -85,6 +87,7 @@ class BenchRow:
     kv_bytes_decoded: int
     peak_rss_mb: float
     peak_delta_mb: float
+    prefill_runs: list[float] = field(default_factory=list)
 
 
 def _rss_mb() -> float:
@@ -169,6 +172,7 @@ def run_bench(
     seed: int = 0,
     config: XKVConfig | None = None,
     on_progress: Callable[[str], None] | None = None,
+    prefill_repeats: int = 1,
 ) -> list[BenchRow]:
     """Measure every method at every length (see the module docstring).
 
@@ -178,14 +182,19 @@ def run_bench(
         methods: names from :data:`BENCH_METHODS`; ``"dense"`` is added first if missing (the reference).
         steps: decode steps timed per method (two more are run first as warm-up).
         seed: seed of the random prompt tokens.
-        config: base xKV settings (ranks, groups, SR budget); the method picks ``decode``.
+        config: base xKV settings (ranks, groups, SR settings); the method picks ``decode``.
         on_progress: called with a short label after each prefill and each decode round.
+        prefill_repeats: prefills per method and length, interleaved (round ``i`` runs every method once, the
+            order rotated by ``i``, each method's previous cache dropped first); the median is reported and the
+            last round's caches are decoded.
 
     Raises:
-        ValueError: for an unknown method, a length below 1 or ``steps < 1``.
+        ValueError: for an unknown method, a length below 1, ``steps < 1`` or ``prefill_repeats < 1``.
     """
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1 but got {steps}")
+    if prefill_repeats < 1:
+        raise ValueError(f"`prefill_repeats` must be >= 1 but got {prefill_repeats}")
     if any(length < 1 for length in lengths):
         raise ValueError(f"context lengths must be >= 1 but got {lengths}")
     methods = ["dense", *[m for m in methods if m != "dense"]]
@@ -196,19 +205,23 @@ def run_bench(
     for length in lengths:
         prompt = _prompt(model, length, seed)
         caches: dict[str, Any] = {}
-        prefill_s: dict[str, float] = {}
-        peaks: dict[str, tuple[float, float]] = {}
-        for method in methods:
-            _release_memory()
-            before = _rss_mb()
-            cache = make_cache(model, method, config)
-            with _PeakSampler() as sampler:
-                start = time.perf_counter()
-                _prefill(model, method, prompt, cache)
-                prefill_s[method] = time.perf_counter() - start
-            caches[method], peaks[method] = cache, (sampler.peak, sampler.peak - before)
-            if on_progress:
-                on_progress(f"{length} tokens: {method} prefill")
+        prefill_s: dict[str, list[float]] = {method: [] for method in methods}
+        peaks: dict[str, tuple[float, float]] = {method: (0.0, float("-inf")) for method in methods}
+        for round_ in range(prefill_repeats):
+            shift = round_ % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                caches.pop(method, None)
+                _release_memory()
+                before = _rss_mb()
+                cache = make_cache(model, method, config)
+                with _PeakSampler() as sampler:
+                    start = time.perf_counter()
+                    _prefill(model, method, prompt, cache)
+                    prefill_s[method].append(time.perf_counter() - start)
+                caches[method] = cache
+                peaks[method] = (max(peaks[method][0], sampler.peak), max(peaks[method][1], sampler.peak - before))
+                if on_progress:
+                    on_progress(f"{length} tokens: {method} prefill {round_ + 1}/{prefill_repeats}")
         kv = {method: cache_bytes(cache) for method, cache in caches.items()}
         times: dict[str, list[float]] = {method: [] for method in methods}
         token = torch.tensor([[int(prompt[0, -1])]])
@@ -222,20 +235,23 @@ def run_bench(
                 on_progress(f"{length} tokens: decode step {step + 1}/{steps + 2}")
         kv_decoded = {method: cache_bytes(cache) for method, cache in caches.items()}
         dense_ms = statistics.median(times["dense"]) * 1e3
+        dense_prefill = statistics.median(prefill_s["dense"])
         for method in methods:
             ms = statistics.median(times[method]) * 1e3
+            prefill = statistics.median(prefill_s[method])
             rows.append(
                 BenchRow(
                     method=method,
                     context=length,
                     decode_ms=ms,
                     decode_vs_dense=ms / dense_ms,
-                    prefill_s=prefill_s[method],
-                    prefill_vs_dense=prefill_s[method] / prefill_s["dense"],
+                    prefill_s=prefill,
+                    prefill_vs_dense=prefill / dense_prefill,
                     kv_bytes=kv[method],
                     kv_bytes_decoded=kv_decoded[method],
                     peak_rss_mb=peaks[method][0],
                     peak_delta_mb=peaks[method][1],
+                    prefill_runs=prefill_s[method],
                 )
             )
         del caches
@@ -252,13 +268,13 @@ def write_report(rows: list[BenchRow], out_dir: str | Path, command: str) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     lines = [
-        "| context | method | decode ms/step | vs dense | prefill s | vs dense | KV MiB after prefill "
+        "| context | method | decode ms/step | vs dense | prefill s (median, range) | vs dense | KV MiB after prefill "
         "| KV MiB after decode | prefill peak RSS MiB | peak above start MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.context} | {r.method} | {r.decode_ms:.1f} | {r.decode_vs_dense:.2f}x | {r.prefill_s:.2f} | "
+            f"| {r.context} | {r.method} | {r.decode_ms:.1f} | {r.decode_vs_dense:.2f}x | {_prefill_cell(r)} | "
             f"{r.prefill_vs_dense:.2f}x | {r.kv_bytes / 2**20:.1f} | {r.kv_bytes_decoded / 2**20:.1f} | "
             f"{r.peak_rss_mb:.0f} | {r.peak_delta_mb:.0f} |"
         )
@@ -268,6 +284,13 @@ def write_report(rows: list[BenchRow], out_dir: str | Path, command: str) -> Pat
     points = [(r.method, r.context, r.decode_ms) for r in rows]
     _plot_by_method(points, "decode ms per step (median)", "Decode step against context length", out / "decode_ms.png")
     return path
+
+
+def _prefill_cell(row: BenchRow) -> str:
+    """The median prefill, with the range of its runs when there were several: ``"9.83 (9.71-10.12)"``."""
+    if len(row.prefill_runs) < 2:
+        return f"{row.prefill_s:.2f}"
+    return f"{row.prefill_s:.2f} ({min(row.prefill_runs):.2f}-{max(row.prefill_runs):.2f})"
 
 
 def _plot_by_method(points: list[tuple[str, int, float]], ylabel: str, title: str, path: Path) -> None:

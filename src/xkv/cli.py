@@ -556,12 +556,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     _quiet_library_output(args.threads)
     model, _ = load(args.model)
-    per_length = len(set(methods) | {"dense"}) + args.steps + 2
+    if args.prefill_repeats < 1:
+        raise ValueError(f"--prefill-repeats must be >= 1 but got {args.prefill_repeats}")
+    per_length = len(set(methods) | {"dense"}) * args.prefill_repeats + args.steps + 2
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         bar = progress.add_task("bench", total=per_length * len(lengths))
         rows = run_bench(
             model, lengths, methods, steps=args.steps, seed=args.seed, config=config,
             on_progress=lambda label: progress.update(bar, advance=1, description=label),
+            prefill_repeats=args.prefill_repeats,
         )  # fmt: skip
     out = args.out or "benchmarks/decode"
     path = write_report(rows, out, args.command_line)
@@ -751,6 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    bench.add_argument(
+        "--prefill-repeats", type=int, default=3,
+        help="prefills per method and length, interleaved in rounds (median reported); default %(default)s",
+    )  # fmt: skip
     bench.add_argument("--config", help="xKV config file (YAML/JSON) for ranks, groups and SR settings")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bench.add_argument(
