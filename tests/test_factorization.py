@@ -95,9 +95,10 @@ def _decaying(seed, tokens, dim, group_size):
     """Layers whose concatenation has a geometrically decaying spectrum (as KV caches do), float64."""
     gen = torch.Generator().manual_seed(seed)
     width = group_size * dim
-    left = torch.linalg.qr(torch.randn(tokens, width, generator=gen, dtype=torch.float64)).Q
-    right = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64)).Q
-    matrix = (left * torch.logspace(0, -3, width, dtype=torch.float64)) @ right.T
+    inner = min(tokens, width)
+    left = torch.linalg.qr(torch.randn(tokens, inner, generator=gen, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(width, inner, generator=gen, dtype=torch.float64)).Q
+    matrix = (left * torch.logspace(0, -3, inner, dtype=torch.float64)) @ right.T
     return list(matrix.unsqueeze(0).split(dim, dim=-1))
 
 

@@ -300,7 +300,7 @@ def cross_layer_svd(
     stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
     if method not in ("exact", "randomized"):
         raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
-    if niter < 0 or 2 * niter != round(2 * niter):
+    if not (math.isfinite(niter) and niter >= 0 and 2 * niter == round(2 * niter)):
         raise ValueError(f"`niter` must be a multiple of 0.5 and >= 0 but got {niter}")
     # A range finder as wide as the matrix saves nothing (and squares the condition number in its power steps).
     if method == "exact" or rank + oversample >= min(tokens, group_size * dim):
