@@ -28,6 +28,9 @@ BAD_VALUES = [
     ({"svd": "qr"}, "svd"),
     ({"svd_oversample": -1}, "svd_oversample"),
     ({"svd_niter": -1}, "svd_niter"),
+    ({"svd_niter": 0.3}, "svd_niter. must be a multiple of 0.5"),
+    ({"svd_niter": True}, "svd_niter"),
+    ({"svd_niter": "1"}, "svd_niter"),
     ({"grouping": "auto"}, "grouping: auto. needs .groups"),
     ({"groups": [[0, 1]]}, "groups"),
     ({"grouping": "auto", "groups": []}, "groups"),
@@ -43,6 +46,12 @@ def test_invalid_value_names_field(kwargs, field):
         XKVConfig(**kwargs)
 
 
+def test_svd_niter_takes_half_iterations():
+    assert XKVConfig(svd_niter=0.5).svd_niter == 0.5
+    whole = XKVConfig(svd_niter=2.0).svd_niter  # one setting whether written 2 or 2.0
+    assert whole == 2 and isinstance(whole, int)
+
+
 def test_rank_forms():
     assert parse_rank(64, "r").kind == "rank"
     assert parse_rank(0.5, "r").kind == "fraction"
@@ -52,7 +61,9 @@ def test_rank_forms():
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
 def test_save_load_round_trip(tmp_path, suffix):
-    config = XKVConfig(group_size=4, grouping="stride", rank_k=[16, "6x"], rank_v=0.5, last_layer=3, svd="randomized")
+    config = XKVConfig(
+        group_size=4, grouping="stride", rank_k=[16, "6x"], rank_v=0.5, last_layer=3, svd="randomized", svd_niter=0.5
+    )
     path = tmp_path / f"cfg{suffix}"
     config.save(path)
     assert XKVConfig.load(path) == config
