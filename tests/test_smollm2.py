@@ -54,7 +54,8 @@ def _generate(model, tokenizer, ids, mask, cache, **kwargs):
 @pytest.mark.parametrize("case", ["transformers-prompts-full-rank", "needles-default-config"])
 def test_left_padded_batch_gives_each_prompt_its_own_tokens(smollm2, case):
     """transformers' cache integration case (its two prompts, compressed at full rank), and long prompts at the
-    default config but ``min_tokens`` (they would stay exact under its 1024)."""
+    default config but ``min_tokens`` (they would stay exact under its 1024) and fixed ranks: a compression factor
+    resolves to a lower rank for the shorter prompt alone than for the padded batch."""
     model, tokenizer = smollm2
     if case == "transformers-prompts-full-rank":
         prompts = ["A sequence: 1, 2, 3, 4, 5", "A sequence: A, B, C"]
@@ -62,7 +63,7 @@ def test_left_padded_batch_gives_each_prompt_its_own_tokens(smollm2, case):
     else:
         samples = [needle_sample(tokenizer, 700, seed=1), needle_sample(tokenizer, 520, seed=2)]
         prompts = [tokenizer.decode(s.context_ids + s.question_ids) for s in samples]
-        make = lambda: XKVCache(model, XKVConfig(min_tokens=512))  # noqa: E731  (else both would stay exact)
+        make = lambda: XKVCache(model, XKVConfig(min_tokens=512, rank_k=64, rank_v=128))  # noqa: E731
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

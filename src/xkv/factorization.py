@@ -237,15 +237,16 @@ def _randomized_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1) with whole or half power iterations.
 
-    ``matrix`` ``(batch, rows, cols)`` is read in ``2 * niter + 2`` passes, the first of them additions only.
-    The sketch alternates sides: ``Y = A Omega`` on the long side (``Omega`` a sparse sign matrix: additions, not a
-    product, :func:`_sparse_sign_sketch`), ``Z = A^T Y`` on the short side, and so on. Only
-    the short side's blocks are orthonormalized between passes (a QR of ``cols x width`` is cheap, one of ``rows x
-    width`` costs about a pass), which spans the same subspaces as Halko's QR after every product: the error
-    matched to 5 digits on SmolLM2's KV groups (``benchmarks/prefill/README.md``). A whole number of iterations
-    ends on the long side with ``Q`` and finishes as ``A ~ Q (Q^T A)``; a half iteration ends on the short side
-    with ``Z`` and finishes as ``A ~ (A Z) Z^T``, the SVD of the tall ``A Z`` taken through its QR: one pass
-    fewer than the next whole number, at an error between the two.
+    ``matrix`` ``(batch, rows, cols)`` (tokens x features) is read in ``2 * niter + 2`` passes, the first of them
+    additions only. The sketch alternates sides: ``Y = A Omega`` on the token side (``Omega`` a sparse sign
+    matrix: additions, not a product, :func:`_sparse_sign_sketch`), ``Z = A^T Y`` on the feature side, and so on.
+    For a tall matrix (more tokens than features, long prefixes) only the feature side's blocks are orthonormalized
+    between passes (a QR of ``cols x width`` is cheap, one of ``rows x width`` costs about a pass), which spans the
+    same subspaces as Halko's QR after every product: the error matched to 3-4 digits on SmolLM2's KV groups
+    (``benchmarks/prefill/README.md``). A whole number of iterations ends on the token side with ``Q`` and
+    finishes as ``A ~ Q (Q^T A)``; a half iteration ends on the feature side with ``Z`` and finishes as
+    ``A ~ (A Z) Z^T``, the SVD of ``A Z`` taken through its QR: one pass fewer than the next whole number, at an
+    error between the two.
 
     ``torch.svd_lowrank`` draws its test matrix from the global RNG; this takes an explicit generator so factors are
     reproducible without touching global state.
@@ -253,15 +254,15 @@ def _randomized_svd(
     Returns:
         ``(u, s, vh)`` with ``width = min(rank + oversample, rows, cols)`` directions, largest first.
     """
-    if matrix.shape[-2] < matrix.shape[-1]:  # keep the long side first: short prefixes of wide groups
-        u, s, vh = _randomized_svd(matrix.mT, rank, oversample, niter, generator)
-        return vh.mT, s, u.mT
     batch, rows, cols = matrix.shape
-    width = min(rank + oversample, cols)
+    width = min(rank + oversample, rows, cols)
+    # The test matrix spans the features whatever the shape: left padding (zero rows) leaves the factors unchanged.
     long = _sparse_sign_sketch(matrix, width, generator)  # A Omega: (batch, rows, width)
     halves = round(2 * niter)
     side: torch.Tensor | None = None
-    for _ in range((halves + 1) // 2):  # the long side's block is left unnormalized, the short side's is not
+    for _ in range((halves + 1) // 2):  # the token side's block is left unnormalized where it is the long one
+        if rows < cols:  # a short prefix of a wide group: the token side is the cheap one too
+            long = torch.linalg.qr(long).Q
         side = torch.linalg.qr(matrix.mT @ long).Q  # (batch, cols, width)
         long = matrix @ side
     if halves % 2:  # a half iteration: A ~ (A Z) Z^T
