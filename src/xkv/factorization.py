@@ -212,34 +212,14 @@ def resolve_rank(
     return rank
 
 
-def _sparse_sign_sketch(matrix: torch.Tensor, width: int, generator: torch.Generator) -> torch.Tensor:
-    """``matrix @ Omega`` for a sparse sign test matrix ``Omega`` ``(cols, width)``, without a product.
-
-    Each column of ``matrix`` goes to one of ``width`` sketch columns with a random sign; the columns are dealt out
-    over a random permutation, so every sketch column gets ``cols // width`` or one more (no empty one, which would
-    cost a direction). One pass of additions instead of a ``rows x cols x width`` product; the power iteration that
-    follows makes the test matrix's distribution matter little (sparse sign test matrices: Tropp, Yurtsever, Udell,
-    Cevher 2019). Requires ``width <= cols``.
-    """
-    cols = matrix.shape[-1]
-    order = torch.randperm(cols, generator=generator)
-    bucket = torch.empty(cols, dtype=torch.long)
-    bucket[order] = torch.arange(cols) % width
-    negative = torch.randint(0, 2, (cols,), generator=generator)
-    # Columns with a minus sign are summed apart and subtracted: no signed copy of the matrix.
-    sums = matrix.new_zeros(*matrix.shape[:-1], 2 * width)
-    sums.index_add_(-1, (bucket + width * negative).to(matrix.device), matrix)
-    return sums[..., :width] - sums[..., width:]
-
-
 def _randomized_svd(
     matrix: torch.Tensor, rank: int, oversample: int, niter: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1) with whole or half power iterations.
 
-    ``matrix`` ``(batch, rows, cols)`` (tokens x features) is read in ``2 * niter + 2`` passes, the first of them
-    additions only. The sketch alternates sides: ``Y = A Omega`` on the token side (``Omega`` a sparse sign
-    matrix: additions, not a product, :func:`_sparse_sign_sketch`), ``Z = A^T Y`` on the feature side, and so on.
+    ``matrix`` ``(batch, rows, cols)`` (tokens x features) is read in ``2 * niter + 2`` passes (products with a
+    ``width``-column block). The sketch alternates sides: ``Y = A Omega`` on the token side (``Omega`` Gaussian),
+    ``Z = A^T Y`` on the feature side, and so on.
     For a tall matrix (more tokens than features, long prefixes) only the feature side's blocks are orthonormalized
     between passes (a QR of ``cols x width`` is cheap, one of ``rows x width`` costs about a pass), which spans the
     same subspaces as Halko's QR after every product: the error matched to 3-4 digits on SmolLM2's KV groups
@@ -257,7 +237,8 @@ def _randomized_svd(
     batch, rows, cols = matrix.shape
     width = min(rank + oversample, rows, cols)
     # The test matrix spans the features whatever the shape: left padding (zero rows) leaves the factors unchanged.
-    long = _sparse_sign_sketch(matrix, width, generator)  # A Omega: (batch, rows, width)
+    test = torch.randn(batch, cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
+    long = matrix @ test  # A Omega: (batch, rows, width)
     halves = round(2 * niter)
     side: torch.Tensor | None = None
     for _ in range((halves + 1) // 2):  # the token side's block is left unnormalized where it is the long one
