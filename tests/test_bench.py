@@ -76,3 +76,22 @@ def test_peak_memory_is_measured_per_method(tmp_path):
         run_peak_bench("unused", [64], ["nope"])
     with pytest.raises(ValueError, match="context length"):
         measure_peak(model, "dense", 0)
+
+
+def test_peak_meter_falls_back_to_sampling_without_clear_refs(monkeypatch):
+    import time
+
+    import torch
+
+    from xkv import bench
+
+    def refuse() -> None:
+        raise RuntimeError("no clear_refs here")
+
+    monkeypatch.setattr(bench, "_reset_high_water", refuse)
+    start = bench._rss_mb()
+    with bench._PeakSampler() as meter:
+        block = torch.ones(50_000_000)  # 191 MiB, held for 50 ms: the 2 ms sampler sees it
+        time.sleep(0.05)
+        del block
+    assert meter._thread is not None and meter.peak >= start + 150
