@@ -95,3 +95,16 @@ def test_peak_meter_falls_back_to_sampling_without_clear_refs(monkeypatch):
         time.sleep(0.05)
         del block
     assert meter._thread is not None and meter.peak >= start + 150
+
+
+@pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux's /proc/self/clear_refs")
+def test_peak_meter_reads_the_kernel_high_water_mark():
+    import torch
+
+    from xkv import bench
+
+    start = bench._rss_mb()
+    with bench._PeakSampler() as meter:
+        block = torch.ones(50_000_000)  # 191 MiB, freed inside the block: only the high-water mark keeps it
+        del block
+    assert meter._thread is None and meter.peak >= start + 150

@@ -129,12 +129,28 @@ def test_randomized_spans_halko_subspace_and_half_iterations_order_the_error():
     assert torch.allclose(projected.norm(dim=1), torch.ones(1, rank, dtype=torch.float64), atol=1e-8)
 
 
-def test_randomized_on_a_wide_group_factors_its_transpose():
+def test_randomized_on_a_wide_group():
     layers = _decaying(1, 40, 32, 3)  # 40 tokens, 96 features: the short side is the tokens
     for niter in (0.5, 1):
         factors = cross_layer_svd(layers, 8, method="randomized", niter=niter)
         assert factors.token_basis.shape == (1, 40, 8) and factors.reconstruction.shape == (1, 3, 8, 32)
         assert relative_error(layers, factors) <= relative_error(layers, cross_layer_svd(layers, 8)) * 1.05
+
+
+@pytest.mark.parametrize("niter", [0.5, 1])
+def test_randomized_factors_a_sequence_alike_alone_in_a_batch_and_left_padded(niter):
+    first, second = _decaying(2, 120, 16, 3), _decaying(3, 120, 16, 3)
+    alone = cross_layer_svd(second, 10, method="randomized", niter=niter)
+    batch = cross_layer_svd(
+        [torch.cat([a, b]) for a, b in zip(first, second, strict=True)], 10, method="randomized", niter=niter
+    )
+    assert torch.allclose(batch.layer(0)[1:], alone.layer(0), atol=1e-10)  # its place in the batch does not matter
+    padded = cross_layer_svd(
+        [torch.nn.functional.pad(x, (0, 0, 7, 0)) for x in second], 10, method="randomized", niter=niter
+    )
+    for slot in range(3):  # seven zero rows in front change the product only by rounding
+        assert torch.allclose(padded.layer(slot)[:, 7:], alone.layer(slot), atol=1e-10)
+        assert padded.layer(slot)[:, :7].abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("niter", [-1, 0.3, float("nan")])

@@ -51,7 +51,7 @@ def _generate(model, tokenizer, ids, mask, cache, **kwargs):
     return out[:, ids.shape[1] :]
 
 
-@pytest.mark.parametrize("case", ["transformers-prompts-full-rank", "needles-default-config"])
+@pytest.mark.parametrize("case", ["transformers-prompts-full-rank", "needles-fixed-ranks"])
 def test_left_padded_batch_gives_each_prompt_its_own_tokens(smollm2, case):
     """transformers' cache integration case (its two prompts, compressed at full rank), and long prompts at the
     default config but ``min_tokens`` (they would stay exact under its 1024) and fixed ranks: a compression factor

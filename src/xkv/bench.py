@@ -183,7 +183,7 @@ def run_bench(
     seed: int = 0,
     config: XKVConfig | None = None,
     on_progress: Callable[[str], None] | None = None,
-    prefill_repeats: int = 1,
+    prefill_repeats: int = 3,
 ) -> list[BenchRow]:
     """Measure every method at every length (see the module docstring).
 
@@ -196,8 +196,9 @@ def run_bench(
         config: base xKV settings (ranks, groups, SR settings); the method picks ``decode``.
         on_progress: called with a short label after each prefill and each decode round.
         prefill_repeats: prefills per method and length, interleaved (round ``i`` runs every method once, the
-            order rotated by ``i``, each method's previous cache dropped first); the median is reported and the
-            last round's caches are decoded.
+            order rotated by ``i``, each method's previous cache dropped first); the median is reported (an odd
+            count keeps it one measured run) and the last round's caches are decoded. The peak memory columns
+            are the highest over the rounds: from the second round on, every other method's cache is alive.
 
     Raises:
         ValueError: for an unknown method, a length below 1, ``steps < 1`` or ``prefill_repeats < 1``.
@@ -230,6 +231,7 @@ def run_bench(
                     _prefill(model, method, prompt, cache)
                     prefill_s[method].append(time.perf_counter() - start)
                 caches[method] = cache
+                del cache  # only `caches` holds it: the next round's pop frees it
                 peaks[method] = (max(peaks[method][0], sampler.peak), max(peaks[method][1], sampler.peak - before))
                 if on_progress:
                     on_progress(f"{length} tokens: {method} prefill {round_ + 1}/{prefill_repeats}")

@@ -539,6 +539,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown bench method(s) {unknown}; known: {list(BENCH_METHODS)}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1 but got {args.steps}")
+    if args.prefill_repeats < 1:
+        raise ValueError(f"--prefill-repeats must be >= 1 but got {args.prefill_repeats}")
     config = _load_config(args.config)
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -556,8 +558,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     _quiet_library_output(args.threads)
     model, _ = load(args.model)
-    if args.prefill_repeats < 1:
-        raise ValueError(f"--prefill-repeats must be >= 1 but got {args.prefill_repeats}")
     per_length = len(set(methods) | {"dense"}) * args.prefill_repeats + args.steps + 2
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         bar = progress.add_task("bench", total=per_length * len(lengths))
@@ -756,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     bench.add_argument(
         "--prefill-repeats", type=int, default=3,
-        help="prefills per method and length, interleaved in rounds (median reported); default %(default)s",
+        help="prefills per method and length, interleaved in rounds (median reported; not with --memory, which "
+        "measures one prefill per fresh process); default %(default)s",
     )  # fmt: skip
     bench.add_argument("--config", help="xKV config file (YAML/JSON) for ranks, groups and SR settings")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

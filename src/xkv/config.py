@@ -278,7 +278,7 @@ class XKVConfig:
             or not (0 <= niter < 1e6)
             or 2 * niter != int(2 * niter)
         ):
-            raise ValueError(f"`svd_niter` must be a multiple of 0.5 and >= 0 (e.g. 0, 0.5, 1) but got {niter!r}")
+            raise ValueError(f"`svd_niter` must be a multiple of 0.5 in [0, 1e6) (e.g. 0, 0.5, 1) but got {niter!r}")
         if isinstance(niter, float) and niter.is_integer():
             object.__setattr__(self, "svd_niter", int(niter))  # 1.0 and 1 are one setting (and compare equal)
         if self.min_tokens < 0:

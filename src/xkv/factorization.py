@@ -225,8 +225,9 @@ def _randomized_svd(
     same subspaces as Halko's QR after every product: the error matched to 3-4 digits on SmolLM2's KV groups
     (``benchmarks/prefill/README.md``). A whole number of iterations ends on the token side with ``Q`` and
     finishes as ``A ~ Q (Q^T A)``; a half iteration ends on the feature side with ``Z`` and finishes as
-    ``A ~ (A Z) Z^T``, the SVD of ``A Z`` taken through its QR: one pass fewer than the next whole number, at an
-    error between the two.
+    ``A ~ (A Z) Z^T``, the SVD of ``A Z`` taken through its QR: one pass fewer than the next whole number, typically
+    at an error between the two. A wide matrix (a prefix shorter than ``G*D``) orthonormalizes both sides, as
+    Halko's algorithm 4.4 does.
 
     ``torch.svd_lowrank`` draws its test matrix from the global RNG; this takes an explicit generator so factors are
     reproducible without touching global state.
@@ -236,8 +237,9 @@ def _randomized_svd(
     """
     batch, rows, cols = matrix.shape
     width = min(rank + oversample, rows, cols)
-    # The test matrix spans the features whatever the shape: left padding (zero rows) leaves the factors unchanged.
-    test = torch.randn(batch, cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
+    # One test matrix over the features for every sequence of the batch: a sequence gets the factors it gets alone,
+    # and left padding (zero rows) changes them only by rounding (as long as the randomized path is taken).
+    test = torch.randn(cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
     long = matrix @ test  # A Omega: (batch, rows, width)
     halves = round(2 * niter)
     side: torch.Tensor | None = None
@@ -275,8 +277,8 @@ def cross_layer_svd(
         method: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (exact where ``rank + oversample`` reaches
             the matrix's smaller side: the range finder would be as wide as the matrix).
         oversample: extra random directions (randomized only).
-        niter: power iterations, a multiple of 0.5 (randomized only; a half iteration saves a pass over the matrix,
-            see :func:`_randomized_svd`).
+        niter: power iterations, a multiple of 0.5 (used by the randomized method; a half iteration saves a pass
+            over the matrix, see :func:`_randomized_svd`).
         seed: seed of the random test matrix (randomized only).
         out_dtype: dtype of the stored factors; defaults to the input dtype.
 
@@ -285,7 +287,8 @@ def cross_layer_svd(
         ``(batch, G, rank, dim)`` (``sqrt(S) V^T``), both contiguous, each in a storage of its own size.
 
     Raises:
-        ValueError: if the layers disagree in shape or the rank is out of range.
+        ValueError: if the layers disagree in shape, the rank is out of range, or ``method`` or ``niter`` is not one
+            of the accepted values (``niter`` is checked whatever the method).
     """
     if not layers:
         raise ValueError("`layers` must hold at least one tensor")
@@ -300,13 +303,13 @@ def cross_layer_svd(
     bound = full_rank(tokens, group_size, dim)
     if not 1 <= rank <= bound:
         raise ValueError(f"`rank` must be in [1, {bound}] for a ({tokens}, {group_size * dim}) group but got {rank}")
+    if method not in ("exact", "randomized"):
+        raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
+    if not (math.isfinite(niter) and 0 <= niter < 1e6 and 2 * niter == round(2 * niter)):
+        raise ValueError(f"`niter` must be a multiple of 0.5 in [0, 1e6) but got {niter}")
     out_dtype = out_dtype or layers[0].dtype
     compute_dtype = torch.float64 if layers[0].dtype == torch.float64 else torch.float32
     stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
-    if method not in ("exact", "randomized"):
-        raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
-    if not (math.isfinite(niter) and niter >= 0 and 2 * niter == round(2 * niter)):
-        raise ValueError(f"`niter` must be a multiple of 0.5 and >= 0 but got {niter}")
     # A range finder as wide as the matrix saves nothing (and squares the condition number in its power steps).
     if method == "exact" or rank + oversample >= min(tokens, group_size * dim):
         u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
