@@ -63,6 +63,24 @@ class ResolvedRank:
         return f"{self.value:g}"
 
 
+def parse_niter(value: Any, field_name: str) -> float:
+    """Power iterations of the randomized SVD: a multiple of 0.5 in ``[0, 1e6)``.
+
+    A whole number comes back an int (``1.0`` and ``1`` are one setting).
+
+    Raises:
+        ValueError: naming ``field_name``, for anything else (bools, strings, NaN, 0.3, negatives).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (0 <= value < 1e6)
+        or 2 * value != int(2 * value)
+    ):
+        raise ValueError(f"`{field_name}` must be a multiple of 0.5 in [0, 1e6) (e.g. 0, 0.5, 1) but got {value!r}")
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def parse_rank(value: Any, field_name: str) -> ResolvedRank:
     """Parse one rank setting (not a list).
 
@@ -271,16 +289,7 @@ class XKVConfig:
             raise ValueError(f"`svd` must be one of ['exact', 'randomized'] but got {self.svd!r}")
         if self.svd_oversample < 0:
             raise ValueError(f"`svd_oversample` must be >= 0 but got {self.svd_oversample}")
-        niter = self.svd_niter
-        if (
-            isinstance(niter, bool)
-            or not isinstance(niter, (int, float))
-            or not (0 <= niter < 1e6)
-            or 2 * niter != int(2 * niter)
-        ):
-            raise ValueError(f"`svd_niter` must be a multiple of 0.5 in [0, 1e6) (e.g. 0, 0.5, 1) but got {niter!r}")
-        if isinstance(niter, float) and niter.is_integer():
-            object.__setattr__(self, "svd_niter", int(niter))  # 1.0 and 1 are one setting (and compare equal)
+        object.__setattr__(self, "svd_niter", parse_niter(self.svd_niter, "svd_niter"))
         if self.min_tokens < 0:
             raise ValueError(f"`min_tokens` must be >= 0 but got {self.min_tokens}")
         if self.decode not in DECODE_PATHS:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from xkv.config import ResolvedRank, UnreachableRatioError
+from xkv.config import ResolvedRank, UnreachableRatioError, parse_niter
 from xkv.forms import FactorFormat, QuantizedFactors, StoredFactors, gather_chunks
 
 
@@ -305,8 +305,7 @@ def cross_layer_svd(
         raise ValueError(f"`rank` must be in [1, {bound}] for a ({tokens}, {group_size * dim}) group but got {rank}")
     if method not in ("exact", "randomized"):
         raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
-    if not (math.isfinite(niter) and 0 <= niter < 1e6 and 2 * niter == round(2 * niter)):
-        raise ValueError(f"`niter` must be a multiple of 0.5 in [0, 1e6) but got {niter}")
+    niter = parse_niter(niter, "niter")
     out_dtype = out_dtype or layers[0].dtype
     compute_dtype = torch.float64 if layers[0].dtype == torch.float64 else torch.float32
     stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
