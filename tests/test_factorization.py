@@ -203,3 +203,27 @@ def test_reserved_bytes_come_out_of_the_budget(reserved, form):
     with pytest.raises(ValueError, match="Selective Reconstruction's index"):
         resolve_rank(parse_rank("4x", "rank_k"), tokens, group_size, dim, field_name="rank_k", fmt=fmt,
                      reserved_bytes=budget)  # fmt: skip
+
+
+@pytest.mark.parametrize(("tokens", "dim", "group_size"), [(300, 16, 4), (40, 32, 3)])  # tall, then wide
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_route_reaches_the_exact_svd_error(tokens, dim, group_size, dtype):
+    layers = [x.to(dtype) for x in _decaying(2, tokens, dim, group_size)]
+    for rank in (1, 5, 20):
+        exact = relative_error(layers, cross_layer_svd(layers, rank))
+        gram = cross_layer_svd(layers, rank, method="gram")
+        assert gram.token_basis.shape == (1, tokens, rank) and gram.reconstruction.shape == (1, group_size, rank, dim)
+        assert gram.token_basis.dtype == dtype
+        # the optimal rank-r error (Eckart-Young): equal up to rounding, never below it by more than rounding
+        assert relative_error(layers, gram) == pytest.approx(exact, rel=1e-4, abs=1e-6)
+
+
+def test_gram_route_ignores_zero_rows_and_rank_deficient_input():
+    layers = _decaying(3, 50, 8, 2)
+    alone = cross_layer_svd(layers, 6, method="gram")
+    padded = cross_layer_svd([torch.nn.functional.pad(x, (0, 0, 5, 0)) for x in layers], 6, method="gram")
+    torch.testing.assert_close(padded.token_basis[:, 5:].abs(), alone.token_basis.abs(), atol=1e-9, rtol=1e-6)
+    assert torch.equal(padded.token_basis[:, :5], torch.zeros_like(padded.token_basis[:, :5]))
+    low = [torch.ones(1, 30, 4, dtype=torch.float64) * (i + 1) for i in range(2)]  # rank 1
+    factors = cross_layer_svd(low, 3, method="gram")
+    assert torch.isfinite(factors.token_basis).all() and relative_error(low, factors) < 1e-9

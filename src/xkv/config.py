@@ -149,7 +149,9 @@ class XKVConfig:
         rank_v: rank of the values.
         compress_keys: if ``False``, keys of compressed layers are kept exact.
         compress_values: if ``False``, values of compressed layers are kept exact.
-        svd: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (seeded randomized range finder, Halko et al.).
+        svd: ``"exact"`` (``torch.linalg.svd``), ``"gram"`` (the exact SVD's leading directions from the
+            eigendecomposition of the ``G*D x G*D`` Gram matrix: cost independent of the rank) or ``"randomized"``
+            (seeded randomized range finder, Halko et al.).
         svd_oversample: extra random directions of the randomized SVD.
         svd_niter: power iterations of the randomized SVD, a multiple of 0.5: each whole one is two more passes over
             the group's matrix; a half one ends the sketch on the feature side, one pass fewer
@@ -214,7 +216,7 @@ class XKVConfig:
     compress_values: bool = True
     # Randomized with one power iteration: +9% on a 4k prefill where the exact SVD adds 62%, and RULER-lite at 2k
     # 65.5/35.0 at 4x/8x against 61.5/35.0 for the exact SVD (benchmarks/ruler_lite/README.md, "Prefill").
-    svd: Literal["exact", "randomized"] = "randomized"
+    svd: Literal["exact", "randomized", "gram"] = "randomized"
     svd_oversample: int = 10
     svd_niter: float = 1
     svd_seed: int = 0
@@ -226,11 +228,13 @@ class XKVConfig:
     # stays within 2 points of the exact path at 4x on RULER-lite 2k, and where the index would take more than
     # sr_max_share of the budget (8x here) the group decodes with the exact "absorb" instead.
     decode: Literal["rebuild", "absorb", "selective"] = "selective"
-    # Chunks of 4: with chunks of 8 the 4k demo lost the needle's last digits at any budget under 512 (a 7-digit
-    # needle straddles chunks); chunks of 4 answered seeds 0, 2 and 3 at 128 tokens (benchmarks/decode/README.md).
+    # Chunks of 4: with chunks of 8 the 4k demo lost the needle's last digits on all 4 seeds at budgets of 128 and
+    # 256 (a 7-digit needle straddles chunks); chunks of 4 answered seeds 0, 1 and 3 at 128 tokens, as often as the
+    # exact path (benchmarks/decode/README.md, sr_demo_seeds.txt).
     sr_chunk_size: int = 4
     # 128 tokens: on SmolLM2 (r_k ~ 186 > head_dim 64) rebuilding a token costs ~3x reading a dense one, so a
-    # budget of 128 keeps the step at 1.00-1.07x the dense step at 4k (benchmarks/decode); 256 rebuilds twice the rows.
+    # budget of 128 keeps the step at 1.00-1.13x the dense step at 4k over four runs (median 1.06x) and 0.85-0.95x
+    # at 7k (benchmarks/decode/README.md); 256 rebuilds twice the rows.
     sr_budget: int | float = 128
     # 4 budgets: below it SR rebuilds a quarter of the prefix or more while its tables cost ~5% of the dense bytes.
     sr_min_tokens: int = 1024
@@ -243,8 +247,8 @@ class XKVConfig:
     factor_form: Literal["model", "int8", "int4"] = "model"
     factor_group_size: int = 64
     factor_rotation: Literal["none", "hadamard"] = "none"
-    # "auto": on SmolLM2 at 8x, int8 for the leading directions cut the relative error of int4 factors from 0.23 to
-    # 0.05 (keys) and from 0.19 to 0.06 (values) at equal bytes (benchmarks/frontier/README.md).
+    # "auto": on SmolLM2 at 8x, int8 for the leading directions cut the relative error of int4 factors from 0.231 to
+    # 0.052 (keys at 12x) and from 0.195 to 0.075 (values at 6x) at equal bytes (benchmarks/frontier/README.md).
     factor_head: int | Literal["auto"] = "auto"
     fold_tokens: int = 0
     fold_keep: int = 32
@@ -285,8 +289,8 @@ class XKVConfig:
         for name in ("compress_keys", "compress_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be true or false but got {getattr(self, name)!r}")
-        if self.svd not in ("exact", "randomized"):
-            raise ValueError(f"`svd` must be one of ['exact', 'randomized'] but got {self.svd!r}")
+        if self.svd not in ("exact", "randomized", "gram"):
+            raise ValueError(f"`svd` must be one of ['exact', 'randomized', 'gram'] but got {self.svd!r}")
         if self.svd_oversample < 0:
             raise ValueError(f"`svd_oversample` must be >= 0 but got {self.svd_oversample}")
         object.__setattr__(self, "svd_niter", parse_niter(self.svd_niter, "svd_niter"))

@@ -258,11 +258,39 @@ def _randomized_svd(
     return basis @ u_small, s, vh
 
 
+def _gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of ``matrix`` from the eigendecomposition of its smaller Gram matrix.
+
+    For a tall ``(batch, rows, cols)`` matrix (more tokens than ``G*D`` features) ``A^T A`` is ``cols x cols``: one
+    pass over ``A`` to build it, an eigendecomposition whose cost depends on ``cols`` only (not on the tokens, not
+    on the rank), and one product ``A V`` for the token side. A wide matrix uses ``A A^T`` the same way. The Gram
+    matrix is accumulated in the input's precision and decomposed in float64; it squares the condition number, so
+    directions whose singular value is below about ``sqrt(eps)`` of the largest (3e-4 in float32) come out noisy,
+    far below any rank a compression factor keeps (the tests compare the error against ``torch.linalg.svd``).
+    Deterministic: no test matrix, and zero rows (left padding) leave the Gram matrix unchanged.
+
+    Returns:
+        ``(u, s, vh)`` with ``rank`` directions, largest first; a direction with a zero singular value has a zero
+        column in ``u``.
+    """
+    tall = matrix.shape[-2] >= matrix.shape[-1]
+    gram = matrix.mT @ matrix if tall else matrix @ matrix.mT
+    values, vectors = torch.linalg.eigh(gram.double())  # ascending
+    values, vectors = values.flip(-1)[..., :rank], vectors.flip(-1)[..., :rank]
+    s = values.clamp(min=0).sqrt()
+    kept = s > s[..., :1] * 1e-6  # below: no direction to speak of (rank-deficient input)
+    inverse = torch.where(kept, 1 / torch.where(kept, s, 1), 0).to(matrix.dtype)
+    vectors, s = vectors.to(matrix.dtype), s.to(matrix.dtype)
+    if tall:  # A V = U S
+        return (matrix @ vectors) * inverse.unsqueeze(-2), s, vectors.mT
+    return vectors, s, (matrix.mT @ vectors * inverse.unsqueeze(-2)).mT  # A^T U = V S
+
+
 def cross_layer_svd(
     layers: list[torch.Tensor],
     rank: int,
     *,
-    method: Literal["exact", "randomized"] = "exact",
+    method: Literal["exact", "randomized", "gram"] = "exact",
     oversample: int = 10,
     niter: float = 2,
     seed: int = 0,
@@ -274,8 +302,10 @@ def cross_layer_svd(
         layers: G tensors of shape ``(batch, tokens, dim)`` (keys pre-RoPE, or values). Upcast to float32 for the
             SVD (float64 stays float64).
         rank: singular vectors kept, ``1 <= rank <= min(tokens, G * dim)``.
-        method: ``"exact"`` (``torch.linalg.svd``) or ``"randomized"`` (exact where ``rank + oversample`` reaches
-            the matrix's smaller side: the range finder would be as wide as the matrix).
+        method: ``"exact"`` (``torch.linalg.svd``), ``"gram"`` (the same subspace from the eigendecomposition of
+            the ``G*D x G*D`` Gram matrix, see :func:`_gram_svd`) or ``"randomized"`` (exact where
+            ``rank + oversample`` reaches the matrix's smaller side: the range finder would be as wide as the
+            matrix).
         oversample: extra random directions (randomized only).
         niter: power iterations, a multiple of 0.5 (used by the randomized method; a half iteration saves a pass
             over the matrix, see :func:`_randomized_svd`).
@@ -303,14 +333,16 @@ def cross_layer_svd(
     bound = full_rank(tokens, group_size, dim)
     if not 1 <= rank <= bound:
         raise ValueError(f"`rank` must be in [1, {bound}] for a ({tokens}, {group_size * dim}) group but got {rank}")
-    if method not in ("exact", "randomized"):
-        raise ValueError(f"`method` must be one of ['exact', 'randomized'] but got {method!r}")
+    if method not in ("exact", "randomized", "gram"):
+        raise ValueError(f"`method` must be one of ['exact', 'randomized', 'gram'] but got {method!r}")
     niter = parse_niter(niter, "niter")
     out_dtype = out_dtype or layers[0].dtype
     compute_dtype = torch.float64 if layers[0].dtype == torch.float64 else torch.float32
     stacked = torch.cat([layer.to(compute_dtype) for layer in layers], dim=-1)  # (batch, tokens, G*dim)
     # A range finder as wide as the matrix saves nothing (and squares the condition number in its power steps).
-    if method == "exact" or rank + oversample >= min(tokens, group_size * dim):
+    if method == "gram":
+        u, s, vh = _gram_svd(stacked, rank)
+    elif method == "exact" or rank + oversample >= min(tokens, group_size * dim):
         u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     else:
         generator = torch.Generator().manual_seed(seed)
