@@ -3,10 +3,10 @@
 Run: ``.venv/bin/python benchmarks/prefill/range_finder.py --lengths 4k,7k`` (``README.md`` in this folder has its
 output). The matrices are the groups the default ``XKVCache`` factors while it prefills a needle prompt of SmolLM2-
 135M (keys before RoPE and values, 4 groups of up to 8 layers, at the ranks the default configuration resolves).
-Each group is factored by ``xkv.factorization.cross_layer_svd`` with the exact SVD and with the randomized SVD at
-several ``svd_niter``, and, for comparison, by one power iteration with a QR of the token side after each power
-step (what ``cross_layer_svd`` did before 2026-11-30) and with a QR after every product (Halko et al.'s algorithm
-4.4). Times are the best of 3, summed over the groups; the error is the mean over the groups.
+Each group is factored by ``xkv.factorization.cross_layer_svd`` with the exact SVD, its Gram route and the
+randomized SVD at several ``svd_niter``, and, for comparison, by one power iteration with a QR of the token side
+after each power step (what ``cross_layer_svd`` did before 2026-11-30) and with a QR after every product (Halko et
+al.'s algorithm 4.4). Times are the best of 3, summed over the groups; the error is the mean over the groups.
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def one_iteration(layers: list[torch.Tensor], rank: int, qr_every_product: bool)
 
 def settings() -> dict[str, Factorizer]:
     """Name -> factorizer of a group's layers at a rank."""
-    chosen: dict[str, Factorizer] = {"exact SVD": lambda layers, rank: cross_layer_svd(layers, rank)}
+    chosen: dict[str, Factorizer] = {
+        "exact SVD": lambda layers, rank: cross_layer_svd(layers, rank),
+        "Gram eigendecomposition (svd: gram)": lambda layers, rank: cross_layer_svd(layers, rank, method="gram"),
+    }
     for niter in (0, 0.5, 1, 1.5):
         chosen[f"randomized, svd_niter {niter}"] = lambda layers, rank, n=niter: cross_layer_svd(
             layers, rank, method="randomized", niter=n
@@ -88,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print("| context | setting | passes over the matrix | seconds (4 groups, keys and values) | relative error |")
     print("|---|---|---|---|---|")
-    passes = {"exact SVD": "-"}
+    passes = {"exact SVD": "-", "Gram eigendecomposition (svd: gram)": "2"}
     for length in parse_lengths(args.lengths):
         groups = captured_groups(length)
         for name, factorize in settings().items():
