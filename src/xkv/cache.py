@@ -60,7 +60,7 @@ from xkv.factorization import (
     full_rank,
     resolve_rank,
 )
-from xkv.forms import StoredFactors, choose_head
+from xkv.forms import StoredFactors, choose_head, dtype_named
 from xkv.groups import LayerGroup, build_groups, check_groups_on_one_device
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
 from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, left_padded_positions, unapply_rope
@@ -1633,6 +1633,9 @@ class XKVCache(GroupedCache):
 
         Raises:
             RuntimeError: before the prefill has finished, or if the model the cache was built for is gone.
+            ValueError: for a cache holding a left-padded batch.
+            OSError: (``IsADirectoryError``, ``PermissionError``, ...) if ``path`` cannot be written; the message
+                names ``path``, and nothing is left behind.
         """
         model = self._model()
         if model is None:
@@ -1645,7 +1648,8 @@ class XKVCache(GroupedCache):
         stores = []
         for i, store in enumerate(self.xkv_stores):
             entry: dict[str, Any] = {
-                "prefix_len": store.prefix_len, "rank_k": store.rank_k, "rank_v": store.rank_v,
+                "layers": list(store.layers), "prefix_len": store.prefix_len,
+                "rank_k": store.rank_k, "rank_v": store.rank_v,
                 "exact_prefill": store.exact_prefill, "dtype": str(store.dtype).removeprefix("torch."),
                 "selective": {str(slot): index.chunk_size for slot, index in store.selective.items()},
             }  # fmt: skip
@@ -1689,9 +1693,10 @@ class XKVCache(GroupedCache):
     ) -> XKVCache:
         """Read a prefix file written by :meth:`save` into a new cache for ``model``.
 
-        Everything is checked before the cache is built: the file (ours, this format version, intact), the model
-        (type, layers, weights' fingerprint), and, when given, the tokenizer's vocabulary and the prompt's ids.
-        Tensors go to the model's device.
+        Everything is checked before the cache is built: the file (ours, this format version, intact: its digests),
+        the model (type, layers, weights' fingerprint), when given the tokenizer's vocabulary and the prompt's ids,
+        and the metadata against the tensors and the config (:func:`xkv.prefix.check_layout`). Tensors go to the
+        model's device.
 
         Raises:
             FileNotFoundError: if there is no such file.
@@ -1711,23 +1716,33 @@ class XKVCache(GroupedCache):
             raise prefix.PrefixFileError(f"{where} was written with a different tokenizer (another vocabulary)")
         if prompt_ids is not None and meta.get("prompt") not in (None, prefix.ids_fingerprint(prompt_ids)):
             raise prefix.PrefixFileError(f"{where} holds another prompt than the token ids given")
+        spec = describe_model(model)
         try:
-            return cls._from_prefix(model, tensors, meta)
+            config = XKVConfig.from_dict(meta.get("config"))  # type: ignore[arg-type]  # a non-mapping is refused
+            groups = groups_for(effective_config(config, spec), spec)
+        except (TypeError, ValueError) as err:
+            raise prefix.PrefixFileError(f"{where} is inconsistent: `config` does not fit this model: {err}") from err
+        prefix.check_layout(where, meta, tensors, spec, effective_config(config, spec), groups)
+        try:
+            return cls._from_prefix(model, tensors, meta, config)
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, prefix.PrefixFileError):
                 raise
             raise prefix.PrefixFileError(f"{where} is damaged: {err!r}") from err
 
     @classmethod
-    def _from_prefix(cls, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> XKVCache:
-        cache = cls(model, XKVConfig.from_dict(meta["config"]))
+    def _from_prefix(
+        cls, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], config: XKVConfig
+    ) -> XKVCache:
+        """A cache for ``model`` from a prefix file's tensors and metadata, checked by :func:`prefix.check_layout`."""
+        cache = cls(model, config)
         device = next(model.parameters()).device
         stored = {name: t.to(device) for name, t in tensors.items()}
         if len(meta["stores"]) != len(cache.xkv_stores) or len(meta["layers"]) != len(cache.layers):
             raise ValueError("the groups or layers in the file do not match its config")
         for i, (store, entry) in enumerate(zip(cache.xkv_stores, meta["stores"], strict=True)):
             store.prefix_len, store.rank_k, store.rank_v = entry["prefix_len"], entry["rank_k"], entry["rank_v"]
-            store.exact_prefill, store.dtype = entry["exact_prefill"], getattr(torch, entry["dtype"])
+            store.exact_prefill, store.dtype = entry["exact_prefill"], dtype_named(entry["dtype"])
             for side in ("k", "v"):
                 head = f"group{i}.{side}."
                 if entry[side]["form"] == "exact":

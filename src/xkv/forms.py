@@ -34,6 +34,14 @@ FACTOR_FORMS = ("model", "int8", "int4")
 #: Rotations applied before quantizing (``XKVConfig.factor_rotation``).
 FACTOR_ROTATIONS = ("none", "hadamard")
 _BITS = {"int8": 8, "int4": 4}
+#: Dtypes a model's keys and values may have, by name: the allow-list a prefix file's ``"dtype"`` is read through
+#: (never ``getattr(torch, name)``, which accepts any attribute of torch).
+MODEL_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 logger = logging.getLogger(__name__)
 _SCALE_BYTES = 4  # float32 scales
 
@@ -171,6 +179,17 @@ def gather_chunks(x: torch.Tensor, chunks: torch.Tensor, chunk_size: int) -> tor
         out.append(source.index_select(0, chunks[i].reshape(-1)))
     gathered = out[0].unsqueeze(0) if batch == 1 else torch.stack(out)  # stack would copy even one block
     return gathered.view(batch, heads, count * chunk_size, dim)
+
+
+def dtype_named(name: object) -> torch.dtype:
+    """The model dtype called ``name`` (``"float32"``, ``"float16"``, ``"bfloat16"``, ``"float64"``).
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if not isinstance(name, str) or name not in MODEL_DTYPES:
+        raise ValueError(f"dtype must be one of {list(MODEL_DTYPES)} but got {name!r}")
+    return MODEL_DTYPES[name]
 
 
 # ---------------------------------------------------------------------- quantization
@@ -480,7 +499,7 @@ class QuantizedFactors(StoredFactors):
             if missing:
                 raise ValueError(f"quantized factors lack band {j}'s {missing}")
             bands.append(Band(int(bits), int(size), *(tensors[f"band{j}.{name}"] for name in cls._BAND_FIELDS)))
-        return cls(fmt, bands, int(meta["dim"]), getattr(torch, meta["dtype"]), tensors.get("balance"))
+        return cls(fmt, bands, int(meta["dim"]), dtype_named(meta["dtype"]), tensors.get("balance"))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedFactors:
         """A copy with ``fn`` applied to every tensor."""
