@@ -4,7 +4,7 @@ Importing this package changes nothing global (no patching, no logging setup).
 """
 
 from xkv.adapters import SUPPORTED_MODEL_TYPES, ModelSpec, describe_model
-from xkv.cache import XKVCache, XKVGroupStore, XKVLayer
+from xkv.cache import NonFiniteStatesError, XKVCache, XKVGroupStore, XKVLayer
 from xkv.config import UnreachableRatioError, XKVConfig
 from xkv.factorization import LowRankFactors, cross_layer_svd, relative_error
 from xkv.groups import LayerGroup, build_groups
@@ -20,6 +20,7 @@ __all__ = [
     "LowRankFactors",
     "MemoryReport",
     "ModelSpec",
+    "NonFiniteStatesError",
     "XKVCache",
     "XKVConfig",
     "XKVGroupStore",

@@ -68,6 +68,30 @@ from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, left_p
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteStatesError(ValueError):
+    """The model produced NaN or infinite keys/values for a layer whose states were about to be factored."""
+
+
+def check_finite(layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """Refuse non-finite keys/values before an SVD sees them (it would fail deep inside LAPACK, or return NaN).
+
+    Args:
+        layer_idx: the model layer the states belong to (named in the error).
+        key_states: ``(batch, kv_heads, tokens, head_dim)``.
+        value_states: ``(batch, kv_heads, tokens, head_dim)``.
+
+    Raises:
+        NonFiniteStatesError: (a ``ValueError``) naming the layer and the side.
+    """
+    for side, states in (("keys", key_states), ("values", value_states)):
+        if not bool(torch.isfinite(states).all()):
+            raise NonFiniteStatesError(
+                f"layer {layer_idx}: the model produced non-finite {side} (NaN or inf) for the context, which "
+                "cannot be factored; check the input embeddings, the dtype (fp16 overflow?) and the weights. The "
+                "cache was emptied and can be used again."
+            )
+
+
 class CompressedStore(ABC):
     """State shared by the layers compressed together (an xKV group, a MiniCache pair).
 
@@ -361,11 +385,15 @@ class GroupedCache(Cache):
         inputs = read_update_inputs(cache_kwargs, kwargs)
         if inputs.position_ids is not None:
             merged["position_ids"] = inputs.position_ids
-        if all(layer.get_seq_length() == 0 for layer in self.layers):
-            self.begin_prefill(key_states, inputs, layer_idx)  # the first update of the first prefill, any layer
-        else:
-            self.before_update(layer_idx)
-        out = self.layers[layer_idx].update(key_states, value_states, merged)
+        try:
+            if all(layer.get_seq_length() == 0 for layer in self.layers):
+                self.begin_prefill(key_states, inputs, layer_idx)  # the first update of the first prefill, any layer
+            else:
+                self.before_update(layer_idx, key_states.shape[-2])  # may fold a group's tails into its factors
+            out = self.layers[layer_idx].update(key_states, value_states, merged)
+        except NonFiniteStatesError:
+            self.reset()  # earlier layers already hold this context: drop it so the cache stays usable
+            raise
         layer = self.layers[layer_idx]
         states = _states(layer)
         if isinstance(layer, DynamicSlidingWindowLayer) and states is not None:
@@ -378,8 +406,8 @@ class GroupedCache(Cache):
     def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs, layer_idx: int = 0) -> None:
         """Runs before the first prefill's first update (at ``layer_idx``): check all, so nothing is half-written."""
 
-    def before_update(self, layer_idx: int) -> None:
-        """Called before every later update of ``layer_idx``, before it stores anything (e.g. to fold tails)."""
+    def before_update(self, layer_idx: int, tokens: int) -> None:
+        """Called before every later update of ``layer_idx`` (``tokens`` new), before it stores anything."""
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (compressed prefix plus exact tail)."""
@@ -878,6 +906,8 @@ class XKVGroupStore(CompressedStore):
             raise RuntimeError(
                 f"layer {self.group.layers[slot]} prefilled {tokens} tokens, its group started with {self.prefix_len}"
             )
+        if not self.exact_prefill and (self.config.compress_keys or self.config.compress_values):
+            check_finite(self.group.layers[slot], key_states, value_states)  # before anything of it is held
         self.prefix_len = tokens
         self.dtype = key_states.dtype
         # Sides kept exact are cloned: the caller (e.g. `from_dense` with a DynamicCache) may reuse its tensors.
@@ -950,6 +980,8 @@ class XKVGroupStore(CompressedStore):
                 cuts back).
         """
         assert self.is_ready and self.dtype is not None
+        for slot, (keys, values) in enumerate(tails):
+            check_finite(self.group.layers[slot], keys[:, :, :count], values[:, :, :count])
         keys0 = tails[0][0]
         batch, heads, _, head_dim = keys0.shape
         start, tokens = self.prefix_len, self.prefix_len + count
@@ -1357,10 +1389,14 @@ def left_padding(
     else:
         return None
     if not valid:
+        # Positions are known from position_ids; from cos/sin only their match against 0..T-1, which failed.
+        seen = f" (the last of {tokens} at {int(positions[:, -1].max())})" if inputs.position_ids is not None else ""
         raise ValueError(
             "XKVCache needs each sequence of the first prefill at RoPE positions 0..n-1 after its left padding "
-            "(as generate() gives a left-padded batch); the model used other positions (custom position_ids are "
-            "not supported)"
+            f"(as generate() gives a left-padded batch); the model used other positions{seen}. Custom position_ids "
+            "are not supported, and transformers 5.2's generate(prefill_chunk_size=...) "
+            "gives a first chunk the positions of the prompt's last tokens: prefill the context in one call, in "
+            "chunks with xkv.generation.chunked_prefill, or use generate's chunked prefill on transformers >= 5.24."
         )
     return pads.long() if bool(pads.any()) else None
 
@@ -1428,6 +1464,7 @@ class XKVCache(GroupedCache):
                 "the lean rebuild", spec.model_type, spec.attention_softcap,
             )  # fmt: skip
         self.runtime = DecodeRuntime(fast, PrefixAngles(self.angles) if self.angles is not None else None)
+        self._told_chunks = False  # `_note_chunks` warns once per cache
         self.xkv_stores = [
             XKVGroupStore(group, self.config, len(self.groups), spec, self.angles, self.runtime)
             for group in self.groups
@@ -1507,17 +1544,44 @@ class XKVCache(GroupedCache):
             pads = fn(self.runtime.pads)
             self.runtime.pads = pads if bool(pads.any()) else None  # e.g. only an unpadded sequence was kept
 
-    def before_update(self, layer_idx: int) -> None:
+    def before_update(self, layer_idx: int, tokens: int) -> None:
         """Fold a group's tails into its factors once they reach ``config.fold_tokens`` (checked at its first layer).
 
         Every layer of the group then holds the same tail (the group's layers took the same tokens), so the fold
         happens before the group's first layer stores the new tokens, and all its layers see the folded prefix.
+        A context that arrives in chunks while the cache is kept exact is reported once (:meth:`_note_chunks`).
         """
+        if tokens > 1 and not self._told_chunks:
+            self._note_chunks(layer_idx, tokens)
         layer = self.layers[layer_idx]
         if not self.config.fold_tokens or not isinstance(layer, CompressedLayer) or layer.slot != 0:
             return
         if isinstance(layer.store, XKVGroupStore):
             self._fold_group(layer.store, self.config.fold_keep, self.config.fold_tokens, self.config.fold_headroom)
+
+    def _note_chunks(self, layer_idx: int, tokens: int) -> None:
+        """Warn once if a context fed in chunks has outgrown ``min_tokens`` while every group is kept exact.
+
+        ``generate(..., prefill_chunk_size=N)`` (transformers >= 5.24) or a forward loop over a long context hands
+        the cache its first chunk alone; if that chunk is under ``min_tokens`` the groups are kept exact and the
+        later chunks are never factored, so the cache ends larger than a dense one without compressing anything.
+        """
+        stores = self.xkv_stores
+        if not stores or not all(store.exact_prefill for store in stores):
+            return
+        total = self.layers[layer_idx].get_seq_length() + tokens
+        if total < self.config.min_tokens:
+            return
+        self._told_chunks = True
+        first = stores[0].prefix_len
+        logger.warning(
+            "XKVCache: this context arrives in chunks and is kept exact, uncompressed: its first chunk had %d tokens "
+            "< min_tokens=%d, and later chunks are never factored (now %d tokens). To compress a chunked prefill, "
+            "make the first chunk at least min_tokens (generate(prefill_chunk_size=%d) or more, or a lower "
+            "min_tokens) and set XKVConfig(fold_tokens=<chunk size>) so each later chunk is folded into the factors "
+            "as it arrives; or prefill the context in one call.",
+            first, self.config.min_tokens, total, self.config.min_tokens,
+        )  # fmt: skip
 
     def fold(self, keep: int | None = None) -> int:
         """Fold every factored group's exact tail into its factors now, keeping the newest ``keep`` tokens exact.
@@ -1783,6 +1847,7 @@ class XKVCache(GroupedCache):
     def reset(self) -> None:
         """Drop every stored token, the decode tables and workspaces; the cache can be reused for a new prompt."""
         super().reset()
+        self._told_chunks = False
         attention.discard()
         self.runtime.pads = None
         self.runtime._padded = None

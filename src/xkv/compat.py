@@ -7,7 +7,8 @@ The rest of the package never tests versions. Research notes, section 4:
 * 5.23: ``update(k, v, layer_idx)`` with nothing else; ``get_mask_sizes(query_length, layer_idx)``.
 * 5.24: ``update(k, v, layer_idx, kwargs={"position_ids": ..., ...})``; ``cache=`` replaces ``past_key_values=``
   in ``forward`` and ``generate`` (the old name warns). The test suite's cache, memory and RoPE tests pass on 5.24.0.
-* 5.25: as 5.24 for everything xkv touches; the core suite passes on 5.25.0 (``make test-newest``).
+* 5.25: as 5.24 in the cache contract; ``from_pretrained`` kernelizes models by default (hub kernels through the
+  ``kernels`` package): :func:`loading_kwargs` turns that off.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def query_length(arg: torch.Tensor | int) -> int:
     if isinstance(arg, torch.Tensor):
         return int(arg.shape[0])
     return int(arg)
+
+
+def loading_kwargs() -> dict[str, Any]:
+    """Keywords for ``from_pretrained`` that keep a model on transformers' own layers, offline.
+
+    From 5.25 ``from_pretrained`` kernelizes models by default (``use_kernels=None`` means on), which needs the
+    ``kernels`` package and fetches layers from the hub: offline, or without ``kernels``, loading fails, and a
+    kernelized layer is not what the cache's attention hook was tested with. Earlier lines load as they are.
+    """
+    if Version("5.25") <= TRANSFORMERS_VERSION:
+        return {"use_kernels": False}
+    return {}
 
 
 def cache_kwargs(cache: Any) -> dict[str, Any]:
