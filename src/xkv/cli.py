@@ -14,7 +14,20 @@ from xkv.config import XKVConfig
 
 
 def _load_config(path: str | None) -> XKVConfig:
+    if path and not Path(path).is_file():
+        raise ValueError(f"no config file at {path!r}")
     return XKVConfig.load(path) if path else XKVConfig()
+
+
+def _threads(text: str) -> int:
+    """``--threads``: 0 (torch's choice) or a positive count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer but got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: torch's choice) but got {value}")
+    return value
 
 
 def _quiet_library_output(threads: int) -> None:
@@ -26,6 +39,42 @@ def _quiet_library_output(threads: int) -> None:
     transformers.utils.logging.set_verbosity_error()
     if threads:
         torch.set_num_threads(threads)
+
+
+def _check_model(name: str) -> None:
+    """Refuse a ``--model`` path that is not there before anything loads or the hub is asked."""
+    from xkv.models import check_model_source
+
+    check_model_source(name)
+
+
+def _check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, or in a folder that is not there."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"`{flag}` {path!r} is a folder: give a file name")
+    if not target.parent.is_dir():
+        raise ValueError(f"`{flag}` {path!r}: the folder {str(target.parent)!r} does not exist")
+
+
+def _check_output_folder(path: str, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"`{flag}` {path!r} is a file: give a folder (it is created if missing)")
+
+
+def _read_document(path: str) -> str:
+    """The text of a document to compress, refused if it is missing, not UTF-8 text, or empty."""
+    document = Path(path)
+    if not document.is_file():
+        raise ValueError(f"no document at {path!r}")
+    try:
+        text = document.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path!r} is empty (or only whitespace): there is nothing to compress")
+    return text
 
 
 def _human_bytes(num: float) -> str:
@@ -51,6 +100,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from xkv.prompts import is_correct, needle_sample
 
     config = _load_config(args.config)
+    _check_model(args.model)
+    if args.json:
+        _check_output_file(args.json, "--json")
     console = Console()
     _quiet_library_output(args.threads)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -126,6 +178,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     """Print the default config, or check and print a config file."""
     config = _load_config(args.file)
     if args.write:
+        _check_output_file(args.write, "--write")
         config.save(args.write)
         print(f"wrote {args.write}")
     else:
@@ -199,8 +252,10 @@ def _eval_plan(args: argparse.Namespace):
     if args.sample:
         tasks, lengths = _replayed_sample(args.sample, args.samples, args.first_seed)
     _check_packages(methods)
+    _check_model(args.model)
     haystack = load_haystack(args.haystack) if args.haystack else None
-    base = XKVConfig.load(args.config) if args.config else None
+    base = _load_config(args.config) if args.config else None
+    _check_output_folder(args.out, "--out")
     xkv_names = [name for name in METHODS if name.startswith("xkv") or name == "svd"]
     options: dict[str, dict] = {name: {"config": base} for name in xkv_names if base is not None}
     options.update({label: {"config": config} for label, config in method_configs.items()})
@@ -280,6 +335,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from xkv.evaluation.report import write_reports
     from xkv.evaluation.runner import merge_runs
 
+    _check_output_folder(args.out, "--out")
     rows = merge_runs(Path(run) for run in args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,17 +357,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from xkv.models import load
     from xkv.prompts import document_ids
 
-    document = Path(args.document)
-    if not document.is_file():
-        raise ValueError(f"no document at {str(document)!r}")
+    text = _read_document(args.document)
+    _check_output_file(args.out, "--out")
     config = _load_config(args.config)
+    _check_model(args.model)
     console = Console()
     _quiet_library_output(args.threads)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   disable=args.quiet) as progress:  # fmt: skip
         task = progress.add_task(f"loading {args.model}")
         model, tokenizer = load(args.model)
-        ids = torch.tensor([document_ids(tokenizer, document.read_text())], device=model.device)
+        ids = torch.tensor([document_ids(tokenizer, text)], device=model.device)
         progress.update(task, description=f"prefill and compression of {ids.shape[1]} tokens")
         cache = XKVCache(model, config)
         prefill(model, ids, cache)
@@ -325,6 +381,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {size / 2**20:.1f} MiB on disk for {ids.shape[1]} tokens; a dense cache holds "
         f"{dense / 2**20:.1f} MiB ({dense / size:.2f}x)"
     )
+    if ids.shape[1] < config.min_tokens:
+        console.print(
+            f"note: {ids.shape[1]} tokens is under the config's min_tokens ({config.min_tokens}), so the cache is "
+            "held exact, not compressed"
+        )
     return 0
 
 
@@ -342,6 +403,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     name = args.model or meta.get("model_name")
     if not name:
         raise ValueError(f"{args.prefix} does not say which model wrote it: pass --model")
+    try:
+        _check_model(name)
+    except FileNotFoundError as err:
+        where = "" if args.model else f" ({args.prefix} was written with it: pass --model to load it from elsewhere)"
+        raise FileNotFoundError(f"{err}{where}") from None
     _quiet_library_output(args.threads)
     model, tokenizer = load(name)
     cache = XKVCache.load(args.prefix, model, tokenizer=tokenizer)
@@ -370,6 +436,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ValueError(f"`--tokens` takes one length but got {args.tokens!r}")
     if args.rank < 1:
         raise ValueError(f"`--rank` must be >= 1 but got {args.rank}")
+    if args.group_size is not None and args.group_size < 1:
+        raise ValueError(f"`--group-size` must be >= 1 but got {args.group_size}")
+    if any(not target > 1 for target in args.allocate or []):
+        raise ValueError(f"`--allocate` takes compression factors > 1 but got {args.allocate}")
+    _check_model(args.model)
+    _check_output_folder(args.out, "--out")
     out = Path(args.out)
     console = Console()
     _quiet_library_output(args.threads)
@@ -489,6 +561,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"`--target` must be a compression factor > 1 but got {args.target}")
     if args.samples < 1:
         raise ValueError(f"`--samples` must be >= 1 but got {args.samples}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"`--max-new-tokens` must be >= 1 but got {args.max_new_tokens}")
     plan = TunePlan(
         target=args.target,
         axes=parse_axes(args.axes),
@@ -500,6 +574,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         max_new_tokens=args.max_new_tokens,
     )
+    _check_model(args.model)
+    _check_output_folder(args.out, "--out")
     console = Console()
     _quiet_library_output(args.threads)
     model, tokenizer = load(args.model)
@@ -542,6 +618,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prefill_repeats < 1:
         raise ValueError(f"--prefill-repeats must be >= 1 but got {args.prefill_repeats}")
     config = _load_config(args.config)
+    _check_model(args.model)
+    if args.out:
+        _check_output_folder(args.out, "--out")
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     if args.memory:  # one fresh process per method and length
@@ -576,7 +655,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _model_and_runtime(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
     """The options every model-running subcommand shares: --model, --threads and (with a display) --quiet."""
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, model id or path")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     if quiet:
         parser.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -600,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context-tokens", type=int, default=4000, help="context length (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="haystack/needle seed (default: %(default)s)")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="answer length cap (default: %(default)s)")
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(func=cmd_demo)
@@ -641,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per sample; weak tasks are still dropped from the report)",
     )
     evaluate.add_argument("--out", default="eval-results", help="output directory (default: %(default)s)")
-    evaluate.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    evaluate.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress display")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -683,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prefix", help="prefix file written by `xkv compress`")
     ask.add_argument("question", help="the question")
     ask.add_argument("--model", help="model to load (default: the one recorded in the file)")
-    ask.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ask.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
     ask.add_argument("--json", action="store_true", help="print {'answer': ...} as JSON")
     ask.set_defaults(func=cmd_ask)
@@ -760,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
         "measures one prefill per fresh process); default %(default)s",
     )  # fmt: skip
     bench.add_argument("--config", help="xKV config file (YAML/JSON) for ranks, groups and SR settings")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--threads", type=_threads, default=0, help="torch threads (0: torch's default)")
     bench.add_argument(
         "--memory",
         action="store_true",
@@ -788,9 +867,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = "xkv " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, OSError, NotImplementedError) as err:  # bad arguments or files, the hub's answer
         print(f"xkv {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"xkv {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from xkv.compat import dequantized_for_saving
+from xkv.compat import dequantized_for_saving, loading_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _converted_copy(name: str, gguf: Path) -> Path:
     entry = EMBEDDED_MODELS[name]
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = dequantized_for_saving(
-        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **loading_kwargs())
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = entry.pad_token
@@ -123,6 +124,47 @@ def _converted_copy(name: str, gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path: a hub id is ``name`` or ``owner/name`` (letters, digits, ``-_.``)."""
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or "\\" in name or name.count("/") > 1:
+        return True
+    return any(not part or re.fullmatch(r"[A-Za-z0-9_.-]+", part) is None for part in name.split("/"))
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Refuse, before anything is loaded or downloaded, a ``--model`` that names a local path that is not there.
+
+    An embedded name is always accepted; an existing folder must hold a ``config.json``; anything that can only be
+    a path (it starts with ``/``, ``.`` or ``~``, ends with ``/``, has more than one ``/`` or characters a hub id
+    cannot have) must exist. Other names are model ids for the hub, which transformers resolves (and refuses).
+
+    Raises:
+        ValueError: for an empty name.
+        FileNotFoundError: for a path that does not exist, a file, or a folder without ``config.json``.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        return
+    if not name_or_path.strip():
+        raise ValueError(f"the model name is empty: give an embedded name ({sorted(EMBEDDED_MODELS)}), id or path")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {name_or_path!r} has no config.json: it is not a model saved by save_pretrained"
+            )
+        return
+    if path.exists():
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} is a file, not a model folder (one with config.json, as save_pretrained "
+            "writes it)"
+        )
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist (embedded models: {sorted(EMBEDDED_MODELS)}; a hub model "
+            "id has the form owner/name)"
+        )
 
 
 def load(
@@ -142,15 +184,17 @@ def load(
         ``(model, tokenizer)``; the tokenizer has a pad token and pads on the left.
 
     Raises:
-        FileNotFoundError: if the embedded model's package is missing (the message says how to install it).
+        FileNotFoundError: if the embedded model's package is missing (the message says how to install it), or
+            ``name_or_path`` names a local path that does not exist (:func:`check_model_source`).
     """
+    check_model_source(name_or_path)
     if name_or_path in EMBEDDED_MODELS:
         source: str | Path = _converted_copy(name_or_path, embedded_gguf_path(name_or_path))
         pad_token: str | None = EMBEDDED_MODELS[name_or_path].pad_token
     else:
         source, pad_token = name_or_path, None
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **loading_kwargs()).to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = pad_token or tokenizer.eos_token
     tokenizer.padding_side = "left"

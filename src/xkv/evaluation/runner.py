@@ -28,6 +28,7 @@ from xkv.baselines.presses import capture_prefill
 from xkv.config import XKVConfig
 from xkv.evaluation.code_tasks import CODE_TASK_NAMES, exact_match
 from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError, build_method
+from xkv.evaluation.protocol import seed_split
 from xkv.evaluation.tasks import generate, score_answer
 from xkv.generation import prefill
 
@@ -101,6 +102,7 @@ def parse_method_files(
     Raises:
         ValueError: naming an unknown method (listing the known ones), a label that shadows a registered method,
             or a config file that cannot be read (the file and the problem named).
+        FileNotFoundError: naming a config file that is not there and its label.
     """
     registry = registry or METHODS
     names: list[str] = []
@@ -112,6 +114,8 @@ def parse_method_files(
             label, path = (item.strip() for item in part.split("=", 1))
             if not label or label in registry:
                 raise ValueError(f"method label {label!r} in {part!r} must be new (not one of {sorted(registry)})")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"method {label!r}: no config file at {path!r}")
             configs[label] = XKVConfig.load(path)
             names.append(label)
         elif part not in registry:
@@ -178,27 +182,67 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str, float]:
     return row["sample_id"], row["method"], float(row["target_ratio"])
 
 
+def _parse_row(line: bytes) -> dict[str, Any] | None:
+    """One JSONL line as a row, or ``None`` for a line that is not a whole JSON object (e.g. torn by a kill)."""
+    try:
+        row = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows already written (a truncated last line from an interrupted run is ignored)."""
+    """Rows already written; a line that is not a whole row (torn by an interrupted run) is ignored."""
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+        for line in path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            row = _parse_row(line)
+            if row is None:
                 logger.warning("ignoring a truncated line in %s", path)
+            else:
+                rows.append(row)
     return rows
 
 
-def _end_with_newline(path: Path) -> None:
-    """Terminate a line torn by an interrupted write, so the next row starts on a line of its own."""
-    if path.exists() and path.stat().st_size:
-        with path.open("rb") as handle:
-            handle.seek(-1, 2)
-            torn = handle.read(1) != b"\n"
-        if torn:
-            with path.open("a") as handle:
-                handle.write("\n")
+def repair_torn_tail(path: Path) -> None:
+    """Make a rows file end with a whole line before a resumed run appends to it.
+
+    A run killed while appending can leave a last line without its newline. If that line is a whole row (as
+    :func:`load_rows` counts it, so the resumed run does not redo it), its newline is added; otherwise the torn part
+    is cut off (:func:`load_rows` ignored it, so the resumed run writes that row again, once).
+    """
+    if not path.exists() or not path.stat().st_size:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    if _parse_row(data[start:]) is not None:
+        append_line(path, b"")
+    else:
+        logger.warning("dropping a torn last line of %s (%d bytes): its row is run again", path, len(data) - start)
+        with path.open("r+b") as handle:
+            handle.truncate(start)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` and a newline in one write, flushed to disk, so that a kill leaves it whole or torn at the end.
+
+    A torn last line is what :func:`repair_torn_tail` mends before the next append.
+    """
+    data = line + b"\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _options_fingerprint(options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -218,6 +262,7 @@ def _fingerprint(plan: EvalPlan, model_name: str) -> dict[str, Any]:
         "model": model_name,
         "samples": plan.samples,
         "first_seed": plan.first_seed,
+        "split": seed_split(plan.sample_seeds()),  # "report", "calibration" or "mixed" (xkv.evaluation.protocol)
         "question_in_context": plan.question_in_context,
         "max_new_tokens": plan.max_new_tokens,
         "haystack_sha256": haystack,
@@ -237,15 +282,24 @@ def check_resumable(plan: EvalPlan, model_name: str) -> None:
     path = plan.out_dir / "plan.json"
     mine = _fingerprint(plan, model_name)
     if path.exists():
-        theirs = json.loads(path.read_text())
+        try:
+            theirs = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} is damaged ({err}): it records how the rows in {plan.out_dir} were made; use another --out"
+            ) from None
         for key, value in mine.items():
+            if key == "split" and key not in theirs:
+                continue  # a plan written before splits were recorded: the split follows from the seeds
             if theirs.get(key) != value:
                 raise ValueError(
                     f"{plan.out_dir} holds results made with {key}={theirs.get(key)!r}, this run has {value!r}: "
                     "use another --out (or the same settings) so rows are not mixed"
                 )
         return
-    path.write_text(json.dumps(mine, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=2) + "\n")
+    tmp.replace(path)  # atomic: a run killed here leaves no half plan
 
 
 #: Settings that must agree between runs merged into one report (samples and lengths may differ).
@@ -430,7 +484,7 @@ class Runner:
         self.shard.gather(None)  # the others wait for plan.json
         if self.shard.rank != 0:
             check_resumable(self.plan, self.model_name)
-        _end_with_newline(self.rows_path)
+        repair_torn_tail(self.rows_path)
         if not self.plan.screen:
             for length in self.plan.lengths:
                 for task in self.plan.tasks:
@@ -586,8 +640,7 @@ class Runner:
                     row["exact_match"] = exact_match(prediction, sample.answers[0])
                     row["source"] = sample.source
             row["seconds"] = time.perf_counter() - start
-            with self.rows_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_line(self.rows_path, json.dumps(row).encode())
             self.done.add(_row_key(row))
             self._note_full_score(row)
             self.progress(row)
