@@ -319,3 +319,17 @@ def test_compress_then_ask_on_the_command_line(smollm2, tmp_path, capsys):
     assert "5521" in answer
     assert main(["ask", str(doc), "anything"]) == 2  # not a prefix file: refused before the model loads
     assert "not a readable prefix file" in capsys.readouterr().err
+
+
+def test_a_write_removes_the_temporary_files_of_killed_writers_only(tmp_path):
+    target = tmp_path / "doc.xkv"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names a process that no longer exists
+    orphan = tmp_path / f".doc.xkv.{dead.pid}.tmp"
+    alive = tmp_path / f".doc.xkv.{os.getppid()}.tmp"  # a running process (pytest's parent): maybe mid-write
+    other = tmp_path / f".other.xkv.{dead.pid}.tmp"  # another file's
+    for path in (orphan, alive, other):
+        path.write_bytes(b"half a file")
+    prefix.write(target, {"x": torch.zeros(2)}, {})
+    assert target.is_file() and not orphan.exists()
+    assert alive.exists() and other.exists()

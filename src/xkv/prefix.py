@@ -20,6 +20,7 @@ checks everything before anything is built:
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -108,6 +109,7 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a prefix file cannot be written over a directory", str(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove_orphans(path)
     own = {name: t.detach().contiguous().clone().cpu() for name, t in tensors.items()}
     header = {"xkv": json.dumps({"format": FORMAT, "version": VERSION, **meta}), DIGEST_KEY: _BLANK * 2}
     try:
@@ -125,6 +127,24 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
         if tmp.exists():
             tmp.unlink()
     return path.stat().st_size
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files of earlier writes to ``path`` whose process is gone (killed mid-write).
+
+    Each writer names its temporary file ``.{name}.{pid}.tmp``; one whose process still runs may be mid-write and is
+    left alone.
+    """
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = orphan.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: is it alive?
+        except ProcessLookupError:
+            orphan.unlink(missing_ok=True)
+        except OSError:  # alive under another user, or not ours to ask: leave it
+            continue
 
 
 def _seal(path: Path) -> None:
