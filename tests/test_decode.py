@@ -279,23 +279,35 @@ def test_fast_paths_work_in_generate_and_beam_search():
     model = build_tiny("llama")
     prompt = ids(2, 64)
     mask = torch.ones_like(prompt)
+    covering = dict(sr_budget=64, sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)  # every chunk selected
+    beam = dict(max_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0)
+    beam.update(return_dict_in_generate=True, output_logits=True, output_scores=True)
     with torch.no_grad():
         expected = model.generate(
             prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
             **cache_kwargs(XKVCache(model, config("rebuild"))),
         )  # fmt: skip
+        # Beams of the exact paths: the rebuild path at the test's ranks, the model's own cache at full rank.
+        references = {
+            "low rank": model.generate(prompt[:1], **beam, **cache_kwargs(XKVCache(model, config("rebuild")))),
+            "full rank": model.generate(prompt[:1], **beam, **cache_kwargs(DynamicCache())),
+        }
         for decode in ("absorb", "selective"):
-            cfg = config(decode, sr_budget=64, sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)
             got = model.generate(
                 prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                **cache_kwargs(XKVCache(model, cfg)),
+                **cache_kwargs(XKVCache(model, config(decode, **covering))),
             )  # fmt: skip
             assert torch.equal(got, expected)
-            beams = model.generate(
-                prompt[:1], max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0,
-                **cache_kwargs(XKVCache(model, config(decode))),
-            )  # fmt: skip
-            assert beams.shape == (1, 68)
+            for ranks, reference in references.items():
+                full = dict(rank_k=1.0, rank_v=1.0) if ranks == "full rank" else {}
+                cache = XKVCache(model, config(decode, **covering, **full))
+                beams = model.generate(prompt[:1], **beam, **cache_kwargs(cache))
+                assert torch.equal(beams.sequences, reference.sequences), (decode, ranks)
+                torch.testing.assert_close(torch.stack(beams.logits), torch.stack(reference.logits), atol=1e-4,
+                                           rtol=1e-4)  # fmt: skip
+                torch.testing.assert_close(beams.sequences_scores, reference.sequences_scores, atol=1e-4, rtol=1e-4)
+                assert all(store.decode_path(0) == decode for store in cache.group_stores)
+    assert len({tuple(row) for row in references["full rank"].sequences[:, 64:].tolist()}) == 3  # 3 distinct beams
 
 
 def test_other_caches_are_untouched_by_the_xkv_implementation():

@@ -45,8 +45,10 @@ def test_a_chunked_prefill_at_full_rank_equals_the_one_shot_prefill(form):
                     fold_keep=4, factor_form=form)  # fmt: skip
     cache = XKVCache(model, cfg)
     chunked = chunked_logits(model, cache, prompt, 16)
-    tol = 1e-4 if form == "model" else 0.05
-    torch.testing.assert_close(chunked, dense, atol=tol, rtol=tol)
+    # int8 factors round: their logits measured at most 6.8e-4 from the dense ones (logits: standard deviation 0.11,
+    # largest 0.43), so 2e-3 (3x the measured error) and no relative slack (logits near 0 would make it meaningless).
+    tol = {"model": dict(atol=1e-4, rtol=1e-4), "int8": dict(atol=2e-3, rtol=0)}[form]
+    torch.testing.assert_close(chunked, dense, **tol)
     store = cache.group_stores[0]
     assert store.prefix_len == 76 and cache.layers[0].tail()[0].shape[-2] == 4 + 16  # kept tokens + last chunk
     # Bytes: still measured, and equal to the factors' analytic count at the folded length and ranks.
@@ -107,9 +109,28 @@ def test_fold_now_folds_every_tail_and_trims_the_headroom():
         assert group.held_bytes == 4 * sum(96 * r + r * g * dim for r in (group.rank_k, group.rank_v))
     assert report.held_bytes == sum(g.held_bytes for g in report.groups)  # decode scratch freed by the fold
     assert report.context_compression_factor >= 2.6
-    # Decoding goes on from the folded prefix.
-    out = model(torch.tensor([[5]]), use_cache=True, **cache_kwargs(cache)).logits
-    assert torch.isfinite(out).all() and cache.get_seq_length() == 97
+    # What the fold built: each layer's rebuilt keys and values as close to the model's own as the same ranks
+    # factored in one shot (relative errors 0.36-0.64 on this random model, the fold's at most 2.2% above the one-shot
+    # ones: 1.07 is 3x that; rows folded out of order measured 2x the one-shot error).
+    one_shot, dense = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k="4x", rank_v="2x")), DynamicCache()
+    with torch.no_grad():
+        for other in (one_shot, dense):
+            model(prompt, use_cache=True, **cache_kwargs(other))
+    assert [(s.rank_k, s.rank_v) for s in one_shot.group_stores] == [(s.rank_k, s.rank_v) for s in cache.group_stores]
+
+    def errors(other):  # per layer, keys then values
+        pairs = list(zip(other.materialize().layers, dense.layers, strict=True))
+        sides = [(a.keys, b.keys) for a, b in pairs] + [(a.values, b.values) for a, b in pairs]
+        return torch.tensor([float((a - b).norm() / b.norm()) for a, b in sides])
+
+    copy = cache.materialize()
+    assert (errors(cache) <= 1.07 * errors(one_shot)).all(), (errors(cache), errors(one_shot))
+    # Decoding goes on from the folded prefix, as attention over what the factors hold (measured 6e-8 apart).
+    with torch.no_grad():
+        step = torch.tensor([[5]])
+        out, expected = (model(step, use_cache=True, **cache_kwargs(c)).logits for c in (cache, copy))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == 97
     with pytest.raises(ValueError, match="keep"):
         cache.fold(-1)
 

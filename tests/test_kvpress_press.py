@@ -31,4 +31,15 @@ def test_the_pipeline_answers_from_the_factors(smollm2):
     assert all(isinstance(layer, CompressedLayer) for layer in press.cache.layers)
     low = XKVPress(XKVConfig(min_tokens=0, group_size=2, rank_k="4x", rank_v="4x"))
     pipe(context, question=question, press=low, max_new_tokens=6)
-    assert low.memory_report().context_compression_factor >= 4.0
+    # The context's factors at 4x: per group and side, the largest rank r with r * (T + G*D) float32 values within a
+    # quarter of the dense T * G*D (G = 2 layers of D = 2 KV heads x 32), and exactly those bytes held.
+    report = low.memory_report()
+    tokens, width = report.groups[0].tokens, 2 * 64
+    rank = tokens * width // (4 * (tokens + width))
+    assert tokens > 200 and len(report.groups) == 2  # the 20 sentences of context (245 tokens), layers 0-1 and 2-3
+    for group in report.groups:
+        assert (group.tokens, group.rank_k, group.rank_v) == (tokens, rank, rank)
+        assert group.held_bytes == 2 * 4 * rank * (tokens + width)
+        assert group.dense_bytes == 2 * 4 * tokens * width
+    assert report.context_compression_factor == pytest.approx(tokens * width / (rank * (tokens + width)), rel=1e-9)
+    assert 4.0 <= report.context_compression_factor < 4.0 * (rank + 1) / rank  # 4.004x at r = 21

@@ -107,17 +107,33 @@ def test_greedy_stops_each_sequence_at_its_own_stop_token(tiny_llama):
 
 def test_generate_beam_search_and_sampling_on_a_padded_batch(tiny_llama):
     ids, mask = padded_batch()
-    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "pad_token_id": 0}
+    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "pad_token_id": 0, "return_dict_in_generate": True}
+    beams = {
+        "num_beams": 2,
+        "num_return_sequences": 2,
+        "do_sample": False,
+        "output_scores": True,
+        "output_logits": True,
+    }
+    sampling = {"do_sample": True, "top_k": 20, "temperature": 2.0, "output_logits": True}
     with torch.no_grad():
-        expected = tiny_llama.generate(ids, num_beams=2, num_return_sequences=2, do_sample=False, **kwargs)
+        expected = tiny_llama.generate(ids, **beams, **kwargs, **cache_kwargs(DynamicCache()))
         xkv = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, **FULL))
-        got = tiny_llama.generate(ids, num_beams=2, num_return_sequences=2, do_sample=False, **kwargs,
-                                  **cache_kwargs(xkv))  # fmt: skip
-        assert torch.equal(got, expected)
+        got = tiny_llama.generate(ids, **beams, **kwargs, **cache_kwargs(xkv))
+        assert torch.equal(got.sequences, expected.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, atol=1e-4, rtol=1e-4)
+        # Sampling: the same seed before each call, so a cache that gives the same logits draws the same tokens.
+        greedy = tiny_llama.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, do_sample=False)
         torch.manual_seed(0)
-        compressed = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2))
-        sampled = tiny_llama.generate(ids, do_sample=True, top_k=5, **kwargs, **cache_kwargs(compressed))
-        assert sampled.shape == (2, ids.shape[1] + 6)
+        expected = tiny_llama.generate(ids, **sampling, **kwargs, **cache_kwargs(DynamicCache()))
+        xkv = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, **FULL))
+        torch.manual_seed(0)
+        got = tiny_llama.generate(ids, **sampling, **kwargs, **cache_kwargs(xkv))
+    assert not torch.equal(expected.sequences, greedy)  # it sampled
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
+    assert xkv.runtime.pads.tolist() == list(PADS) and xkv.group_stores[0].decode_path(0) == "absorb"
 
 
 def test_left_padding_is_read_from_positions_or_from_angles(tiny_llama):
