@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import DynamicCache
 
 from tests.conftest import build_tiny
 from xkv import XKVCache, XKVConfig
-from xkv.compat import cache_kwargs
+from xkv.compat import TRANSFORMERS_VERSION, cache_kwargs
 from xkv.factorization import append_rows, cross_layer_svd
 
 
@@ -243,21 +244,26 @@ def test_trimming_quantized_and_rotated_factors_keeps_whole_directions(form, rot
     assert error(chunked) < 1.3 * error(one_shot)  # a cut through mixed columns would be far worse
 
 
+_BEFORE_5_24 = Version("5.24") > TRANSFORMERS_VERSION
+_CHUNKS = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, prefill_chunk_size=32)
+_FOLDING = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=32, fold_keep=0)
+
+
+@pytest.mark.skipif(not _BEFORE_5_24, reason="transformers >= 5.24 gives prefill chunks their own positions")
+def test_generate_with_prefill_chunks_is_refused_with_what_to_do_on_5_2():
+    # 5.2 rotates every chunk at the last chunk's positions: refused, never a silently wrong prefix, and the
+    # message says what works instead.
+    model = build_tiny("llama")
+    with pytest.raises(ValueError, match=r"RoPE positions 0..n-1.*prefill_chunk_size.*chunked_prefill.*>= 5.24"):
+        model.generate(ids(100), **_CHUNKS, **cache_kwargs(XKVCache(model, _FOLDING)))
+
+
+@pytest.mark.skipif(_BEFORE_5_24, reason="transformers 5.2's chunked prefill passes wrong positions (refused above)")
 def test_generate_with_prefill_chunks_folds_each_chunk():
-    from packaging.version import Version
-
-    from xkv.compat import TRANSFORMERS_VERSION
-
     model = build_tiny("llama")
     prompt = ids(100)
-    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=32, fold_keep=0)
-    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, prefill_chunk_size=32)
-    cache = XKVCache(model, cfg)
-    if Version("5.24") > TRANSFORMERS_VERSION:
-        # 5.2 rotates every chunk at the last chunk's positions: refused, never a silently wrong prefix.
-        with pytest.raises(ValueError, match="RoPE positions 0..n-1"):
-            model.generate(prompt, **options, **cache_kwargs(cache))
-        return
+    options = _CHUNKS
+    cache = XKVCache(model, _FOLDING)
     expected = model.generate(prompt, **options, **cache_kwargs(DynamicCache()))
     assert torch.equal(model.generate(prompt, **options, **cache_kwargs(cache)), expected)
     assert cache.group_stores[0].prefix_len == 96  # chunks folded as they came; the tail holds the rest
