@@ -47,6 +47,10 @@ above ``length`` and within 2% of it from 512 tokens up (within 1.2% in our chec
 
 A sample is rebuilt exactly from ``(task, length, seed)`` (and, for needle tasks, ``sample_index`` and
 ``num_samples_hint`` when they set the depth) with the same tokenizer.
+
+The ``realtext`` group (:mod:`xkv.evaluation.realtext`: ``prose_needle``, ``kv_json``, ``code_passkey``) holds
+held-out retrieval tasks on the standard library's documentation and code and on a JSON object, fitted and scored
+the same way; their depth is set as for the needle tasks.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from xkv.evaluation.code_tasks import CODE_TASK_NAMES, edit_similarity, lcc_draft, repobench_draft
+from xkv.evaluation.realtext import REALTEXT_TASK_NAMES, realtext_draft
 from xkv.prompts import _chat_parts, _sentence
 
 RULER_TASK_NAMES: tuple[str, ...] = (
@@ -82,9 +87,14 @@ RULER_TASK_NAMES: tuple[str, ...] = (
     "cwe",
     "fwe",
 )
-#: Every task: RULER's, then the code-completion tasks of :mod:`xkv.evaluation.code_tasks`.
-TASK_NAMES: tuple[str, ...] = RULER_TASK_NAMES + CODE_TASK_NAMES
-TASK_GROUPS: dict[str, tuple[str, ...]] = {"ruler-lite": RULER_TASK_NAMES, "code-lite": CODE_TASK_NAMES}
+#: Every task: RULER's, the code-completion tasks of :mod:`xkv.evaluation.code_tasks`, then the held-out real-text
+#: tasks of :mod:`xkv.evaluation.realtext`.
+TASK_NAMES: tuple[str, ...] = RULER_TASK_NAMES + CODE_TASK_NAMES + REALTEXT_TASK_NAMES
+TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "ruler-lite": RULER_TASK_NAMES,
+    "code-lite": CODE_TASK_NAMES,
+    "realtext": REALTEXT_TASK_NAMES,
+}
 
 MIN_LENGTH = 256  # below this the chat template, instructions and question leave too little room for a haystack
 
@@ -310,6 +320,10 @@ def generate(
         drawn_depth = rng.random()  # drawn even when spread, so keys and values depend on the seed alone
         depth = drawn_depth if spread_depth is None else spread_depth
         draft = _niah_draft(_NIAH[task], rng, length, depth, haystack)
+    elif task in REALTEXT_TASK_NAMES:
+        drawn_depth = rng.random()  # as for the needle tasks: the rest depends on the seed alone
+        depth = drawn_depth if spread_depth is None else spread_depth
+        draft = _Draft(**vars(realtext_draft(task, rng, length, depth)))
     elif task == "vt":
         draft = _vt_draft(rng, length)
     elif task == "cwe":
