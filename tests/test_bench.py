@@ -29,7 +29,7 @@ def test_bench_measures_every_method_side_by_side(tmp_path):
     assert len(labels) == 2 * (2 * len(BENCH_METHODS) + 4)
     # Round 2 runs the methods in rotated order: the second method first.
     first = [label for label in labels if label.startswith("128 tokens")][len(BENCH_METHODS)]
-    assert first == f"128 tokens: {BENCH_METHODS[1]} prefill 2/2"
+    assert first == f"128 tokens: {list(BENCH_METHODS)[1]} prefill 2/2"
     md = write_report(rows, tmp_path, "xkv bench --lengths 128,256")
     text = md.read_text()
     assert "xkv bench --lengths 128,256" in text
@@ -108,3 +108,35 @@ def test_peak_meter_reads_the_kernel_high_water_mark():
         block = torch.ones(50_000_000)  # 191 MiB, freed inside the block: only the high-water mark keeps it
         del block
     assert meter._thread is None and meter.peak >= start + 150
+
+
+def test_bench_names_are_registry_methods_at_a_setting():
+    from transformers import DynamicCache, QuantizedCache
+
+    from xkv import XKVCache
+    from xkv.bench import make_cache
+    from xkv.evaluation.methods import METHODS
+
+    assert all(entry.method in METHODS for entry in BENCH_METHODS.values())
+    model = build_tiny("llama", hidden_size=64, num_attention_heads=2)  # D = 64: quanto groups of 64 fit
+    base = XKVConfig(group_size=2, min_tokens=0)
+    assert type(make_cache(model, "dense", base)) is DynamicCache
+    quantized = make_cache(model, "quantized-int4", base)
+    assert isinstance(quantized, QuantizedCache) and quantized.layers[0].nbits == 4
+    expected = {
+        "xkv-rebuild": {"decode": "rebuild"},
+        "xkv-absorb": {"decode": "absorb"},
+        "xkv-selective": {"decode": "selective"},
+        "xkv-exact": {"decode": "absorb", "svd": "exact"},
+        "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
+        "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0, "fold_headroom": True},
+    }
+    for name, fields in expected.items():
+        cache = make_cache(model, name, base)
+        assert isinstance(cache, XKVCache)
+        assert cache.config == XKVConfig.from_dict({**base.to_dict(), **fields}), name
+    assert make_cache(model, "xkv-absorb").config == XKVConfig(decode="absorb")
+    with pytest.raises(ValueError, match="unknown bench method 'nope'"):
+        make_cache(model, "nope")
+    with pytest.raises(NotImplementedError, match="'minicache' has no cache of its own"):
+        METHODS["minicache"]().new_cache(model)

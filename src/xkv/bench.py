@@ -35,28 +35,45 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from xkv.baselines.quantized import quantized_cache, quantized_cache_bytes
+from xkv.baselines.quantized import quantized_cache_bytes
 from xkv.cache import XKVCache
-from xkv.compat import cache_kwargs
 from xkv.config import XKVConfig
+from xkv.evaluation.methods import METHODS, Method
+from xkv.generation import decode_one_token, prefill
 from xkv.memory import tensor_bytes
 
-#: xKV methods of the bench: config fields set over the bench's config.
-XKV_VARIANTS: dict[str, dict[str, Any]] = {
-    "xkv-rebuild": {"decode": "rebuild"},
-    "xkv-absorb": {"decode": "absorb"},
-    "xkv-selective": {"decode": "selective"},
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """A name of ``xkv bench``: a method of the one registry (:data:`xkv.evaluation.methods.METHODS`) and its setting.
+
+    Attributes:
+        method: the registry name; the bench times the cache of its ``new_cache`` and ``prefill``.
+        config: xKV config fields set over the bench's config (before the method sets its decode path).
+        prefill_chunk: tokens per forward pass of the prefill, over the method's own ``prefill_chunk``.
+    """
+
+    method: str
+    config: dict[str, Any] = field(default_factory=dict)
+    prefill_chunk: int | None = None
+
+
+#: The names ``xkv bench --methods`` takes, in report order, each a registry method at a setting.
+BENCH_METHODS: dict[str, BenchMethod] = {
+    "dense": BenchMethod("full"),
+    # A dense cache fed in xkv-chunked's chunks.
+    "dense-chunked": BenchMethod("full", prefill_chunk=512),
+    "quantized-int4": BenchMethod("quantized"),  # QuantizedMethod.new_cache: int4 at transformers' defaults
+    "xkv-rebuild": BenchMethod("xkv"),
+    "xkv-absorb": BenchMethod("xkv-absorb"),
+    "xkv-selective": BenchMethod("xkv-selective"),
     # The absorb path with the exact SVD (the default was exact until the randomized one met the accuracy bar).
-    "xkv-exact": {"decode": "absorb", "svd": "exact"},
+    "xkv-exact": BenchMethod("xkv-absorb", {"svd": "exact"}),
     # The absorb path with int4 factors (int8 head from the spectrum); ranks count the packed bytes.
-    "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
-    # The context fed in chunks of PREFILL_CHUNK tokens, each folded into the factors (incremental SVD).
-    "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0, "fold_headroom": True},
+    "xkv-int4": BenchMethod("xkv-absorb", {"factor_form": "int4"}),
+    # The context fed in chunks of 512 tokens, each folded into the factors (incremental SVD), then the last.
+    "xkv-chunked": BenchMethod("xkv-chunked"),
 }
-#: Tokens per forward pass of the prefill, for methods that take their context in chunks.
-PREFILL_CHUNK = {"dense-chunked": 512, "xkv-chunked": 512}
-#: Methods ``xkv bench`` knows, in report order ("dense-chunked": a dense cache fed in the same chunks).
-BENCH_METHODS = ("dense", "dense-chunked", "quantized-int4", *XKV_VARIANTS)
 
 
 @dataclass
@@ -135,28 +152,34 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
+def _check_methods(methods: list[str]) -> list[str]:
+    """``methods`` with ``"dense"`` first (the reference), each checked against :data:`BENCH_METHODS`."""
+    methods = ["dense", *[m for m in methods if m != "dense"]]
+    for method in methods:
+        if method not in BENCH_METHODS:
+            raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+    return methods
+
+
+def _registry_method(method: str) -> Method:
+    _check_methods([method])
+    return METHODS[BENCH_METHODS[method].method]()
+
+
 def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -> Any:
-    """An empty cache of ``method`` for ``model`` (xKV methods take ``config``'s fields, their own ``decode``).
+    """An empty cache of ``method`` for ``model`` (xKV methods take ``config``'s fields, then their own).
 
     Raises:
         ValueError: for a method not in :data:`BENCH_METHODS`.
     """
-    if method in ("dense", "dense-chunked"):
-        return DynamicCache()
-    if method == "quantized-int4":
-        return quantized_cache(model, 4)
-    if method in XKV_VARIANTS:
-        base = (config or XKVConfig()).to_dict()
-        return XKVCache(model, XKVConfig.from_dict({**base, **XKV_VARIANTS[method]}))
-    raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+    fields = BENCH_METHODS[method].config if method in BENCH_METHODS else {}
+    base = XKVConfig.from_dict({**(config or XKVConfig()).to_dict(), **fields}) if fields else config
+    return _registry_method(method).new_cache(model, base)
 
 
 def _prefill(model: nn.Module, method: str, prompt: torch.Tensor, cache: Any) -> None:
-    """The prompt through ``cache``: whole, or in :data:`PREFILL_CHUNK` chunks (an xKV cache then folds the last)."""
-    for part in prompt.split(PREFILL_CHUNK.get(method, prompt.shape[1]), dim=1):
-        model(part, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
-    if isinstance(cache, XKVCache) and method in PREFILL_CHUNK:
-        cache.fold(0)  # the last chunk too, and the factors trimmed to the target ranks
+    """The prompt through ``cache`` the way the registry's method prefills (chunks: xKV then folds the last)."""
+    _registry_method(method).prefill(model, prompt, cache, BENCH_METHODS[method].prefill_chunk)
 
 
 def _prompt(model: nn.Module, length: int, seed: int) -> torch.Tensor:
@@ -209,65 +232,127 @@ def run_bench(
         raise ValueError(f"`prefill_repeats` must be >= 1 but got {prefill_repeats}")
     if any(length < 1 for length in lengths):
         raise ValueError(f"context lengths must be >= 1 but got {lengths}")
-    methods = ["dense", *[m for m in methods if m != "dense"]]
-    for method in methods:
-        if method not in BENCH_METHODS:
-            raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+    methods = _check_methods(methods)
+    report = on_progress or (lambda label: None)
     rows: list[BenchRow] = []
     for length in lengths:
         prompt = _prompt(model, length, seed)
-        caches: dict[str, Any] = {}
-        prefill_s: dict[str, list[float]] = {method: [] for method in methods}
-        peaks: dict[str, tuple[float, float]] = {method: (0.0, float("-inf")) for method in methods}
-        for round_ in range(prefill_repeats):
-            shift = round_ % len(methods)
-            for method in methods[shift:] + methods[:shift]:
-                caches.pop(method, None)
-                _release_memory()
-                before = _rss_mb()
-                cache = make_cache(model, method, config)
-                with _PeakSampler() as sampler:
-                    start = time.perf_counter()
-                    _prefill(model, method, prompt, cache)
-                    prefill_s[method].append(time.perf_counter() - start)
-                caches[method] = cache
-                del cache  # only `caches` holds it: the next round's pop frees it
-                peaks[method] = (max(peaks[method][0], sampler.peak), max(peaks[method][1], sampler.peak - before))
-                if on_progress:
-                    on_progress(f"{length} tokens: {method} prefill {round_ + 1}/{prefill_repeats}")
-        kv = {method: cache_bytes(cache) for method, cache in caches.items()}
-        times: dict[str, list[float]] = {method: [] for method in methods}
+        prefilled = _prefill_rounds(model, prompt, methods, config, prefill_repeats, report)
+        kv = {method: cache_bytes(cache) for method, cache in prefilled.caches.items()}
         token = torch.tensor([[int(prompt[0, -1])]])
-        for step in range(steps + 2):
-            for method in methods:
+        times = _decode_rounds(model, methods, prefilled.caches, token, steps, report, f"{length} tokens")
+        kv_decoded = {method: cache_bytes(cache) for method, cache in prefilled.caches.items()}
+        rows += _rows(length, methods, prefilled, times, kv, kv_decoded)
+        del prefilled  # the caches go before the next length's prefills
+    return rows
+
+
+@dataclass
+class _Prefilled:
+    """One length's prefill rounds (:func:`_prefill_rounds`).
+
+    Attributes:
+        caches: per method, the cache of its last prefill (decoded next).
+        runs: per method, the wall time of each prefill, in the order they ran.
+        peaks: per method, the highest peak resident memory over its prefills and the highest peak above the
+            memory just before one (MiB).
+    """
+
+    caches: dict[str, Any]
+    runs: dict[str, list[float]]
+    peaks: dict[str, tuple[float, float]]
+
+
+def _prefill_rounds(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    methods: list[str],
+    config: XKVConfig | None,
+    repeats: int,
+    report: Callable[[str], None],
+) -> _Prefilled:
+    """``repeats`` rounds, each prefilling ``prompt`` once per method; round ``i`` starts ``i`` methods later.
+
+    A method's previous cache is dropped (and freed memory returned to the OS) before it prefills again, so its
+    peak covers its own prefill's transients plus the cache it keeps (and every other method's live cache).
+    """
+    length = prompt.shape[1]
+    registry = {method: _registry_method(method) for method in methods}
+    done = _Prefilled({}, {method: [] for method in methods}, {method: (0.0, float("-inf")) for method in methods})
+    for round_ in range(repeats):
+        shift = round_ % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            done.caches.pop(method, None)
+            _release_memory()
+            before = _rss_mb()
+            cache = make_cache(model, method, config)
+            with _PeakSampler() as sampler:
                 start = time.perf_counter()
-                model(token, use_cache=True, logits_to_keep=1, **cache_kwargs(caches[method]))
-                if step >= 2:
-                    times[method].append(time.perf_counter() - start)
-            if on_progress:
-                on_progress(f"{length} tokens: decode step {step + 1}/{steps + 2}")
-        kv_decoded = {method: cache_bytes(cache) for method, cache in caches.items()}
-        dense_ms = statistics.median(times["dense"]) * 1e3
-        dense_prefill = statistics.median(prefill_s["dense"])
+                registry[method].prefill(model, prompt, cache, BENCH_METHODS[method].prefill_chunk)
+                done.runs[method].append(time.perf_counter() - start)
+            done.caches[method] = cache
+            del cache  # only `caches` holds it: the next round's pop frees it
+            peak, delta = done.peaks[method]
+            done.peaks[method] = (max(peak, sampler.peak), max(delta, sampler.peak - before))
+            report(f"{length} tokens: {method} prefill {round_ + 1}/{repeats}")
+    return done
+
+
+def _decode_rounds(
+    model: nn.Module,
+    methods: list[str],
+    caches: dict[str, Any],
+    token: torch.Tensor,
+    steps: int,
+    report: Callable[[str], None],
+    label: str,
+) -> dict[str, list[float]]:
+    """``steps + 2`` rounds of one decode step per method in turn, the same ``token`` each time; two untimed first.
+
+    Returns:
+        Per method, the wall time of each timed step (s).
+    """
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for step in range(steps + 2):
         for method in methods:
-            ms = statistics.median(times[method]) * 1e3
-            prefill = statistics.median(prefill_s[method])
-            rows.append(
-                BenchRow(
-                    method=method,
-                    context=length,
-                    decode_ms=ms,
-                    decode_vs_dense=ms / dense_ms,
-                    prefill_s=prefill,
-                    prefill_vs_dense=prefill / dense_prefill,
-                    kv_bytes=kv[method],
-                    kv_bytes_decoded=kv_decoded[method],
-                    peak_rss_mb=peaks[method][0],
-                    peak_delta_mb=peaks[method][1],
-                    prefill_runs=prefill_s[method],
-                )
+            start = time.perf_counter()
+            decode_one_token(model, token, caches[method])
+            if step >= 2:
+                times[method].append(time.perf_counter() - start)
+        report(f"{label}: decode step {step + 1}/{steps + 2}")
+    return times
+
+
+def _rows(
+    length: int,
+    methods: list[str],
+    prefilled: _Prefilled,
+    times: dict[str, list[float]],
+    kv: dict[str, int],
+    kv_decoded: dict[str, int],
+) -> list[BenchRow]:
+    """One row per method at ``length``: medians, and each against the dense cache's."""
+    dense_ms = statistics.median(times["dense"]) * 1e3
+    dense_prefill = statistics.median(prefilled.runs["dense"])
+    rows = []
+    for method in methods:
+        ms = statistics.median(times[method]) * 1e3
+        prefill_s = statistics.median(prefilled.runs[method])
+        rows.append(
+            BenchRow(
+                method=method,
+                context=length,
+                decode_ms=ms,
+                decode_vs_dense=ms / dense_ms,
+                prefill_s=prefill_s,
+                prefill_vs_dense=prefill_s / dense_prefill,
+                kv_bytes=kv[method],
+                kv_bytes_decoded=kv_decoded[method],
+                peak_rss_mb=prefilled.peaks[method][0],
+                peak_delta_mb=prefilled.peaks[method][1],
+                prefill_runs=prefilled.runs[method],
             )
-        del caches
+        )
     return rows
 
 
@@ -391,7 +476,7 @@ def measure_peak(
         raise ValueError(f"context length must be >= 1 but got {length}")
     prompt = _prompt(model, length, seed)
     # Touch every weight first (a loaded model may be paged in lazily at its first forward pass).
-    model(prompt[:, :16], use_cache=True, logits_to_keep=1, **cache_kwargs(DynamicCache()))
+    prefill(model, prompt[:, :16], DynamicCache())
     cache = make_cache(model, method, config)
     _release_memory()
     _reset_high_water()
@@ -401,7 +486,7 @@ def measure_peak(
     kv = cache_bytes(cache)
     token = prompt[:, -1:]
     for _ in range(decode_steps):
-        model(token, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        decode_one_token(model, token, cache)
     # The kernel's RSS counters are batched per thread: a later read can come out a few hundred KiB lower.
     return PeakRow(method, length, start, prefill_peak, max(prefill_peak, _high_water_mb()), kv, decode_steps)
 
@@ -430,10 +515,7 @@ def run_peak_bench(
         ValueError: for an unknown method or a length below 1.
         RuntimeError: if a child process fails (its error output is in the message).
     """
-    methods = ["dense", *[m for m in methods if m != "dense"]]
-    for method in methods:
-        if method not in BENCH_METHODS:
-            raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+    methods = _check_methods(methods)
     if any(length < 1 for length in lengths):
         raise ValueError(f"context lengths must be >= 1 but got {lengths}")
     rows = []

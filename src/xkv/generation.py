@@ -1,13 +1,18 @@
-"""Greedy generation split by phase (prefill, then one token at a time), for any transformers causal LM and cache.
+"""Greedy generation split by phase, as in gpt-fast's ``generate.py``, for any transformers causal LM and cache.
 
-Compression happens inside the cache at the prefill -> decode boundary; nothing here knows which cache it drives.
-``model.generate(..., **xkv.compat.cache_kwargs(cache))`` works too; these loops exist so the demo, tests
-and benchmarks can time each phase and append an uncompressed question after a compressed context.
+:func:`prefill` (or :func:`chunked_prefill`) fills the cache, :func:`decode_one_token` runs one step and
+:func:`decode_n_tokens` is the one greedy loop: the CLI and :func:`greedy_generate`, the evaluation's methods and the
+kvpress baselines (whose :data:`Step` shifts positions) all decode through it; ``xkv bench`` times :func:`prefill`
+and :func:`decode_one_token` directly. Compression happens inside the cache at the prefill -> decode boundary;
+nothing here knows which cache it drives. ``model.generate(..., **xkv.compat.cache_kwargs(cache))`` works too;
+these functions exist so the demo, tests and benchmarks can time each phase and append an uncompressed question
+after a compressed context.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -98,13 +103,13 @@ def decode_one_token(
 
 @dataclass
 class Generation:
-    """Result of :func:`greedy_generate`.
+    """Result of :func:`greedy_generate` and :func:`decode_n_tokens`.
 
     Attributes:
         sequences: per sequence of the batch, its generated token ids (stop token excluded).
-        prefill_s: wall time of the prefill.
-        decode_s: wall time of all decode steps.
-        steps: decode steps run.
+        prefill_s: wall time of the prefill (0 from :func:`decode_n_tokens`, which runs none).
+        decode_s: wall time of all decode steps (0 from :func:`decode_n_tokens`, which does not time).
+        steps: decode steps run (forward passes after the prefill).
     """
 
     sequences: list[list[int]] = field(default_factory=lambda: [[]])
@@ -124,6 +129,72 @@ class Generation:
         return self.sequences[0]
 
 
+#: One forward pass after the prefill: token ids ``(batch, tokens)`` in, last logits ``(batch, vocab)`` out; it
+#: appends the tokens to the cache it drives (:func:`decode_one_token`, or a press's shifted positions).
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def decode_n_tokens(
+    step: Step,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: Collection[int] | None = None,
+    device: torch.device | str | None = None,
+) -> Generation:
+    """The greedy loop: pick each sequence's token from ``logits``, record it, feed the batch's tokens to ``step``.
+
+    A sequence ends at its first stop token (not recorded) or after ``max_new_tokens``; the others go on. Each
+    finished sequence is fed its last token again while the batch runs, and nothing more is recorded for it. No
+    step runs after the last token, so the cache holds the prompt and every generated token but the last.
+
+    Args:
+        step: see :data:`Step`.
+        logits: ``(batch, vocab)``, the last position's logits of the prefill.
+        max_new_tokens: at most this many tokens per sequence (0: none).
+        stop_ids: token ids that end a sequence.
+        device: where ``step`` takes its token ids; ``logits``'s device by default.
+
+    Returns:
+        The tokens per sequence and the steps run (no timings).
+    """
+    stops = set(stop_ids or [])
+    batch = logits.shape[0]
+    result = Generation(sequences=[[] for _ in range(batch)])
+    done = [False] * batch
+    for index in range(max_new_tokens):
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, token in enumerate(chosen):
+            done[i] = done[i] or token in stops
+            if not done[i]:
+                result.sequences[i].append(token)
+        if all(done) or index == max_new_tokens - 1:
+            break
+        last = [seq[-1] if seq else chosen[i] for i, seq in enumerate(result.sequences)]
+        logits = step(torch.tensor(last, device=device or logits.device).view(batch, 1))
+        result.steps += 1
+    return result
+
+
+def cache_step(model: nn.Module, cache: Cache, attention_mask: torch.Tensor | None = None) -> Step:
+    """A :data:`Step` through ``cache`` (:func:`prefill` of the ids fed), a left-padding mask growing with them.
+
+    Args:
+        model: a causal LM.
+        cache: the cache the prefill filled.
+        attention_mask: ``(batch, cached)``, what the cache holds so far, or ``None`` for no padding.
+    """
+    mask = attention_mask
+
+    def step(input_ids: torch.Tensor) -> torch.Tensor:
+        nonlocal mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(input_ids.shape[0], input_ids.shape[1])], dim=1)
+        return prefill(model, input_ids, cache, mask)
+
+    return step
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
@@ -133,10 +204,7 @@ def greedy_generate(
     stop_ids: list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> Generation:
-    """Greedy decoding through ``cache``, one sequence or a batch.
-
-    A sequence ends at its first stop token (or after ``max_new_tokens``); the others go on. Each finished
-    sequence is fed its last token again while the batch runs, and nothing more is recorded for it.
+    """Greedy decoding through ``cache``, one sequence or a batch: :func:`prefill`, then :func:`decode_n_tokens`.
 
     Args:
         model: a causal LM.
@@ -158,27 +226,12 @@ def greedy_generate(
         raise ValueError(f"`input_ids` must have shape (batch, tokens) but got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1 but got {max_new_tokens}")
-    stops = set(stop_ids or [])
-    batch = input_ids.shape[0]
-    result = Generation(sequences=[[] for _ in range(batch)])
-    done = [False] * batch
     start = time.perf_counter()
     logits = prefill(model, input_ids, cache, attention_mask)
-    result.prefill_s = time.perf_counter() - start
+    prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    for step in range(max_new_tokens):
-        chosen = logits.argmax(dim=-1)
-        for i, token in enumerate(chosen.tolist()):
-            if done[i] or token in stops:
-                done[i] = True
-                continue
-            result.sequences[i].append(token)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        last = torch.tensor([seq[-1] if seq else int(chosen[i]) for i, seq in enumerate(result.sequences)])
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        logits = prefill(model, last.view(batch, 1).to(input_ids.device), cache, attention_mask)
-        result.steps += 1
+    step = cache_step(model, cache, attention_mask)
+    result = decode_n_tokens(step, logits, max_new_tokens, stop_ids, input_ids.device)
     result.decode_s = time.perf_counter() - start
+    result.prefill_s = prefill_s
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from xkv.config import UnreachableRatioError
+from xkv.generation import decode_n_tokens
 from xkv.memory import MemoryReport, dense_kv_bytes, tensor_bytes
 
 if TYPE_CHECKING:  # for annotations only: importing kvpress patches transformers
@@ -297,8 +299,9 @@ def press_answer(
 ) -> list[int]:
     """Greedy answer to a question appended after a pressed context, positions continuing from the original length.
 
-    The question and each generated token (but the last) are appended to ``pressed.cache`` uncompressed, as in
-    :func:`xkv.generation.greedy_generate`; a second call continues after them.
+    The question goes through :func:`press_forward`, then :func:`xkv.generation.decode_n_tokens` (the one greedy
+    loop) feeds each token back through it: the question and each generated token (but the last) are appended to
+    ``pressed.cache`` uncompressed, as in :func:`xkv.generation.greedy_generate`; a second call continues after them.
 
     Args:
         model: the causal LM that prefilled ``pressed``.
@@ -317,18 +320,9 @@ def press_answer(
         raise ValueError(f"`question_ids` must have shape (1, tokens) but got {tuple(question_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1 but got {max_new_tokens}")
-    stops = set(stop_ids or [])
-    tokens: list[int] = []
     logits = press_forward(model, pressed, question_ids)
-    for step in range(max_new_tokens):
-        token = int(logits.argmax(dim=-1)[0])
-        if token in stops:
-            break
-        tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        logits = press_forward(model, pressed, torch.tensor([[token]], device=question_ids.device))
-    return tokens
+    step = partial(press_forward, model, pressed)
+    return decode_n_tokens(step, logits, max_new_tokens, stop_ids, question_ids.device).tokens
 
 
 def press_cache_bytes(cache: DynamicCache) -> int:

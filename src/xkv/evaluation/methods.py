@@ -11,13 +11,13 @@ equivalence is tested).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from xkv.adapters import describe_model
 from xkv.baselines.minicache import MiniCache
@@ -32,13 +32,14 @@ from xkv.baselines.presses import (
 from xkv.baselines.quantized import (
     dequantized_copy,
     quantization_token_multiple,
+    quantized_cache,
     quantized_from_dense,
     quantized_memory_report,
     tail_tokens,
 )
 from xkv.cache import XKVCache, effective_config, groups_for
 from xkv.config import UnreachableRatioError, XKVConfig
-from xkv.generation import chunked_prefill, prefill
+from xkv.generation import Step, cache_step, chunked_prefill, decode_n_tokens
 from xkv.memory import dense_kv_bytes, tensor_bytes
 
 
@@ -103,45 +104,69 @@ class Outcome:
         return self.dense_bytes / self.held_bytes if self.held_bytes else float("inf")
 
 
-def greedy_answer(ctx: SampleContext, step: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
-    """Greedy answer, feeding tokens through ``step`` (``(1, n)`` ids in, last logits ``(1, vocab)`` out).
+def greedy_answer(ctx: SampleContext, step: Step) -> list[int]:
+    """Greedy answer, feeding the question and then each token through ``step`` (:func:`decode_n_tokens`).
 
     The question (if any) is fed first; when the question was compressed with the context, the first token comes
-    from the prefill's logits. Same loop as :func:`xkv.generation.greedy_generate` (tested).
+    from the prefill's logits.
     """
     logits = step(ctx.question_ids) if ctx.question_ids.shape[1] else ctx.last_logits
-    tokens: list[int] = []
-    for _ in range(ctx.max_new_tokens):
-        token = int(logits.argmax(-1)[0])
-        if token in ctx.stop_ids:
-            break
-        tokens.append(token)
-        if len(tokens) == ctx.max_new_tokens:
-            break
-        logits = step(torch.tensor([[token]], device=ctx.context_ids.device))
-    return tokens
+    return decode_n_tokens(step, logits, ctx.max_new_tokens, ctx.stop_ids, ctx.context_ids.device).tokens
 
 
 def answer_through(ctx: SampleContext, cache: Any) -> list[int]:
     """Greedy answer through a cache that already holds the context."""
-    return greedy_answer(ctx, lambda ids: prefill(ctx.model, ids, cache))
+    return greedy_answer(ctx, cache_step(ctx.model, cache))
 
 
 class Method:
-    """Base class: ``run`` answers one sample at one target compression factor.
+    """Base class: ``run`` answers one sample at one target compression factor (``xkv eval``).
+
+    ``new_cache`` and ``prefill`` serve ``xkv bench``, which times a method's own cache (no target factor) through
+    the same registry (:data:`xkv.bench.BENCH_METHODS` maps its names onto :data:`METHODS`).
 
     Attributes:
         name: registry name.
         reuses_prefill: whether ``run`` needs ``ctx.dense`` (one shared prefill) instead of prefilling itself.
         needs_capture: whether ``run`` also needs ``ctx.capture`` (the attention inputs of that prefill).
+        prefill_chunk: tokens per forward pass when the method prefills a context itself (``None``: one pass).
     """
 
     name: ClassVar[str]
     reuses_prefill: ClassVar[bool] = True
     needs_capture: ClassVar[bool] = False
+    prefill_chunk: ClassVar[int | None] = None
 
     def __init__(self, **options: Any):
         self.options = options
+
+    def new_cache(self, model: nn.Module, config: XKVConfig | None = None) -> Cache:
+        """An empty cache at this method's own settings, to prefill and decode through (``xkv bench``).
+
+        Args:
+            model: the causal LM.
+            config: base xKV settings for the xKV methods (each sets its decode path and form over them).
+
+        Raises:
+            NotImplementedError: for a method that only compresses a finished prefill to a target factor.
+        """
+        raise NotImplementedError(
+            f"method {self.name!r} has no cache of its own to prefill (it needs a target factor)"
+        )
+
+    def prefill(
+        self, model: nn.Module, context_ids: torch.Tensor, cache: Cache, chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """Prefill ``context_ids`` into ``cache`` (:func:`chunked_prefill`); last logits ``(batch, vocab)`` out.
+
+        Args:
+            model: the causal LM.
+            context_ids: ``(batch, tokens)``.
+            cache: from :meth:`new_cache`.
+            chunk_size: tokens per forward pass; ``prefill_chunk`` by default, else the whole context in one.
+        """
+        chunk = chunk_size or self.prefill_chunk or context_ids.shape[1]
+        return chunked_prefill(model, context_ids, cache, chunk)
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Answer the sample holding about ``1 / factor`` of the dense bytes.
@@ -156,6 +181,10 @@ class FullCache(Method):
     """The uncompressed cache (``factor`` must be 1)."""
 
     name = "full"
+
+    def new_cache(self, model: nn.Module, config: XKVConfig | None = None) -> Cache:
+        """An empty ``DynamicCache``."""
+        return DynamicCache()
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Answer through a copy of the dense prefill."""
@@ -283,9 +312,16 @@ class XKVMethod(Method):
         the groups of a per-group allocation by their layers.
         """
         base = self.options.get("config")
-        config = xkv_config_for(factor, base, group_sizes=_group_sizes(base, model))
-        decode = config.decode if self.labelled else self.decode
-        return XKVConfig.from_dict({**config.to_dict(), **self.overrides, "decode": decode})
+        return self.settings(xkv_config_for(factor, base, group_sizes=_group_sizes(base, model)))
+
+    def settings(self, base: XKVConfig) -> XKVConfig:
+        """``base`` with this method's fields over it: its ``overrides`` and ``decode`` (a config file's own)."""
+        decode = base.decode if self.labelled else self.decode
+        return XKVConfig.from_dict({**base.to_dict(), **self.overrides, "decode": decode})
+
+    def new_cache(self, model: nn.Module, config: XKVConfig | None = None) -> Cache:
+        """An empty ``XKVCache`` at :meth:`settings` over ``config`` (else the method's config, else the default)."""
+        return XKVCache(model, self.settings(config or self.options.get("config") or XKVConfig()))
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
@@ -367,7 +403,7 @@ class XKVInt4Method(XKVMethod):
 
 
 class XKVChunkedMethod(XKVMethod):
-    """xKV with the context fed in chunks of ``chunk_tokens`` (512), each folded into the factors on arrival.
+    """xKV with the context fed in chunks of ``prefill_chunk`` (512), each folded into the factors on arrival.
 
     The first chunk is factored at its end; every later chunk attends to the factored earlier ones plus itself and
     is folded in by an incremental SVD when the next arrives (``fold_tokens`` = the chunk, ``fold_keep`` = 0),
@@ -379,20 +415,28 @@ class XKVChunkedMethod(XKVMethod):
     name = "xkv-chunked"
     decode = "absorb"
     reuses_prefill = False
-    chunk_tokens: ClassVar[int] = 512
+    prefill_chunk = 512
 
-    def config_for(self, factor: float, model: nn.Module | None = None) -> XKVConfig:
-        """The ``xkv`` config at ``factor`` with folding at every chunk."""
-        config = super().config_for(factor, model)
-        data = {**config.to_dict(), "fold_tokens": self.chunk_tokens, "fold_keep": 0, "fold_headroom": True}
+    def settings(self, base: XKVConfig) -> XKVConfig:
+        """The ``xkv`` settings with folding at every chunk."""
+        config = super().settings(base)
+        data = {**config.to_dict(), "fold_tokens": self.prefill_chunk, "fold_keep": 0, "fold_headroom": True}
         return XKVConfig.from_dict(data)
+
+    def prefill(
+        self, model: nn.Module, context_ids: torch.Tensor, cache: Cache, chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """Chunk by chunk, each folded on arrival; then the last one too (``cache.fold(0)``): no exact context left."""
+        logits = super().prefill(model, context_ids, cache, chunk_size)
+        cache.fold(0)
+        return logits
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Prefill chunk by chunk through the real cache, fold the last chunk, answer through the cache."""
         config = self.config_for(factor, ctx.model)
         cache = XKVCache(ctx.model, config)
         try:
-            logits = chunked_prefill(ctx.model, ctx.context_ids, cache, self.chunk_tokens)
+            logits = super().prefill(ctx.model, ctx.context_ids, cache)  # an unreachable rank shows in the chunks
         except UnreachableRatioError as err:
             raise UnreachableError(str(err)) from err
         cache.fold(0)
@@ -401,7 +445,7 @@ class XKVChunkedMethod(XKVMethod):
             "group_size": config.group_size,
             "rank_k": [g.rank_k for g in report.groups],
             "rank_v": [g.rank_v for g in report.groups],
-            "prefill_chunk": self.chunk_tokens,
+            "prefill_chunk": self.prefill_chunk,
         }
         own = replace(ctx, last_logits=logits)
         return Outcome(answer_through(own, cache), report.held_bytes, report.dense_bytes, details)
@@ -414,9 +458,12 @@ class SingleLayerSVD(XKVMethod):
 
     def config_for(self, factor: float, model: nn.Module | None = None) -> XKVConfig:
         """Same ranks rule as xKV, one layer per group (a base's measured groups and allocation do not apply)."""
-        base = self.options.get("config") or XKVConfig()
+        return xkv_config_for(factor, self.settings(self.options.get("config") or XKVConfig()))
+
+    def settings(self, base: XKVConfig) -> XKVConfig:
+        """``base`` at one layer per group, without its measured layout, decoded with this method's path."""
         single = {**without_measured_layout(base), "group_size": 1, "decode": self.decode}
-        return xkv_config_for(factor, XKVConfig.from_dict({**base.to_dict(), **single}))
+        return XKVConfig.from_dict({**base.to_dict(), **single})
 
 
 class MiniCacheMethod(Method):
@@ -472,6 +519,10 @@ class QuantizedMethod(Method):
     """
 
     name = "quantized"
+
+    def new_cache(self, model: nn.Module, config: XKVConfig | None = None, nbits: int = 4) -> Cache:
+        """An empty ``nbits`` ``QuantizedCache`` at this method's options (``xkv bench``'s ``quantized-int4``)."""
+        return quantized_cache(model, nbits, **self.options)
 
     def nbits_for(self, factor: float, itemsize: int) -> int | None:
         """4 or 2 bits, whichever is the most that still reaches ``factor``; ``None`` if neither does."""
