@@ -99,6 +99,8 @@ def test_imports_only_earlier_modules(path):
 SPLIT_MODULES = [
     "cli/__init__.py", "cli/common.py", "cli/demo.py", "cli/documents.py", "cli/evaluate.py", "cli/tune.py",
     "cli/bench.py", "cli/analyze.py", "cli/config.py",
+    "evaluation/tasks/__init__.py", "evaluation/tasks/drafting.py", "evaluation/tasks/haystacks.py",
+    "evaluation/tasks/needles.py", "evaluation/tasks/tracking.py", "evaluation/tasks/extraction.py",
 ]  # fmt: skip
 
 

@@ -86,7 +86,7 @@ _ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "cf.", "Mr.", "No."}
 
 @dataclass
 class RealTextDraft:
-    """A real-text task before its haystack is cut to length (the fields of ``tasks._Draft``).
+    """A real-text task before its haystack is cut to length (the fields of ``tasks.drafting._Draft``).
 
     Attributes:
         preamble: instructions before the haystack.
@@ -391,7 +391,7 @@ def _stdlib_file(relative: str) -> Path:
 @functools.cache
 def _nouns() -> list[str]:
     """Sorted single lowercase nouns (the word lists of RULER-lite's tasks)."""
-    from xkv.evaluation.tasks import _word_pool  # here: tasks imports this module
+    from xkv.evaluation.tasks.haystacks import _word_pool  # here: the tasks package imports this module
 
     return [word for word in _word_pool("noun") if word.isalpha()]
 
