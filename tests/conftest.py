@@ -77,3 +77,23 @@ def smollm2():
 
     torch.set_num_threads(2)
     return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A random 4-layer Llama with SmolLM2's tokenizer, saved: a ``--model`` path whose runs take seconds."""
+    _, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=2,  # head_dim 32: quanto's groups of 64 values need kv_heads * head_dim % 64 == 0
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

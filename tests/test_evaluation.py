@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import build_tiny
 from xkv import XKVCache
@@ -167,25 +166,6 @@ def test_bad_arguments_fail_before_the_model_loads(monkeypatch, capsys):
     ]:
         assert main(["eval", *args]) == 2
         assert field in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    _, tokenizer = smollm2
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=37,
-        num_hidden_layers=4,
-        num_attention_heads=2,  # head_dim 32: quanto's groups of 64 values need kv_heads * head_dim % 64 == 0
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.slow

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from xkv.cli import main
 from xkv.evaluation.runner import append_line, load_rows, repair_torn_tail
@@ -203,26 +201,6 @@ def test_a_damaged_plan_is_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ killed runs
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    """A random 4-layer Llama with SmolLM2's tokenizer: a model path whose runs take seconds."""
-    _, tokenizer = smollm2
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=37,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 #: Run in the child: patch ``TARGET`` (module, attribute) so that its ``NTH`` call writes half of its bytes, marks
