@@ -13,13 +13,6 @@ from xkv.adapters import describe_model
 from xkv.cache.base import CompressedLayer, held_states
 from xkv.cache.store import effective_config, groups_for
 from xkv.config import XKVConfig
-from xkv.decode import (
-    SelectiveIndex,
-)
-from xkv.factorization import (
-    from_state,
-)
-from xkv.forms import dtype_named
 
 if TYPE_CHECKING:
     from xkv.cache.xkv import XKVCache
@@ -62,25 +55,8 @@ def save(
     tensors: dict[str, torch.Tensor] = {}
     stores = []
     for i, store in enumerate(cache.xkv_stores):
-        entry: dict[str, Any] = {
-            "layers": list(store.layers), "prefix_len": store.prefix_len,
-            "rank_k": store.rank_k, "rank_v": store.rank_v,
-            "exact_prefill": store.exact_prefill, "dtype": str(store.dtype).removeprefix("torch."),
-            "selective": {str(slot): index.chunk_size for slot, index in store.selective.items()},
-        }  # fmt: skip
-        for side, factors, exact in (
-            ("k", store.key_factors, store.exact_keys), ("v", store.value_factors, store.exact_values)
-        ):  # fmt: skip
-            if factors is not None:
-                named, entry[side] = factors.state()
-                tensors.update({f"group{i}.{side}.{name}": t for name, t in named.items()})
-            else:
-                assert exact is not None
-                entry[side] = {"form": "exact"}
-                tensors.update({f"group{i}.{side}.exact{slot}": t for slot, t in enumerate(exact)})
-        for slot, index in store.selective.items():
-            names = ("landmarks", "landmark_scales", "exact_chunks", "exact_keys", "exact_values")
-            tensors.update({f"group{i}.sr{slot}.{n}": t for n, t in zip(names, index.tensors(), strict=True)})
+        named, entry = store.state()
+        tensors.update({f"group{i}.{name}": t for name, t in named.items()})
         stores.append(entry)
     layers = []
     for layer_idx, layer in enumerate(cache.layers):
@@ -160,26 +136,8 @@ def _from_prefix(
     if len(meta["stores"]) != len(cache.xkv_stores) or len(meta["layers"]) != len(cache.layers):
         raise ValueError("the groups or layers in the file do not match its config")
     for i, (store, entry) in enumerate(zip(cache.xkv_stores, meta["stores"], strict=True)):
-        store.prefix_len, store.rank_k, store.rank_v = entry["prefix_len"], entry["rank_k"], entry["rank_v"]
-        store.exact_prefill, store.dtype = entry["exact_prefill"], dtype_named(entry["dtype"])
-        for side in ("k", "v"):
-            head = f"group{i}.{side}."
-            if entry[side]["form"] == "exact":
-                exact = [stored[f"{head}exact{slot}"] for slot in range(store.group.size)]
-                if side == "k":
-                    store.exact_keys = exact
-                else:
-                    store.exact_values = exact
-                continue
-            named = {name[len(head) :]: t for name, t in stored.items() if name.startswith(head)}
-            if side == "k":
-                store.key_factors = from_state(named, entry[side])
-            else:
-                store.value_factors = from_state(named, entry[side])
-        for slot, chunk in entry["selective"].items():
-            fields_ = ("landmarks", "landmark_scales", "exact_chunks", "exact_keys", "exact_values")
-            parts = [stored[f"group{i}.sr{slot}.{n}"] for n in fields_]
-            store.selective[int(slot)] = SelectiveIndex(int(chunk), *parts)
+        head = f"group{i}."
+        store.load_state({name[len(head) :]: t for name, t in stored.items() if name.startswith(head)}, entry)
     for layer_idx, (layer, entry) in enumerate(zip(cache.layers, meta["layers"], strict=True)):
         if entry["compressed"] != isinstance(layer, CompressedLayer):
             raise ValueError(f"layer {layer_idx} is stored as {'compressed' if entry['compressed'] else 'dense'}")

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ from xkv import attention
 from xkv.adapters import ModelSpec
 from xkv.cache.base import CompressedStore, check_finite
 from xkv.cache.runtime import FAST_PATH_MAX_QUERIES, DecodeRuntime
+from xkv.cache.side import ExactSide, NoRotation, RopeRotation, Side, SideFrame, StoredSide
 from xkv.compat import UpdateInputs
 from xkv.config import ResolvedRank, XKVConfig
 from xkv.decode import (
@@ -28,26 +30,26 @@ from xkv.decode import (
     ungroup_output,
 )
 from xkv.factorization import (
-    LowRankFactors,
     UnreachableRatioError,
-    append_rows,
-    as_float,
-    cross_layer_svd,
-    resolve_rank,
 )
-from xkv.forms import StoredFactors, choose_head
+from xkv.forms import StoredFactors, dtype_named
 from xkv.groups import LayerGroup, build_groups
-from xkv.rope import PrefixAngles, RotaryAngles, apply_rope, apply_rope_, unapply_rope
+from xkv.rope import PrefixAngles, RotaryAngles
 
 logger = logging.getLogger(__name__)
 
 
 #: Settings the Selective Reconstruction index is built with: a copy at other settings cannot reuse it.
 _INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks")
+#: The tensors of one layer's index, in :meth:`SelectiveIndex.tensors` order (prefix-file names).
+_INDEX_PARTS = ("landmarks", "landmark_scales", "exact_chunks", "exact_keys", "exact_values")
 
 
 class XKVGroupStore(CompressedStore):
-    """State shared by the layers of one group: pending prefill tensors, then the factors of the prefix.
+    """State shared by the layers of one group: two sides (keys, values), the SR index, the prefix length.
+
+    Each side (:mod:`xkv.cache.side`) holds its pending prefill, then its stored form: factors, or exact states
+    where the config keeps that side exact or the prefill was shorter than ``min_tokens``.
 
     Args:
         group: the layers of the group.
@@ -75,65 +77,111 @@ class XKVGroupStore(CompressedStore):
         self.config = config
         self.spec = spec
         self.angles = angles
-        self.setting_k = config.rank_setting("k", group.index, num_groups)
-        self.setting_v = config.rank_setting("v", group.index, num_groups)
+        key_rotation = RopeRotation(angles, self.runtime) if angles is not None else NoRotation()
+        self._frames = (
+            SideFrame("keys", "k", group.index, group.size, spec, config, self.runtime,
+                      config.rank_setting("k", group.index, num_groups), key_rotation),
+            SideFrame("values", "v", group.index, group.size, spec, config, self.runtime,
+                      config.rank_setting("v", group.index, num_groups), NoRotation()),
+        )  # fmt: skip
+        self._compress = (config.compress_keys, config.compress_values)
         self._reset_state()
 
-    def _reset_state(self) -> None:
-        # Prefill: slot -> (batch, tokens, D) pre-RoPE keys / values when compressed, else exact (batch, H, T, hd).
-        self.pending_keys: dict[int, torch.Tensor] = {}
-        self.pending_values: dict[int, torch.Tensor] = {}
-        self.key_factors: StoredFactors | None = None
-        self.value_factors: StoredFactors | None = None
-        self.dtype: torch.dtype | None = None  # the model's, set at the first prefill
-        # Exact prefix per slot, when a side is not compressed: (batch, H, T, hd), keys post-RoPE.
-        self.exact_keys: list[torch.Tensor] | None = None
-        self.exact_values: list[torch.Tensor] | None = None
-        self.prefix_len = 0
-        self.rank_k: int | None = None
-        self.rank_v: int | None = None
+    def _reset_state(self, exact_prefill: bool = False) -> None:
         # Set by the cache for a prefill shorter than `config.min_tokens`: the group keeps it exact.
-        self.exact_prefill = False
+        self._exact_prefill = exact_prefill
+        self.keys, self.values = (
+            StoredSide(frame) if compress and not exact_prefill else ExactSide(frame)
+            for frame, compress in zip(self._frames, self._compress, strict=True)
+        )
+        self.dtype: torch.dtype | None = None  # the model's, set at the first prefill
+        self.prefix_len = 0
         # Selective Reconstruction: landmarks and exact chunks per slot (built at prefill when decode="selective").
         self.selective: dict[int, SelectiveIndex] = {}
         # False when the index's bytes would leave a side no rank at the target (`plan_index`).
         self.index_fits = True
 
-    # ------------------------------------------------------------------ prefill
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        """``(keys, values)``."""
+        return self.keys, self.values
+
+    # ------------------------------------------------------------------ names tests and analyses read
+    @property
+    def exact_prefill(self) -> bool:
+        """Whether this prefill is kept exact (shorter than ``min_tokens``)."""
+        return self._exact_prefill
+
+    @property
+    def setting_k(self) -> ResolvedRank:
+        """The keys' rank setting."""
+        return self.keys.frame.setting
+
+    @property
+    def setting_v(self) -> ResolvedRank:
+        """The values' rank setting."""
+        return self.values.frame.setting
+
+    @property
+    def key_factors(self) -> StoredFactors | None:
+        """The keys' factors (``None`` for keys kept exact)."""
+        return self.keys.factors
+
+    @property
+    def value_factors(self) -> StoredFactors | None:
+        """The values' factors (``None`` for values kept exact)."""
+        return self.values.factors
+
+    @property
+    def exact_keys(self) -> list[torch.Tensor] | None:
+        """Per slot the exact keys ``(b, H, T, hd)``, post-RoPE (``None`` for factored keys)."""
+        return self.keys.exact
+
+    @property
+    def exact_values(self) -> list[torch.Tensor] | None:
+        """Per slot the exact values (``None`` for factored values)."""
+        return self.values.exact
+
+    @property
+    def pending_keys(self) -> dict[int, torch.Tensor]:
+        """Slot -> keys of a prefill waiting for the rest of the group."""
+        return self.keys.pending
+
+    @property
+    def rank_k(self) -> int | None:
+        """Directions of the keys' factors (``None`` for keys kept exact)."""
+        return self.keys.rank
+
+    @property
+    def rank_v(self) -> int | None:
+        """Directions of the values' factors (``None`` for values kept exact)."""
+        return self.values.rank
+
+    # ------------------------------------------------------------------ rank budget
+    def begin_prefill(self, exact: bool, tokens: int, dtype: torch.dtype) -> None:
+        """Start a first prefill of ``tokens`` tokens, exact if ``exact``; check its ranks (:meth:`plan_index`)."""
+        self._reset_state(exact)
+        self.plan_index(tokens, dtype)
+
     def headroom_ranks(self, tokens: int) -> tuple[int | None, int | None]:
         """Ranks a prefix of unbounded length would get, capped by what ``tokens`` tokens allow (``fold_headroom``)."""
         assert self.dtype is not None
         bound = min(tokens, self.group.size * self.spec.kv_dim)
         now, long = self.check_ranks(tokens, self.dtype), self.check_ranks(1 << 40, self.dtype)
-        return tuple(  # type: ignore[return-value]
-            None if r is None or big is None else max(r, min(big, bound)) for r, big in zip(now, long, strict=True)
-        )
+        return self.keys.widened(now[0], long[0], bound), self.values.widened(now[1], long[1], bound)
 
     def check_ranks(self, tokens: int, dtype: torch.dtype) -> tuple[int | None, int | None]:
         """Resolve both ranks for a prefill of ``tokens`` tokens in ``dtype`` without changing any state.
 
-        A compression factor counts the bytes of ``config.factor_form`` against a dense cache in ``dtype``.
+        A compression factor counts the bytes of ``config.factor_form`` against a dense cache in ``dtype``; a side
+        kept exact has no rank (``None``).
 
         Raises:
             ValueError: if a rank does not fit the data; the message names the field and the group.
         """
-        if self.exact_prefill:
-            return None, None
-        fmt, itemsize = self.config.factor_format, torch.empty((), dtype=dtype).element_size()
-        sides = (
-            ("k", self.setting_k, self.config.compress_keys),
-            ("v", self.setting_v, self.config.compress_values),
-        )
-        reserved = self._index_reservations(tokens, itemsize, [setting for _, setting, _ in sides])
-        ranks: list[int | None] = []
-        for (side, setting, wanted), extra in zip(sides, reserved, strict=True):
-            field_name = f"rank_{side} for group {self.group.index}"
-            ranks.append(
-                resolve_rank(setting, tokens, self.group.size, self.spec.kv_dim, field_name=field_name, fmt=fmt,
-                             itemsize=itemsize, reserved_bytes=extra)
-                if wanted else None
-            )  # fmt: skip
-        return ranks[0], ranks[1]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        reserved = self._index_reservations(tokens, itemsize, [self.setting_k, self.setting_v])
+        return self.keys.resolve(tokens, itemsize, reserved[0]), self.values.resolve(tokens, itemsize, reserved[1])
 
     def plan_index(self, tokens: int, dtype: torch.dtype) -> None:
         """Check the ranks of a first prefill; drop Selective Reconstruction's index where it does not fit.
@@ -186,9 +234,8 @@ class XKVGroupStore(CompressedStore):
             and config.decode == "selective"
             and self.runtime.fast
             and self.runtime.pads is None
-            and config.compress_keys
-            and config.compress_values
-            and not self.exact_prefill
+            and self.keys.factored
+            and self.values.factored
             and tokens >= config.sr_min_tokens
         )
 
@@ -232,6 +279,7 @@ class XKVGroupStore(CompressedStore):
         """``(rank_k, rank_v)`` of the factors (``None`` for a side kept exact)."""
         return self.rank_k, self.rank_v
 
+    # ------------------------------------------------------------------ prefill
     def add_prefill(self, slot: int, key_states: torch.Tensor, value_states: torch.Tensor, inputs: UpdateInputs):
         """Hold one layer's prefill states; factor the group once its last layer has arrived.
 
@@ -241,30 +289,17 @@ class XKVGroupStore(CompressedStore):
             value_states: ``(batch, kv_heads, tokens, head_dim)``.
             inputs: RoPE angles the model used, when the transformers version passes them.
         """
-        batch, heads, tokens, head_dim = key_states.shape
+        tokens = key_states.shape[-2]
         if self.pending_keys and tokens != self.prefix_len:
             raise RuntimeError(
                 f"layer {self.group.layers[slot]} prefilled {tokens} tokens, its group started with {self.prefix_len}"
             )
-        if not self.exact_prefill and (self.config.compress_keys or self.config.compress_values):
+        if self.keys.factored or self.values.factored:
             check_finite(self.group.layers[slot], key_states, value_states)  # before anything of it is held
         self.prefix_len = tokens
         self.dtype = key_states.dtype
-        # Sides kept exact are cloned: the caller (e.g. `from_dense` with a DynamicCache) may reuse its tensors.
-        if self.config.compress_keys and not self.exact_prefill:
-            keys = key_states
-            if self.angles is not None:
-                cos, sin = inputs.cos, inputs.sin
-                if cos is None or sin is None:
-                    cos, sin = self.angles(self.positions(batch, key_states.device))
-                keys = unapply_rope(key_states, cos, sin)
-            self.pending_keys[slot] = self._without_padding(keys.transpose(1, 2).reshape(batch, tokens, -1))
-        else:
-            self.pending_keys[slot] = key_states.clone()
-        if self.config.compress_values and not self.exact_prefill:
-            self.pending_values[slot] = self._without_padding(value_states.transpose(1, 2).reshape(batch, tokens, -1))
-        else:
-            self.pending_values[slot] = value_states.clone()
+        self.keys.hold(slot, key_states, inputs)
+        self.values.hold(slot, value_states, inputs)
         config = self.config
         if self.builds_index(tokens):
             self.selective[slot] = build_selective_index(
@@ -274,35 +309,15 @@ class XKVGroupStore(CompressedStore):
         if len(self.pending_keys) == self.group.size:
             self._factor()
 
-    def _without_padding(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat`` ``(batch, tokens, D)`` with the rows of left padding zeroed (a copy), so no basis sees them."""
-        real = self.runtime.real_rows(flat.shape[1], flat.device)
-        return flat if real is None else flat * real.unsqueeze(-1).to(flat.dtype)
-
     def _factor(self) -> None:
         assert self.dtype is not None
-        self.rank_k, self.rank_v = self.check_ranks(self.prefix_len, self.dtype)
-        keys = [self.pending_keys[s] for s in range(self.group.size)]
-        values = [self.pending_values[s] for s in range(self.group.size)]
+        ranks = self.check_ranks(self.prefix_len, self.dtype)
         # With folding and headroom, later chunks will be folded in: keep room for directions they will need.
+        # The factors then stay in the model's dtype until `XKVCache.fold()` stores them in their form.
         headroom = self.config.fold_headroom and self.config.fold_tokens > 0
-        room_k, room_v = self.headroom_ranks(self.prefix_len) if headroom else (self.rank_k, self.rank_v)
-        # With headroom the factors stay in the model's dtype until `XKVCache.fold()` stores them in their form:
-        # quantizing at every fold would add a rounding error per chunk.
-        store = (lambda factors, setting, rank: factors) if headroom else self._store
-        if room_k is not None:
-            self.key_factors = store(self._svd(keys, room_k), self.setting_k, room_k)
-        else:
-            self.exact_keys = keys
-        if room_v is not None:
-            self.value_factors = store(self._svd(values, room_v), self.setting_v, room_v)
-        else:
-            self.exact_values = values
-        self.pending_keys.clear()
-        self.pending_values.clear()
-        # An int4 form with an int8 head may keep fewer directions than the resolved (all-int4) rank.
-        self.rank_k = self.key_factors.rank if self.key_factors is not None else None
-        self.rank_v = self.value_factors.rank if self.value_factors is not None else None
+        rooms = self.headroom_ranks(self.prefix_len) if headroom else ranks
+        for side, room in zip(self.sides, rooms, strict=True):
+            side.factor(room, headroom, self.prefix_len, self.dtype)
 
     def fold(self, tails: list[tuple[torch.Tensor, torch.Tensor]], count: int, headroom: bool = False) -> None:
         """Fold the ``count`` oldest tail tokens of every layer into the prefix (the caller drops them from the tails).
@@ -322,38 +337,13 @@ class XKVGroupStore(CompressedStore):
         assert self.is_ready and self.dtype is not None
         for slot, (keys, values) in enumerate(tails):
             check_finite(self.group.layers[slot], keys[:, :, :count], values[:, :, :count])
-        keys0 = tails[0][0]
-        batch, heads, _, head_dim = keys0.shape
         start, tokens = self.prefix_len, self.prefix_len + count
         self.selective = {}  # its chunks describe the old prefix; no bytes are reserved for it from here on
-        rank_k, rank_v = self.headroom_ranks(tokens) if headroom else self.check_ranks(tokens, self.dtype)
-        cos = sin = None
-        if self.angles is not None:
-            cos, sin = self.angles(self.runtime.positions(start, tokens, batch, keys0.device))
-
-        def flat(x: torch.Tensor) -> torch.Tensor:
-            return x.transpose(1, 2).reshape(batch, count, heads * head_dim)
-
-        for side, rank in (("k", rank_k), ("v", rank_v)):
-            held = self.key_factors if side == "k" else self.value_factors
-            new = [(k if side == "k" else v)[:, :, :count] for k, v in tails]
-            if held is None:
-                exact = self.exact_keys if side == "k" else self.exact_values
-                assert exact is not None
-                exact[:] = [torch.cat([old, part], dim=-2) for old, part in zip(exact, new, strict=True)]
-                continue
-            if side == "k" and cos is not None and sin is not None:
-                new = [unapply_rope(part, cos, sin) for part in new]
-            floating = as_float(held)  # quantized forms: float32 (folded and quantized again without rounding)
-            assert rank is not None
-            grown = append_rows(floating, [flat(part) for part in new], min(rank, floating.rank + count))
-            if isinstance(held, LowRankFactors) or headroom:  # headroom: the model's dtype until `trim`
-                grown = self._in_model_dtype(grown)
-            self.prefix_len = tokens  # `_store` sizes an int4 budget by the new length
-            setting = self.setting_k if side == "k" else self.setting_v
-            self._set_side(side, grown if headroom else self._store(grown, setting, budget_rank=rank))
+        ranks = self.headroom_ranks(tokens) if headroom else self.check_ranks(tokens, self.dtype)
+        parts = ([keys[:, :, :count] for keys, _ in tails], [values[:, :, :count] for _, values in tails])
+        for side, rank, new in zip(self.sides, ranks, parts, strict=True):
+            side.fold(new, start, rank, headroom, self.dtype)
         self.prefix_len = tokens
-        self.selective = {}
 
     def trim(self) -> bool:
         """Bring factors to the ranks resolved at the prefix's length and to their storage form; whether any changed.
@@ -364,36 +354,9 @@ class XKVGroupStore(CompressedStore):
         if not self.is_ready or self.exact_prefill:
             return False
         assert self.dtype is not None
-        rank_k, rank_v = self.check_ranks(self.prefix_len, self.dtype)
-        quantized = self.config.factor_form != "model"
-        cut = False
-        for side, rank in (("k", rank_k), ("v", rank_v)):
-            held = self.key_factors if side == "k" else self.value_factors
-            if held is None or rank is None:
-                continue
-            if held.rank <= rank and not (quantized and isinstance(held, LowRankFactors)):
-                continue
-            # Not `truncate`: a Hadamard rotation or a quantization round trip leaves the columns out of order.
-            floating = as_float(held)
-            if floating.rank > rank:
-                floating = floating.recompressed(rank)
-            if isinstance(held, LowRankFactors):
-                floating = self._in_model_dtype(floating)
-            setting = self.setting_k if side == "k" else self.setting_v
-            self._set_side(side, self._store(floating, setting, budget_rank=rank))
-            cut = True
-        return cut
-
-    def _in_model_dtype(self, factors: LowRankFactors) -> LowRankFactors:
-        """``factors`` cast to the cache's dtype (folds and recompressions compute in float32)."""
-        return LowRankFactors(factors.token_basis.to(self.dtype), factors.reconstruction.to(self.dtype))
-
-    def _set_side(self, side: str, stored: StoredFactors) -> None:
-        """Hold ``stored`` as the keys' (``"k"``) or values' factors, with its rank."""
-        if side == "k":
-            self.key_factors, self.rank_k = stored, stored.rank
-        else:
-            self.value_factors, self.rank_v = stored, stored.rank
+        ranks = self.check_ranks(self.prefix_len, self.dtype)
+        cut = [side.trim(rank, self.prefix_len, self.dtype) for side, rank in zip(self.sides, ranks, strict=True)]
+        return any(cut)
 
     def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
         """A copy of this factored store keeping the first ``r`` singular directions of each side.
@@ -426,68 +389,9 @@ class XKVGroupStore(CompressedStore):
         if ranks is None:  # the index does not fit these ranks' budget: decode with "absorb"
             new.selective = {}
             ranks = new.check_ranks(self.prefix_len, self.dtype)
-        new.rank_k, new.rank_v = ranks
-        for side, rank, held, exact in (
-            ("k", new.rank_k, self.key_factors, self.exact_keys),
-            ("v", new.rank_v, self.value_factors, self.exact_values),
-        ):
-            if rank is None:
-                if exact is None:
-                    raise ValueError(f"`compress_{'keys' if side == 'k' else 'values'}`=False needs the exact side")
-                kept = [t.clone() for t in exact]
-                if side == "k":
-                    new.exact_keys = kept
-                else:
-                    new.exact_values = kept
-                continue
-            if held is None or rank > held.rank:
-                have = None if held is None else held.rank
-                raise ValueError(f"`rank_{side}` for group {self.index} is {rank} but only rank {have} is held")
-            if not isinstance(held, LowRankFactors):
-                raise ValueError(
-                    f"group {self.index} holds {self.config.factor_form} factors: truncating them would quantize "
-                    "twice; lower ranks from factors in the model's dtype (factor_form='model')"
-                )
-            factors = new._store(held.truncate(rank), new.setting_k if side == "k" else new.setting_v)
-            if side == "k":
-                new.key_factors, new.rank_k = factors, factors.rank
-            else:
-                new.value_factors, new.rank_v = factors, factors.rank
+        for side, source, rank in zip(new.sides, self.sides, ranks, strict=True):
+            side.take_truncated(source, rank, self.prefix_len, self.dtype)
         return new
-
-    def _svd(self, layers: list[torch.Tensor], rank: int) -> LowRankFactors:
-        config = self.config
-        factors = cross_layer_svd(
-            layers, rank, method=config.svd, oversample=config.svd_oversample, niter=config.svd_niter,
-            seed=config.svd_seed,
-        )  # fmt: skip
-        real = self.runtime.real_rows(self.prefix_len, factors.token_basis.device)
-        if real is None:
-            return factors
-        # The padding rows came in as zeros; the SVD leaves rounding noise there: make them exactly zero.
-        basis = factors.token_basis
-        return LowRankFactors(basis * real.unsqueeze(-1).to(basis.dtype), factors.reconstruction)
-
-    def _store(self, factors: LowRankFactors, setting: ResolvedRank, budget_rank: int | None = None) -> StoredFactors:
-        """``factors`` in the configured storage form.
-
-        For ``"int4"`` with a compression-factor rank, the byte budget is that of ``budget_rank`` directions at int4
-        alone (default: the rank of ``factors``, which then hold that many); the int8 head (``factor_head``) is paid
-        for out of it, so the kept rank may be lower.
-        """
-        fmt, head = self.config.factor_format, self.config.factor_head
-        if fmt.form != "int4":
-            return factors.stored(fmt)
-        if setting.kind == "factor":
-            assert self.dtype is not None
-            itemsize = torch.empty((), dtype=self.dtype).element_size()
-            rank = budget_rank or factors.rank
-            budget = fmt.factor_bytes(self.prefix_len, self.group.size, self.spec.kv_dim, rank, itemsize)
-            heads = None if head == "auto" else [int(head)]
-            extra = 4 if itemsize == 2 else 0  # QuantizedFactors.balance
-            chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, budget, heads, extra)
-            return (factors.truncate(rank) if rank < factors.rank else factors).stored(fmt, chosen)
-        return factors.stored(fmt, 0 if head == "auto" else min(int(head), factors.rank))
 
     # ------------------------------------------------------------------ rebuild
     def positions(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -496,24 +400,11 @@ class XKVGroupStore(CompressedStore):
 
     def rebuild_keys(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` post-RoPE keys of one layer, rebuilt from the factors."""
-        if self.key_factors is None:
-            assert self.exact_keys is not None, "rebuild before the group was factored"
-            return self.exact_keys[slot]
-        flat = self.key_factors.layer(slot)  # (batch, T, D), pre-RoPE
-        batch, tokens, _ = flat.shape
-        keys = flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
-        if self.runtime.table is None:
-            return keys
-        return apply_rope(keys, *self.runtime.padded_angles(tokens, batch, keys.device))
+        return self.keys.rebuild(slot)
 
     def rebuild_values(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` values of one layer, rebuilt from the factors."""
-        if self.value_factors is None:
-            assert self.exact_values is not None, "rebuild before the group was factored"
-            return self.exact_values[slot]
-        flat = self.value_factors.layer(slot)
-        batch, tokens, _ = flat.shape
-        return flat.view(batch, tokens, self.spec.num_kv_heads, self.spec.head_dim).transpose(1, 2)
+        return self.values.rebuild(slot)
 
     # ------------------------------------------------------------------ decode
     def decode_path(self, slot: int) -> str:
@@ -527,7 +418,7 @@ class XKVGroupStore(CompressedStore):
             return wanted
         if not self.runtime.fast:
             reason = "the model does not run attention through 'xkv'"
-        elif self.key_factors is None or self.value_factors is None:
+        elif not (self.keys.factored and self.values.factored):
             reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
         elif wanted == "selective" and slot not in self.selective:
             reason = (
@@ -557,39 +448,10 @@ class XKVGroupStore(CompressedStore):
         """
         path = self.decode_path(slot) if new_tokens <= FAST_PATH_MAX_QUERIES else "rebuild"
         if path == "rebuild":
-            return self._rebuilt("k", slot, tail_keys), self._rebuilt("v", slot, tail_values)
+            return self.keys.rebuilt_with_tail(slot, tail_keys), self.values.rebuilt_with_tail(slot, tail_values)
         attend = functools.partial(self._attend, slot, path, tail_keys, tail_values)
         attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend, self.runtime))
         return tail_keys, tail_values
-
-    def _rebuilt(self, side: str, slot: int, tail: torch.Tensor) -> torch.Tensor:
-        """``(batch, kv_heads, prefix_len + tail_len, head_dim)``: a view of the workspace (keys post-RoPE)."""
-        factors = self.key_factors if side == "k" else self.value_factors
-        if factors is None:
-            exact = self.exact_keys if side == "k" else self.exact_values
-            assert exact is not None, "rebuild before the group was factored"
-            return torch.cat([exact[slot], tail], dim=-2)
-        basis, matrix = factors.basis(), factors.matrix(slot)
-        batch, tokens, _ = basis.shape
-        heads, head_dim, length = self.spec.num_kv_heads, self.spec.head_dim, tail.shape[-2]
-        flat = self.runtime.workspace.get(side, (batch, tokens + length, heads * head_dim), basis.dtype, basis.device)
-        for i in range(batch):  # `out=` needs a contiguous target: one (T, D) block per sequence
-            torch.matmul(basis[i], matrix[i], out=flat[i, :tokens])
-        view = flat.view(batch, tokens + length, heads, head_dim)
-        if side == "k" and self.runtime.table is not None:
-            prefix = view[:, :tokens]
-            if (
-                self.runtime.table.halves_equal
-                and basis.dtype in (torch.float32, torch.float64)
-                and self.runtime.pads is None
-            ):
-                apply_rope_(prefix, *self.runtime.table.get(tokens, basis.device))
-            else:
-                rotated = apply_rope(prefix.transpose(1, 2), *self.runtime.padded_angles(tokens, batch, basis.device))
-                prefix.copy_(rotated.transpose(1, 2))
-        if length:
-            view[:, tokens:] = tail.transpose(1, 2)
-        return view.transpose(1, 2)
 
     def _attend(
         self,
@@ -602,7 +464,8 @@ class XKVGroupStore(CompressedStore):
         scaling: float,
     ) -> torch.Tensor:
         """Attention of ``query`` ``(b, Hq, q, hd)`` over this layer's prefix and tail: ``(b, q, Hq, hd)``."""
-        assert self.key_factors is not None and self.value_factors is not None
+        key_factors, value_factors = self.keys.factors, self.values.factors
+        assert key_factors is not None and value_factors is not None
         tokens, heads = self.prefix_len, self.spec.num_kv_heads
         num_heads, length = query.shape[1], query.shape[2]
         hidden = None
@@ -614,15 +477,15 @@ class XKVGroupStore(CompressedStore):
         grouped = group_queries(query, heads)
         mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads, query.device)
         if path == "absorb":
-            keys = self._rebuilt("k", slot, tail_keys[:, :, :0])
+            keys = self.keys.rebuilt_with_tail(slot, tail_keys[:, :, :0])
             out = attend_absorbed(
-                grouped, keys, self.value_factors, slot, tail_keys, tail_values, scaling, mask, hidden
+                grouped, keys, value_factors, slot, tail_keys, tail_values, scaling, mask, hidden
             )  # fmt: skip
         else:
             table = self.runtime.table
             angles = table.joint_table(tokens, query.device) if table is not None else None
             out = attend_selective(
-                grouped, self.selective[slot], self.key_factors, self.value_factors, slot, angles,
+                grouped, self.selective[slot], key_factors, value_factors, slot, angles,
                 self.config.budget_chunks(tokens, self.selective[slot].chunk_size), tail_keys, tail_values, scaling,
                 mask,
             )  # fmt: skip
@@ -635,31 +498,16 @@ class XKVGroupStore(CompressedStore):
         The factors (or exact sides), and Selective Reconstruction's landmarks and exact chunks.
         """
         tensors: list[torch.Tensor] = [t for index in self.selective.values() for t in index.tensors()]
-        for factors in (self.key_factors, self.value_factors):
-            if factors is not None:
-                tensors += factors.tensors()
-        for exact in (self.exact_keys, self.exact_values):
-            if exact is not None:
-                tensors += exact
-        return tensors
+        return tensors + self.keys.tensors() + self.values.tensors()
 
     def pending_tensors(self) -> list[torch.Tensor]:
         """Prefill tensors held until the group is complete."""
-        return list(self.pending_keys.values()) + list(self.pending_values.values())
+        return list(self.keys.pending.values()) + list(self.values.pending.values())
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every held tensor (batch-dimension edits: beam reorder, select, repeat)."""
-        if self.key_factors is not None:
-            self.key_factors = self.key_factors.map(fn)
-        if self.value_factors is not None:
-            self.value_factors = self.value_factors.map(fn)
-        for name in ("exact_keys", "exact_values"):
-            exact = getattr(self, name)
-            if exact is not None:
-                setattr(self, name, [fn(t) for t in exact])
-        for pending in (self.pending_keys, self.pending_values):
-            for slot in pending:
-                pending[slot] = fn(pending[slot])
+        for side in self.sides:
+            side.map(fn)
         self.selective = {slot: index.map(fn) for slot, index in self.selective.items()}
 
     def crop(self, length: int) -> None:
@@ -670,19 +518,45 @@ class XKVGroupStore(CompressedStore):
             self._reset_state()
             return
         self.selective = {}  # its chunks described the whole prefix: decode falls back to "absorb"
-        if self.key_factors is not None:
-            self.key_factors = self.key_factors.crop(length)
-        if self.value_factors is not None:
-            self.value_factors = self.value_factors.crop(length)
-        for name in ("exact_keys", "exact_values"):
-            exact = getattr(self, name)
-            if exact is not None:
-                setattr(self, name, [t[:, :, :length].clone() for t in exact])
+        for side in self.sides:
+            side.crop(length)
         self.prefix_len = length
 
     def reset(self) -> None:
         """Drop everything held."""
         self._reset_state()
+
+    # ------------------------------------------------------------------ state (prefix files)
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a finished group holds: ``(tensors by name, metadata)`` (:mod:`xkv.cache.io` writes them).
+
+        Names: ``k.<name>``/``v.<name>`` for each side (:meth:`Side.state`), ``sr<slot>.<part>`` for the index.
+        """
+        meta: dict[str, Any] = {
+            "layers": list(self.layers), "prefix_len": self.prefix_len, "rank_k": self.rank_k, "rank_v": self.rank_v,
+            "exact_prefill": self.exact_prefill, "dtype": str(self.dtype).removeprefix("torch."),
+            "selective": {str(slot): index.chunk_size for slot, index in self.selective.items()},
+        }  # fmt: skip
+        tensors: dict[str, torch.Tensor] = {}
+        for side in self.sides:
+            named, meta[side.frame.letter] = side.state()
+            tensors.update({f"{side.frame.letter}.{name}": t for name, t in named.items()})
+        for slot, index in self.selective.items():
+            tensors.update({f"sr{slot}.{n}": t for n, t in zip(_INDEX_PARTS, index.tensors(), strict=True)})
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Hold what :meth:`state` described (checked beforehand by :func:`xkv.prefix.check_layout`)."""
+        self._reset_state(bool(meta["exact_prefill"]))
+        self.prefix_len, self.dtype = meta["prefix_len"], dtype_named(meta["dtype"])
+        for side in self.sides:
+            head = f"{side.frame.letter}."
+            side.load_state(
+                {n[len(head) :]: t for n, t in tensors.items() if n.startswith(head)}, meta[side.frame.letter]
+            )
+        for slot, chunk in meta["selective"].items():
+            parts = [tensors[f"sr{slot}.{n}"] for n in _INDEX_PARTS]
+            self.selective[int(slot)] = SelectiveIndex(int(chunk), *parts)
 
 
 def _kept_dense(config: XKVConfig, spec: ModelSpec) -> tuple[int, ...]:

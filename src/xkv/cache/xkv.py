@@ -125,13 +125,11 @@ class XKVCache(GroupedCache):
     def _check_static_ranks(self, store: XKVGroupStore, spec: ModelSpec) -> None:
         # Integer ranks can be checked against G*D now; the token bound is checked at the first prefill.
         bound = spec.kv_dim * store.group.size
-        for side, setting, wanted in (
-            ("k", store.setting_k, self.config.compress_keys),
-            ("v", store.setting_v, self.config.compress_values),
-        ):
-            if wanted and setting.kind == "rank" and setting.value > bound:
+        for side in store.sides:
+            setting = side.frame.setting
+            if side.factored and setting.kind == "rank" and setting.value > bound:
                 raise ValueError(
-                    f"`rank_{side}` for group {store.group.index} must be in [1, {bound}] "
+                    f"`rank_{side.frame.letter}` for group {store.group.index} must be in [1, {bound}] "
                     f"(group_size * kv_heads * head_dim) but got {int(setting.value)}"
                 )
 
@@ -159,8 +157,7 @@ class XKVCache(GroupedCache):
         # Before the ranks: a padded batch holds no Selective Reconstruction index.
         self.runtime.pads = left_padding(inputs, angles, batch, tokens, key_states.device)
         for store in self.xkv_stores:
-            store.exact_prefill = exact
-            store.plan_index(tokens, key_states.dtype)
+            store.begin_prefill(exact, tokens, key_states.dtype)
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_batch(fn)
