@@ -75,7 +75,7 @@ def test_the_checker_sees_every_import_form():
 
 # Modules of the cache package, in the order data flows inside it (imports only earlier ones; `if TYPE_CHECKING:`
 # imports, for annotations only, are exempt).
-CACHE_ORDER = ["base", "runtime", "side", "store", "io", "xkv"]
+CACHE_ORDER = ["base", "runtime", "side", "ranks", "decoding", "store", "io", "xkv"]
 CACHE = SRC / "cache"
 
 

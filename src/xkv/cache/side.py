@@ -128,6 +128,11 @@ class Side(ABC):
         self.pending: dict[int, torch.Tensor] = {}
 
     @property
+    def setting(self) -> ResolvedRank:
+        """This side's rank setting for its group."""
+        return self.frame.setting
+
+    @property
     @abstractmethod
     def factored(self) -> bool:
         """Whether this side stores factors (else the exact states)."""

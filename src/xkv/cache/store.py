@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from xkv import attention
 from xkv.adapters import ModelSpec
 from xkv.cache.base import CompressedStore, check_finite
-from xkv.cache.runtime import FAST_PATH_MAX_QUERIES, DecodeRuntime
+from xkv.cache.decoding import GroupDecode
+from xkv.cache.ranks import GroupRanks
+from xkv.cache.runtime import DecodeRuntime
 from xkv.cache.side import ExactSide, NoRotation, RopeRotation, Side, SideFrame, StoredSide
 from xkv.compat import UpdateInputs
-from xkv.config import ResolvedRank, XKVConfig
+from xkv.config import XKVConfig
 from xkv.decode import (
     SelectiveIndex,
-    attend_absorbed,
-    attend_selective,
     build_selective_index,
-    check_prefix_visible,
-    group_queries,
-    prefix_mask,
-    selective_index_bytes,
-    tail_mask,
-    ungroup_output,
 )
-from xkv.factorization import (
-    UnreachableRatioError,
-)
-from xkv.forms import StoredFactors, dtype_named
+from xkv.forms import dtype_named
 from xkv.groups import LayerGroup, build_groups
 from xkv.rope import PrefixAngles, RotaryAngles
 
@@ -45,7 +34,12 @@ _INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outli
 _INDEX_PARTS = ("landmarks", "landmark_scales", "exact_chunks", "exact_keys", "exact_values")
 
 
-class XKVGroupStore(CompressedStore):
+def _on_side(side: str, name: str, doc: str) -> Any:
+    """A read-only property of the store reading ``name`` of its ``side`` (the names tests and analyses use)."""
+    return property(lambda store: getattr(getattr(store, side), name), doc=doc)
+
+
+class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
     """State shared by the layers of one group: two sides (keys, values), the SR index, the prefix length.
 
     Each side (:mod:`xkv.cache.side`) holds its pending prefill, then its stored form: factors, or exact states
@@ -107,168 +101,24 @@ class XKVGroupStore(CompressedStore):
         return self.keys, self.values
 
     # ------------------------------------------------------------------ names tests and analyses read
-    @property
-    def exact_prefill(self) -> bool:
-        """Whether this prefill is kept exact (shorter than ``min_tokens``)."""
-        return self._exact_prefill
-
-    @property
-    def setting_k(self) -> ResolvedRank:
-        """The keys' rank setting."""
-        return self.keys.frame.setting
-
-    @property
-    def setting_v(self) -> ResolvedRank:
-        """The values' rank setting."""
-        return self.values.frame.setting
-
-    @property
-    def key_factors(self) -> StoredFactors | None:
-        """The keys' factors (``None`` for keys kept exact)."""
-        return self.keys.factors
-
-    @property
-    def value_factors(self) -> StoredFactors | None:
-        """The values' factors (``None`` for values kept exact)."""
-        return self.values.factors
-
-    @property
-    def exact_keys(self) -> list[torch.Tensor] | None:
-        """Per slot the exact keys ``(b, H, T, hd)``, post-RoPE (``None`` for factored keys)."""
-        return self.keys.exact
-
-    @property
-    def exact_values(self) -> list[torch.Tensor] | None:
-        """Per slot the exact values (``None`` for factored values)."""
-        return self.values.exact
-
-    @property
-    def pending_keys(self) -> dict[int, torch.Tensor]:
-        """Slot -> keys of a prefill waiting for the rest of the group."""
-        return self.keys.pending
-
-    @property
-    def rank_k(self) -> int | None:
-        """Directions of the keys' factors (``None`` for keys kept exact)."""
-        return self.keys.rank
-
-    @property
-    def rank_v(self) -> int | None:
-        """Directions of the values' factors (``None`` for values kept exact)."""
-        return self.values.rank
+    exact_prefill = property(
+        lambda self: self._exact_prefill, doc="Whether this prefill is kept exact (< min_tokens)."
+    )
+    setting_k = _on_side("keys", "setting", "The keys' rank setting.")
+    setting_v = _on_side("values", "setting", "The values' rank setting.")
+    key_factors = _on_side("keys", "factors", "The keys' factors (``None`` for keys kept exact).")
+    value_factors = _on_side("values", "factors", "The values' factors (``None`` for values kept exact).")
+    exact_keys = _on_side("keys", "exact", "Per slot the exact keys, post-RoPE (``None`` for factored keys).")
+    exact_values = _on_side("values", "exact", "Per slot the exact values (``None`` for factored values).")
+    pending_keys = _on_side("keys", "pending", "Slot -> keys of a prefill waiting for the rest of the group.")
+    rank_k = _on_side("keys", "rank", "Directions of the keys' factors (``None`` for keys kept exact).")
+    rank_v = _on_side("values", "rank", "Directions of the values' factors (``None`` for values kept exact).")
 
     # ------------------------------------------------------------------ rank budget
     def begin_prefill(self, exact: bool, tokens: int, dtype: torch.dtype) -> None:
         """Start a first prefill of ``tokens`` tokens, exact if ``exact``; check its ranks (:meth:`plan_index`)."""
         self._reset_state(exact)
         self.plan_index(tokens, dtype)
-
-    def headroom_ranks(self, tokens: int) -> tuple[int | None, int | None]:
-        """Ranks a prefix of unbounded length would get, capped by what ``tokens`` tokens allow (``fold_headroom``)."""
-        assert self.dtype is not None
-        bound = min(tokens, self.group.size * self.spec.kv_dim)
-        now, long = self.check_ranks(tokens, self.dtype), self.check_ranks(1 << 40, self.dtype)
-        return self.keys.widened(now[0], long[0], bound), self.values.widened(now[1], long[1], bound)
-
-    def check_ranks(self, tokens: int, dtype: torch.dtype) -> tuple[int | None, int | None]:
-        """Resolve both ranks for a prefill of ``tokens`` tokens in ``dtype`` without changing any state.
-
-        A compression factor counts the bytes of ``config.factor_form`` against a dense cache in ``dtype``; a side
-        kept exact has no rank (``None``).
-
-        Raises:
-            ValueError: if a rank does not fit the data; the message names the field and the group.
-        """
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        reserved = self._index_reservations(tokens, itemsize, [self.setting_k, self.setting_v])
-        return self.keys.resolve(tokens, itemsize, reserved[0]), self.values.resolve(tokens, itemsize, reserved[1])
-
-    def plan_index(self, tokens: int, dtype: torch.dtype) -> None:
-        """Check the ranks of a first prefill; drop Selective Reconstruction's index where it does not fit.
-
-        A short prefix at a high factor may not afford the landmarks and exact chunks on top of rank 1, and at a
-        high factor they may take more than ``sr_max_share`` of the bytes: the group then decodes with ``"absorb"``
-        (logged) instead of failing or starving its factors.
-
-        Raises:
-            UnreachableRatioError: if a rank does not fit even without the index.
-        """
-        self.index_fits = True
-        if self.affordable_ranks(tokens, dtype) is None:
-            self.index_fits = False
-            self.check_ranks(tokens, dtype)
-            logger.info(
-                "group %d: Selective Reconstruction's landmarks and exact chunks do not fit the target at %d tokens "
-                "(more than sr_max_share=%g of its bytes); it decodes with 'absorb'",
-                self.group.index, tokens, self.config.sr_max_share,
-            )  # fmt: skip
-
-    def affordable_ranks(self, tokens: int, dtype: torch.dtype) -> tuple[int | None, int | None] | None:
-        """The ranks with the index paid for, or ``None`` where the index does not fit.
-
-        It does not fit when it would leave a side no rank or take more than ``sr_max_share`` of the budget.
-
-        Raises:
-            UnreachableRatioError: if a rank does not fit and no index is reserved for.
-        """
-        try:
-            ranks = self.check_ranks(tokens, dtype)
-        except UnreachableRatioError:
-            if not self._holds_index(tokens):
-                raise
-            return None
-        return ranks if self.index_share(tokens, dtype) <= self.config.sr_max_share else None
-
-    def index_share(self, tokens: int, dtype: torch.dtype) -> float:
-        """The fraction of this group's byte budget Selective Reconstruction's index would take (0 without one)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        settings = [self.setting_k, self.setting_v]
-        budget = sum(self._factor_budgets(tokens, itemsize, settings))
-        return sum(self._index_reservations(tokens, itemsize, settings)) / budget if budget else 0.0
-
-    def builds_index(self, tokens: int) -> bool:
-        """Whether a prefill of ``tokens`` tokens holds a Selective Reconstruction index (landmarks, exact chunks)."""
-        config = self.config
-        return (
-            self.index_fits
-            and config.decode == "selective"
-            and self.runtime.fast
-            and self.runtime.pads is None
-            and self.keys.factored
-            and self.values.factored
-            and tokens >= config.sr_min_tokens
-        )
-
-    def _holds_index(self, tokens: int) -> bool:
-        """Whether ranks resolved now pay for an index.
-
-        Once factored, the one held (folds and crops drop it); before, the one a prefill of ``tokens`` tokens builds.
-        """
-        return bool(self.selective) if self.is_ready else self.builds_index(tokens)
-
-    def _factor_budgets(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
-        """Bytes each side's compression factor allows for ``tokens`` tokens (0 for an explicit rank or fraction)."""
-        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
-        return [dense_side / s.value if s.kind == "factor" else 0.0 for s in settings]
-
-    def _index_reservations(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
-        """Bytes of the Selective Reconstruction index each side's compression factor must also pay for.
-
-        The index's bytes (:func:`xkv.decode.selective_index_bytes`, ``G`` layers) are shared between the sides
-        set by a compression factor, in proportion to their budgets, so each side's factors plus its share meet
-        its factor: ``"4x"`` measures 4x with the landmarks and exact chunks counted. Nothing is reserved without
-        an index, or for a side set by an explicit rank or fraction.
-        """
-        budgets = self._factor_budgets(tokens, itemsize, settings)
-        total = sum(budgets)
-        if not self._holds_index(tokens) or total == 0:
-            return [0.0 for _ in settings]
-        config = self.config
-        per_layer = sum(selective_index_bytes(
-            tokens, self.spec.num_kv_heads, self.spec.head_dim, itemsize, config.sr_chunk_size,
-            config.sr_sink_chunks, config.sr_local_chunks, config.sr_outlier_chunks,
-        ))  # fmt: skip
-        return [self.group.size * per_layer * b / total for b in budgets]
 
     @property
     def is_ready(self) -> bool:
@@ -405,91 +255,6 @@ class XKVGroupStore(CompressedStore):
     def rebuild_values(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` values of one layer, rebuilt from the factors."""
         return self.values.rebuild(slot)
-
-    # ------------------------------------------------------------------ decode
-    def decode_path(self, slot: int) -> str:
-        """The path this group's layer at ``slot`` decodes with.
-
-        ``config.decode`` where it can serve, else a fallback, logged once per reason.
-        """
-        wanted = self.config.decode
-        reason = None
-        if wanted == "rebuild":
-            return wanted
-        if not self.runtime.fast:
-            reason = "the model does not run attention through 'xkv'"
-        elif not (self.keys.factored and self.values.factored):
-            reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
-        elif wanted == "selective" and slot not in self.selective:
-            reason = (
-                "the prefix is shorter than sr_min_tokens, was cropped or folded, the batch is left-padded, or the "
-                "landmarks did not fit the target ratio: no Selective Reconstruction index"
-            )
-            if reason not in self._fallbacks_logged:
-                self._fallbacks_logged.add(reason)
-                logger.info("group %d decodes with 'absorb' instead of 'selective': %s", self.index, reason)
-            return "absorb"
-        if reason is not None:
-            if reason not in self._fallbacks_logged:
-                self._fallbacks_logged.add(reason)
-                logger.info("group %d decodes with 'rebuild' instead of %r: %s", self.index, wanted, reason)
-            return "rebuild"
-        return wanted
-
-    def attention_inputs(
-        self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor, new_tokens: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rebuild path: prefix and tail in one reused workspace. Fast paths: the tail, plus a pending request.
-
-        On the fast paths attention itself (:func:`xkv.attention.xkv_attention_forward`) reads the factors; the
-        tensors returned here are the exact tail only. Updates of more than :data:`FAST_PATH_MAX_QUERIES` tokens
-        (a prefill chunk, a long question) take the rebuild path: it is exact, and SDPA over the rebuilt prefix
-        needs neither the fast paths' ``(queries, prefix)`` float32 score matrices nor their time.
-        """
-        path = self.decode_path(slot) if new_tokens <= FAST_PATH_MAX_QUERIES else "rebuild"
-        if path == "rebuild":
-            return self.keys.rebuilt_with_tail(slot, tail_keys), self.values.rebuilt_with_tail(slot, tail_values)
-        attend = functools.partial(self._attend, slot, path, tail_keys, tail_values)
-        attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend, self.runtime))
-        return tail_keys, tail_values
-
-    def _attend(
-        self,
-        slot: int,
-        path: str,
-        tail_keys: torch.Tensor,
-        tail_values: torch.Tensor,
-        query: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float,
-    ) -> torch.Tensor:
-        """Attention of ``query`` ``(b, Hq, q, hd)`` over this layer's prefix and tail: ``(b, q, Hq, hd)``."""
-        key_factors, value_factors = self.keys.factors, self.values.factors
-        assert key_factors is not None and value_factors is not None
-        tokens, heads = self.prefix_len, self.spec.num_kv_heads
-        num_heads, length = query.shape[1], query.shape[2]
-        hidden = None
-        if path == "absorb":  # follows the model's mask over the prefix (left padding), or the padding it saw
-            hidden = prefix_mask(attention_mask, self.runtime.real_rows(tokens, query.device), tokens, length,
-                                 num_heads // heads)  # fmt: skip
-        else:  # Selective Reconstruction's index is built for unpadded prefixes only
-            check_prefix_visible(attention_mask, tokens)
-        grouped = group_queries(query, heads)
-        mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads, query.device)
-        if path == "absorb":
-            keys = self.keys.rebuilt_with_tail(slot, tail_keys[:, :, :0])
-            out = attend_absorbed(
-                grouped, keys, value_factors, slot, tail_keys, tail_values, scaling, mask, hidden
-            )  # fmt: skip
-        else:
-            table = self.runtime.table
-            angles = table.joint_table(tokens, query.device) if table is not None else None
-            out = attend_selective(
-                grouped, self.selective[slot], key_factors, value_factors, slot, angles,
-                self.config.budget_chunks(tokens, self.selective[slot].chunk_size), tail_keys, tail_values, scaling,
-                mask,
-            )  # fmt: skip
-        return ungroup_output(out.to(query.dtype), num_heads, length)
 
     # ------------------------------------------------------------------ bookkeeping
     def prefix_tensors(self) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from xkv import attention
-from xkv.adapters import ModelSpec, describe_model, layer_devices
+from xkv.adapters import describe_model, layer_devices
 from xkv.cache import io
 from xkv.cache.base import CompressedLayer, GroupedCache, held_states
 from xkv.cache.runtime import DecodeRuntime, left_padding
@@ -94,7 +94,7 @@ class XKVCache(GroupedCache):
             for group in self.groups
         ]
         for store in self.xkv_stores:
-            self._check_static_ranks(store, spec)
+            store.check_static_ranks()
         super().__init__(spec, self.xkv_stores)
 
     @classmethod
@@ -121,17 +121,6 @@ class XKVCache(GroupedCache):
             ValueError: if the number of layers does not match the model, or a rank does not fit.
         """
         return cls(model, config).prefill_from(keys_values, attention_mask)
-
-    def _check_static_ranks(self, store: XKVGroupStore, spec: ModelSpec) -> None:
-        # Integer ranks can be checked against G*D now; the token bound is checked at the first prefill.
-        bound = spec.kv_dim * store.group.size
-        for side in store.sides:
-            setting = side.frame.setting
-            if side.factored and setting.kind == "rank" and setting.value > bound:
-                raise ValueError(
-                    f"`rank_{side.frame.letter}` for group {store.group.index} must be in [1, {bound}] "
-                    f"(group_size * kv_heads * head_dim) but got {int(setting.value)}"
-                )
 
     def begin_prefill(self, key_states: torch.Tensor, inputs: UpdateInputs, layer_idx: int = 0) -> None:
         """Check ranks and RoPE positions before anything is stored (nothing is half-written on error).
