@@ -48,13 +48,13 @@ def save(
     model = cache._model()
     if model is None:
         raise RuntimeError("save() needs the model this cache was built for, which no longer exists")
-    if not all(store.is_ready for store in cache.xkv_stores) or any(s.pending_keys for s in cache.xkv_stores):
+    if not all(store.is_ready for store in cache.group_stores) or any(s.pending_keys for s in cache.group_stores):
         raise RuntimeError("save() needs a finished prefill (every group factored)")
     if cache.runtime.pads is not None:
         raise ValueError("save() writes unpadded prefixes; this cache holds a left-padded batch")
     tensors: dict[str, torch.Tensor] = {}
     stores = []
-    for i, store in enumerate(cache.xkv_stores):
+    for i, store in enumerate(cache.group_stores):
         named, entry = store.state()
         tensors.update({f"group{i}.{name}": t for name, t in named.items()})
         stores.append(entry)
@@ -133,9 +133,9 @@ def _from_prefix(
     cache = cls(model, config)
     device = next(model.parameters()).device
     stored = {name: t.to(device) for name, t in tensors.items()}
-    if len(meta["stores"]) != len(cache.xkv_stores) or len(meta["layers"]) != len(cache.layers):
+    if len(meta["stores"]) != len(cache.group_stores) or len(meta["layers"]) != len(cache.layers):
         raise ValueError("the groups or layers in the file do not match its config")
-    for i, (store, entry) in enumerate(zip(cache.xkv_stores, meta["stores"], strict=True)):
+    for i, (store, entry) in enumerate(zip(cache.group_stores, meta["stores"], strict=True)):
         head = f"group{i}."
         store.load_state({name[len(head) :]: t for name, t in stored.items() if name.startswith(head)}, entry)
     for layer_idx, (layer, entry) in enumerate(zip(cache.layers, meta["layers"], strict=True)):

@@ -23,7 +23,7 @@ import copy
 import logging
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,13 +89,13 @@ class XKVCache(GroupedCache):
             )  # fmt: skip
         self.runtime = DecodeRuntime(fast, PrefixAngles(self.angles) if self.angles is not None else None)
         self._told_chunks = False  # `_note_chunks` warns once per cache
-        self.xkv_stores = [
+        stores = [
             XKVGroupStore(group, self.config, len(self.groups), spec, self.angles, self.runtime)
             for group in self.groups
         ]
-        for store in self.xkv_stores:
+        for store in stores:
             store.check_static_ranks()
-        super().__init__(spec, self.xkv_stores)
+        super().__init__(spec, stores)
 
     @classmethod
     def from_dense(
@@ -145,7 +145,7 @@ class XKVCache(GroupedCache):
             angles = RotaryAngles(angles.rotary_emb, "sliding_attention")  # that layer's own RoPE base (Gemma 3)
         # Before the ranks: a padded batch holds no Selective Reconstruction index.
         self.runtime.pads = left_padding(inputs, angles, batch, tokens, key_states.device)
-        for store in self.xkv_stores:
+        for store in self.group_stores:
             store.begin_prefill(exact, tokens, key_states.dtype)
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -176,7 +176,7 @@ class XKVCache(GroupedCache):
         the cache its first chunk alone; if that chunk is under ``min_tokens`` the groups are kept exact and the
         later chunks are never factored, so the cache ends larger than a dense one without compressing anything.
         """
-        stores = self.xkv_stores
+        stores = self.group_stores
         if not stores or not all(store.exact_prefill for store in stores):
             return
         total = self.layers[layer_idx].get_seq_length() + tokens
@@ -216,8 +216,8 @@ class XKVCache(GroupedCache):
         keep = self.config.fold_keep if keep is None else keep
         if keep < 0:
             raise ValueError(f"`keep` must be >= 0 but got {keep}")
-        folded = max((self._fold_group(store, keep, keep + 1, False) for store in self.xkv_stores), default=0)
-        trimmed = [store.trim() for store in self.xkv_stores]
+        folded = max((self._fold_group(store, keep, keep + 1, False) for store in self.group_stores), default=0)
+        trimmed = [store.trim() for store in self.group_stores]
         if folded or any(trimmed):  # sized for the old prefix or ranks: rebuilt at the next step
             self.runtime.workspace.reset()
             if self.runtime.table is not None:
@@ -264,9 +264,8 @@ class XKVCache(GroupedCache):
         if new.runtime.table is not None and self.runtime.table is not None:  # shared: never written in place
             new.runtime.table.joint = self.runtime.table.joint
             new.runtime.table.halves_equal = self.runtime.table.halves_equal
-        new.xkv_stores = [store.truncated(config, len(groups), new.runtime) for store in self.xkv_stores]
-        new.stores = list(new.xkv_stores)
-        store_of = {layer_idx: store for store in new.xkv_stores for layer_idx in store.layers}
+        new.stores = [store.truncated(config, len(groups), new.runtime) for store in self.group_stores]
+        store_of = {layer_idx: store for store in new.group_stores for layer_idx in store.layers}
         layers: list[CacheLayerMixin] = []
         for layer_idx, layer in enumerate(self.layers):
             states = held_states(layer)
@@ -337,8 +336,8 @@ class XKVCache(GroupedCache):
 
         Exposed for fast decode and analysis, which work on the factors rather than on rebuilt tensors.
         """
-        return self.xkv_stores
+        return cast("list[XKVGroupStore]", self.stores)  # built in __init__ and with_ranks
 
     def full_ranks(self) -> list[int]:
         """Full rank ``min(T, G * D)`` of each factored group at its current prefix length."""
-        return [full_rank(s.prefix_len, s.group.size, self.spec.kv_dim) for s in self.xkv_stores]
+        return [full_rank(s.prefix_len, s.group.size, self.spec.kv_dim) for s in self.group_stores]
