@@ -178,6 +178,8 @@ SPLIT_MODULES = [
     "cli/bench.py", "cli/analyze.py", "cli/config.py",
     "evaluation/tasks/__init__.py", "evaluation/tasks/drafting.py", "evaluation/tasks/haystacks.py",
     "evaluation/tasks/needles.py", "evaluation/tasks/tracking.py", "evaluation/tasks/extraction.py",
+    "cache/__init__.py", "cache/base.py", "cache/runtime.py", "cache/side.py", "cache/ranks.py", "cache/decoding.py",
+    "cache/store.py", "cache/io.py", "cache/xkv.py",
 ]  # fmt: skip
 
 
