@@ -54,7 +54,7 @@ def imported_xkv_modules(path: Path, source: str | None = None) -> set[str]:
 
 
 def test_the_checker_sees_every_import_form():
-    cache = SRC / "cache.py"
+    cache = SRC / "models.py"  # any flat module: relative imports resolve against xkv
     forms = {
         "import xkv.cli": {"cli"},
         "from xkv.cli import main": {"cli"},
@@ -71,6 +71,83 @@ def test_the_checker_sees_every_import_form():
     nested = SRC / "evaluation" / "runner.py"
     assert imported_xkv_modules(nested, "from ..cli import main") == {"cli"}
     assert imported_xkv_modules(nested, "from .tasks import generate") == {"evaluation"}
+
+
+# Modules of the cache package, in the order data flows inside it (imports only earlier ones; `if TYPE_CHECKING:`
+# imports, for annotations only, are exempt).
+CACHE_ORDER = ["base", "runtime", "side", "ranks", "decoding", "store", "io", "xkv"]
+CACHE = SRC / "cache"
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    nodes: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            stack.extend(node.orelse)
+            continue
+        nodes.append(node)
+        stack.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
+def imported_cache_modules(path: Path, source: str | None = None) -> set[str]:
+    """The modules of ``xkv.cache`` a file of that package imports at run time (``"__init__"``: the package)."""
+    names = set()
+    for node in _runtime_nodes(ast.parse(source if source is not None else path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = (
+                ["xkv", "cache", *(node.module or "").split(".")]
+                if node.level == 1
+                else (node.module or "").split(".")
+            )
+            module = [m for m in module if m]
+            if module[:2] != ["xkv", "cache"]:
+                continue
+            if len(module) > 2:
+                names.add(module[2])
+            else:
+                names.update(a.name if a.name in CACHE_ORDER else "__init__" for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[:2] == ["xkv", "cache"]:
+                    names.add(parts[2] if len(parts) > 2 else "__init__")
+    return names
+
+
+def test_cache_modules_are_placed():
+    assert {p.stem for p in CACHE.glob("*.py")} - {"__init__"} == set(CACHE_ORDER)
+
+
+def check_cache_module(name: str, source: str | None = None) -> None:
+    """Fail if ``xkv.cache.<name>`` imports the package or a module of it not earlier in ``CACHE_ORDER``."""
+    for imported in imported_cache_modules(CACHE / f"{name}.py", source):
+        assert imported != "__init__", f"cache.{name} imports the package xkv.cache (import the module itself)"
+        assert CACHE_ORDER.index(imported) < CACHE_ORDER.index(name), f"cache.{name} imports cache.{imported}"
+
+
+@pytest.mark.parametrize("name", CACHE_ORDER)
+def test_cache_modules_import_only_earlier_ones(name):
+    check_cache_module(name)
+
+
+def test_the_cache_checker_fails_on_an_upward_import():
+    base = CACHE / "base.py"
+    assert imported_cache_modules(base, "from xkv.cache.xkv import XKVCache") == {"xkv"}
+    assert imported_cache_modules(base, "from . import store") == {"store"}
+    assert imported_cache_modules(base, "from .io import save") == {"io"}
+    assert imported_cache_modules(base, "import xkv.cache.side") == {"side"}
+    assert imported_cache_modules(base, "def f():\n    from xkv.cache import XKVCache") == {"__init__"}
+    guarded = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from xkv.cache.xkv import XKVCache"
+    assert imported_cache_modules(base, guarded) == set()
+    with pytest.raises(AssertionError, match="imports cache.xkv"):
+        check_cache_module("base", "from xkv.cache.xkv import XKVCache")
+    with pytest.raises(AssertionError, match="imports the package"):
+        check_cache_module("store", "from xkv.cache import XKVCache")
+    check_cache_module("xkv", "from xkv.cache.store import XKVGroupStore")
 
 
 def test_every_module_is_placed():
@@ -101,6 +178,8 @@ SPLIT_MODULES = [
     "cli/bench.py", "cli/analyze.py", "cli/config.py",
     "evaluation/tasks/__init__.py", "evaluation/tasks/drafting.py", "evaluation/tasks/haystacks.py",
     "evaluation/tasks/needles.py", "evaluation/tasks/tracking.py", "evaluation/tasks/extraction.py",
+    "cache/__init__.py", "cache/base.py", "cache/runtime.py", "cache/side.py", "cache/ranks.py", "cache/decoding.py",
+    "cache/store.py", "cache/io.py", "cache/xkv.py",
 ]  # fmt: skip
 
 

@@ -32,19 +32,19 @@ def captured_groups(length: int) -> list[tuple[list[torch.Tensor], int]]:
     """The ``(layers, rank)`` the default cache factors while it prefills a ``length``-token needle prompt."""
     model, tokenizer = load()
     groups: list[tuple[list[torch.Tensor], int]] = []
-    factor = xkv.cache.cross_layer_svd
+    factor = xkv.cache.side.cross_layer_svd
 
     def grab(layers: list[torch.Tensor], rank: int, **kwargs: object) -> LowRankFactors:
         groups.append(([layer.clone() for layer in layers], rank))
         return factor(layers, rank, **kwargs)  # type: ignore[arg-type]
 
-    xkv.cache.cross_layer_svd = grab  # type: ignore[assignment]
+    xkv.cache.side.cross_layer_svd = grab  # type: ignore[assignment]
     try:
         ids = torch.tensor([needle_sample(tokenizer, length, seed=3).context_ids])
         with torch.no_grad():
             model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(XKVCache(model)))
     finally:
-        xkv.cache.cross_layer_svd = factor
+        xkv.cache.side.cross_layer_svd = factor
     return groups
 
 

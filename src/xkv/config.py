@@ -391,7 +391,7 @@ class XKVConfig:
         Raises:
             ValueError: if a per-group list does not have one entry per group.
         """
-        parsed = self._parsed_k if side == "k" else self._parsed_v
+        parsed = {"k": self._parsed_k, "v": self._parsed_v}[side]
         if isinstance(parsed, list):
             if len(parsed) != num_groups:
                 raise ValueError(

@@ -25,7 +25,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -112,6 +112,9 @@ class StoredFactors(ABC):
     ``basis() @ matrix(slot)`` is layer ``slot``'s ``(b, T, D)`` rebuild. Edits return new objects or replace
     tensors whole, so a tensor shared with another cache (``XKVCache.with_ranks``) is never written in place.
     """
+
+    #: Whether the form rounds the factors (int8/int4): editing them means dequantizing and quantizing again.
+    quantized: ClassVar[bool] = False
 
     @property
     @abstractmethod
@@ -342,6 +345,7 @@ class QuantizedFactors(StoredFactors):
     dim: int
     dtype: torch.dtype
     balance: torch.Tensor | None = None
+    quantized: ClassVar[bool] = True
 
     @classmethod
     def from_float(
