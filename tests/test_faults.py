@@ -107,6 +107,7 @@ BAD_INPUTS = [
     (["eval", "--methods", "mine=missing.yaml"], "method 'mine': no config file at 'missing.yaml'"),
     (["tune", "--target", "4", "--out", "doc.txt"], "`--out` 'doc.txt' is a file"),
     (["tune", "--target", "4", "--max-new-tokens", "0", "--out", "t"], "`--max-new-tokens` must be >= 1"),
+    (["tune", "--target", "4", "--first-seed", "0", "--out", "t"], "may choose only on calibration seeds"),
     (["analyze", "--out", "doc.txt"], "`--out` 'doc.txt' is a file"),
     (["analyze", "--allocate", "0.5"], "`--allocate` takes compression factors > 1"),
     (["analyze", "--group-size", "0"], "`--group-size` must be >= 1"),

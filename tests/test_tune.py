@@ -145,3 +145,18 @@ def test_better_compares_score_then_factor_among_candidates_that_reach_the_targe
     assert _better(scored(0.5, 4.1), scored(0.5, 4.0), TARGET)  # then the factor
     assert not _better(scored(0.5, 4.0), scored(0.5, 4.0), TARGET)  # a full tie keeps the incumbent
     assert _better(scored(0.1, 4.0), scored(None, None), TARGET)  # anything that reaches beats a failed run
+
+
+@pytest.mark.parametrize(("first_seed", "samples"), [(0, 4), (19, 1), (990, 20), (999, 1)])
+def test_a_search_on_report_seeds_is_refused(tmp_path, first_seed, samples):
+    with pytest.raises(ValueError, match="calibration seeds"):
+        TunePlan(
+            target=TARGET, axes=AXES, base=XKVConfig(), tasks=["vt"], length=512, samples=samples,
+            first_seed=first_seed, out_dir=tmp_path,
+        )  # fmt: skip
+
+
+def test_a_search_from_the_first_calibration_seed_is_taken(tmp_path):
+    plan = TunePlan(target=TARGET, axes=AXES, base=XKVConfig(), tasks=["vt"], length=512, samples=3,
+                    first_seed=1000, out_dir=tmp_path)  # fmt: skip
+    assert plan.first_seed == 1000

@@ -19,6 +19,7 @@ import yaml
 
 from xkv.config import XKVConfig
 from xkv.evaluation.methods import key_share_of, without_measured_layout, xkv_config_for
+from xkv.evaluation.protocol import CALIBRATION_FIRST_SEED, seed_split
 from xkv.evaluation.runner import EvalPlan, Runner
 
 #: Axes ``xkv tune`` can search, and the values tried by default (in order; the first is the starting value unless
@@ -123,6 +124,16 @@ class TunePlan:
     first_seed: int
     out_dir: Path
     max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        """Refuse a search whose samples reach into the report seeds (``xkv.evaluation.protocol``)."""
+        seeds = range(self.first_seed, self.first_seed + max(self.samples, 1))
+        if seed_split(seeds) != "calibration":
+            raise ValueError(
+                f"`first_seed` {self.first_seed} with {self.samples} samples uses seeds {seeds.start}-{seeds.stop - 1}, "
+                f"but a search may choose only on calibration seeds ({CALIBRATION_FIRST_SEED} and up): seeds 0-19 "
+                "are what the reports are scored on (benchmarks/README.md, 'Choose on calibration, report on held-out')"
+            )
 
 
 @dataclass
