@@ -297,11 +297,12 @@ def test_per_channel_quantized_keeps_a_long_question_exact():
 
 
 def test_only_an_unreachable_ratio_is_reported_as_unreachable():
-    from xkv.evaluation.methods import METHODS, UnreachableError
+    from xkv.config import UnreachableRatioError
+    from xkv.evaluation.methods import METHODS
 
     model = build_tiny("llama")
     ctx = shared_prefill_context(model, context_tokens=24, question_tokens=3, max_new_tokens=2, seed=1)
-    with pytest.raises(UnreachableError, match="cannot reach"):
+    with pytest.raises(UnreachableRatioError, match="cannot reach"):
         METHODS["xkv"]().run(ctx, 200.0)
     ctx = shared_prefill_context(model, context_tokens=24, question_tokens=3, max_new_tokens=2, seed=1)
     ctx.dense = ctx.dense[:-1]  # a bug, not a ratio out of reach: it must surface

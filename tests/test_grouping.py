@@ -136,7 +136,7 @@ def test_auto_groups_average_only_the_factored_sides_and_other_layouts_drop_them
 @pytest.mark.parametrize("form", ["model", "int8", "int4"])
 def test_the_written_factor_of_an_allocated_rank_resolves_to_that_rank(form):
     from xkv.calibration import rank_factor
-    from xkv.config import ResolvedRank
+    from xkv.config import RankSetting
     from xkv.factorization import resolve_rank
     from xkv.forms import FactorFormat
 
@@ -152,7 +152,7 @@ def test_the_written_factor_of_an_allocated_rank_resolves_to_that_rank(form):
                     ):
                         continue  # an allocation never gives a side its dense bytes
                     written = float(f"{rank_factor(fmt, tokens, group_size, dim, rank, itemsize):.6g}")
-                    setting = ResolvedRank("factor", written)
+                    setting = RankSetting("factor", written)
                     got = resolve_rank(setting, tokens, group_size, dim, field_name="r", fmt=fmt, itemsize=itemsize)
                     assert got == rank, (tokens, group_size, dim, itemsize, rank)
                     checked += 1

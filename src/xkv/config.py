@@ -44,7 +44,7 @@ _FACTOR_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*x\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class ResolvedRank:
+class RankSetting:
     """A single rank setting in parsed form.
 
     Attributes:
@@ -81,7 +81,7 @@ def parse_niter(value: Any, field_name: str) -> float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def parse_rank(value: Any, field_name: str) -> ResolvedRank:
+def parse_rank(value: Any, field_name: str) -> RankSetting:
     """Parse one rank setting (not a list).
 
     Args:
@@ -99,12 +99,12 @@ def parse_rank(value: Any, field_name: str) -> ResolvedRank:
     if isinstance(value, numbers.Integral):
         if value < 1:
             raise ValueError(f"`{field_name}` as a rank must be >= 1 but got {value}")
-        return ResolvedRank("rank", float(value))
+        return RankSetting("rank", float(value))
     if isinstance(value, numbers.Real):
         value = float(value)
         if not math.isfinite(value) or not 0.0 < value <= 1.0:
             raise ValueError(f"`{field_name}` as a fraction of the full rank must be in (0, 1] but got {value}")
-        return ResolvedRank("fraction", value)
+        return RankSetting("fraction", value)
     if isinstance(value, str):
         match = _FACTOR_RE.match(value)
         if match is None:
@@ -115,7 +115,7 @@ def parse_rank(value: Any, field_name: str) -> ResolvedRank:
         factor = float(match.group(1))
         if factor <= 1.0:
             raise ValueError(f"`{field_name}` as a compression factor must be > 1 but got {value!r}")
-        return ResolvedRank("factor", factor)
+        return RankSetting("factor", factor)
     raise ValueError(
         f"`{field_name}` must be an int, a float in (0, 1] or a string like '8x', but got {type(value).__name__} "
         f"{value!r}"
@@ -253,8 +253,8 @@ class XKVConfig:
     fold_tokens: int = 0
     fold_keep: int = 32
     fold_headroom: bool = False
-    _parsed_k: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
-    _parsed_v: list[ResolvedRank] | ResolvedRank = field(init=False, repr=False, compare=False)
+    _parsed_k: list[RankSetting] | RankSetting = field(init=False, repr=False, compare=False)
+    _parsed_v: list[RankSetting] | RankSetting = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -357,7 +357,7 @@ class XKVConfig:
         object.__setattr__(self, "groups", groups)
 
     @staticmethod
-    def _parse_side(name: str, spec: Any) -> list[ResolvedRank] | ResolvedRank:
+    def _parse_side(name: str, spec: Any) -> list[RankSetting] | RankSetting:
         if isinstance(spec, tuple):
             spec = list(spec)
         if isinstance(spec, list):
@@ -380,7 +380,7 @@ class XKVConfig:
         tokens = int(budget) if isinstance(budget, numbers.Integral) else math.ceil(float(budget) * prefix_len)
         return max(1, math.ceil(tokens / (chunk_size or self.sr_chunk_size)))
 
-    def rank_setting(self, side: Literal["k", "v"], group_idx: int, num_groups: int) -> ResolvedRank:
+    def rank_setting(self, side: Literal["k", "v"], group_idx: int, num_groups: int) -> RankSetting:
         """The rank setting of one side for one group.
 
         Args:

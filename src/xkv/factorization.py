@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from xkv.config import ResolvedRank, UnreachableRatioError, parse_niter
+from xkv.config import RankSetting, UnreachableRatioError, parse_niter
 from xkv.forms import FactorFormat, QuantizedFactors, StoredFactors, gather_chunks
 
 
@@ -156,7 +156,7 @@ def rank_for_compression_factor(
 
 
 def resolve_rank(
-    setting: ResolvedRank,
+    setting: RankSetting,
     tokens: int,
     group_size: int,
     dim: int,

@@ -9,7 +9,7 @@ import torch
 from xkv.adapters import ModelSpec
 from xkv.cache.runtime import DecodeRuntime
 from xkv.cache.side import Side
-from xkv.config import ResolvedRank, XKVConfig
+from xkv.config import RankSetting, XKVConfig
 from xkv.decode import SelectiveIndex, selective_index_bytes
 from xkv.factorization import UnreachableRatioError
 from xkv.groups import LayerGroup
@@ -138,12 +138,12 @@ class GroupRanks:
         """
         return bool(self.selective) if self.is_ready else self.builds_index(tokens)
 
-    def _factor_budgets(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
+    def _factor_budgets(self, tokens: int, itemsize: int, settings: list[RankSetting]) -> list[float]:
         """Bytes each side's compression factor allows for ``tokens`` tokens (0 for an explicit rank or fraction)."""
         dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
         return [dense_side / s.value if s.kind == "factor" else 0.0 for s in settings]
 
-    def _index_reservations(self, tokens: int, itemsize: int, settings: list[ResolvedRank]) -> list[float]:
+    def _index_reservations(self, tokens: int, itemsize: int, settings: list[RankSetting]) -> list[float]:
         """Bytes of the Selective Reconstruction index each side's compression factor must also pay for.
 
         The index's bytes (:func:`xkv.decode.selective_index_bytes`, ``G`` layers) are shared between the sides

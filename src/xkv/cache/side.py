@@ -22,7 +22,7 @@ import torch
 from xkv.adapters import ModelSpec
 from xkv.cache.runtime import DecodeRuntime
 from xkv.compat import UpdateInputs
-from xkv.config import ResolvedRank, XKVConfig
+from xkv.config import RankSetting, XKVConfig
 from xkv.factorization import LowRankFactors, append_rows, as_float, cross_layer_svd, from_state, resolve_rank
 from xkv.forms import StoredFactors, choose_head
 from xkv.rope import RotaryAngles, apply_rope, apply_rope_, unapply_rope
@@ -111,7 +111,7 @@ class SideFrame:
     spec: ModelSpec
     config: XKVConfig
     runtime: DecodeRuntime
-    setting: ResolvedRank
+    setting: RankSetting
     rotation: NoRotation
 
 
@@ -128,7 +128,7 @@ class Side(ABC):
         self.pending: dict[int, torch.Tensor] = {}
 
     @property
-    def setting(self) -> ResolvedRank:
+    def setting(self) -> RankSetting:
         """This side's rank setting for its group."""
         return self.frame.setting
 

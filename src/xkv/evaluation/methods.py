@@ -43,10 +43,6 @@ from xkv.generation import Step, cache_step, chunked_prefill, decode_n_tokens
 from xkv.memory import dense_kv_bytes, tensor_bytes
 
 
-class UnreachableError(Exception):
-    """The method cannot reach the requested compression factor at this length (reported, never substituted)."""
-
-
 @dataclass
 class SampleContext:
     """What every method gets for one sample.
@@ -172,7 +168,7 @@ class Method:
         """Answer the sample holding about ``1 / factor`` of the dense bytes.
 
         Raises:
-            UnreachableError: if the method cannot reach ``factor``.
+            UnreachableRatioError: if the method cannot reach ``factor``.
         """
         raise NotImplementedError
 
@@ -326,10 +322,7 @@ class XKVMethod(Method):
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Compress the shared prefill, answer through the rebuilt cache, count the real cache's bytes."""
         config = self.config_for(factor, ctx.model)
-        try:
-            cache = self._compress(ctx, config)
-        except UnreachableRatioError as err:
-            raise UnreachableError(str(err)) from err
+        cache = self._compress(ctx, config)
         report = cache.memory_report()
         details = {
             "group_size": config.group_size,
@@ -435,10 +428,7 @@ class XKVChunkedMethod(XKVMethod):
         """Prefill chunk by chunk through the real cache, fold the last chunk, answer through the cache."""
         config = self.config_for(factor, ctx.model)
         cache = XKVCache(ctx.model, config)
-        try:
-            logits = super().prefill(ctx.model, ctx.context_ids, cache)  # an unreachable rank shows in the chunks
-        except UnreachableRatioError as err:
-            raise UnreachableError(str(err)) from err
+        logits = super().prefill(ctx.model, ctx.context_ids, cache)  # an unreachable rank shows in the chunks
         cache.fold(0)
         report = cache.memory_report()
         details = {
@@ -475,7 +465,9 @@ class MiniCacheMethod(Method):
         """Merge the shared prefill; unreachable above what merging every pair gives (under 2x)."""
         config = MiniCache.for_compression_factor(ctx.model, factor, int(ctx.context_ids.shape[1]), **self.options)
         if config is None:
-            raise UnreachableError(f"MiniCache tops out below {factor:g}x (merging layer pairs at most halves them)")
+            raise UnreachableRatioError(
+                f"MiniCache tops out below {factor:g}x (merging layer pairs at most halves them)"
+            )
         cache = MiniCache.from_dense(ctx.model, ctx.dense, config)
         report = cache.memory_report()
         dense = cache.materialize()
@@ -497,10 +489,7 @@ class PressMethod(Method):
 
     def run(self, ctx: SampleContext, factor: float) -> Outcome:
         """Prune the captured prefill, answer with positions continuing from the original length."""
-        try:
-            pressed = replay_press(ctx.model, make_press(self.press_name, factor), ctx.capture)
-        except UnreachableRatioError as err:
-            raise UnreachableError(str(err)) from err
+        pressed = replay_press(ctx.model, make_press(self.press_name, factor), ctx.capture)
         report = press_memory_report(pressed)
         tokens = greedy_answer(ctx, lambda ids: press_forward(ctx.model, pressed, ids))
         return Outcome(tokens, report.held_bytes, report.dense_bytes, {"kept_tokens": pressed.pressed_length})
@@ -541,7 +530,7 @@ class QuantizedMethod(Method):
         itemsize = next(ctx.model.parameters()).element_size()
         nbits = self.nbits_for(factor, itemsize)
         if nbits is None:
-            raise UnreachableError(f"QuantizedCache int2 tops out below {factor:g}x")
+            raise UnreachableRatioError(f"QuantizedCache int2 tops out below {factor:g}x")
         key = f"{self.name}:{nbits}"
         if key in ctx.scratch:  # e.g. int4 serves both 2x and 4x: the same cache and answer
             return ctx.scratch[key]

@@ -25,9 +25,9 @@ from transformers import DynamicCache
 
 from xkv import __version__ as xkv_version
 from xkv.baselines.presses import capture_prefill
-from xkv.config import XKVConfig
+from xkv.config import UnreachableRatioError, XKVConfig
 from xkv.evaluation.code_tasks import CODE_TASK_NAMES, exact_match
-from xkv.evaluation.methods import METHODS, Method, SampleContext, UnreachableError, build_method
+from xkv.evaluation.methods import METHODS, Method, SampleContext, build_method
 from xkv.evaluation.protocol import seed_split
 from xkv.evaluation.tasks import generate, score_answer
 from xkv.generation import prefill
@@ -621,7 +621,7 @@ class Runner:
             }
             try:
                 outcome = self.methods[name].run(ctx, factor)
-            except UnreachableError as err:
+            except UnreachableRatioError as err:
                 row.update({"status": "unreachable", "reason": str(err), "score": None, "measured_ratio": None})
             else:
                 prediction = self.tokenizer.decode(outcome.tokens, skip_special_tokens=True).strip()

@@ -130,9 +130,10 @@ class TunePlan:
         seeds = range(self.first_seed, self.first_seed + max(self.samples, 1))
         if seed_split(seeds) != "calibration":
             raise ValueError(
-                f"`first_seed` {self.first_seed} with {self.samples} samples uses seeds {seeds.start}-{seeds.stop - 1}, "
-                f"but a search may choose only on calibration seeds ({CALIBRATION_FIRST_SEED} and up): seeds 0-19 "
-                "are what the reports are scored on (benchmarks/README.md, 'Choose on calibration, report on held-out')"
+                f"`first_seed` {self.first_seed} with {self.samples} samples uses seeds {seeds.start}-"
+                f"{seeds.stop - 1}, but a search may choose only on calibration seeds ({CALIBRATION_FIRST_SEED} and "
+                "up): seeds 0-19 are what the reports are scored on (benchmarks/README.md, 'Choose on calibration, "
+                "report on held-out')"
             )
 
 
