@@ -346,3 +346,41 @@ def test_bad_decode_settings_name_the_field():
             XKVConfig(sr_max_share=bad)
     with pytest.raises(ValueError, match="`sr_outlier_chunks`"):
         XKVConfig(sr_outlier_chunks=-1)
+
+
+@torch.no_grad()
+def test_detach_gives_the_model_back_its_attention_and_the_cache_decodes_with_rebuild():
+    model = build_tiny("llama")
+    before = model.config._attn_implementation
+    prompt = ids(1, 64)
+    rebuilt, _ = logits_after(model, config("rebuild"), prompt, TURNS)
+    cache = XKVCache(model, config("absorb"))
+    model(prompt, use_cache=True, **cache_kwargs(cache))
+    assert model.config._attn_implementation == IMPLEMENTATION
+    cache.detach_from(model)
+    assert model.config._attn_implementation == before
+    after = torch.cat([model(t, use_cache=True, **cache_kwargs(cache)).logits for t in TURNS], dim=1)
+    torch.testing.assert_close(after, rebuilt, atol=1e-4, rtol=1e-4)
+    assert all(store.decode_path(0) == "rebuild" for store in cache.group_stores)
+    with pytest.raises(ValueError, match="not the model this cache was built for"):
+        cache.detach_from(build_tiny("llama"))
+
+
+@torch.no_grad()
+def test_the_model_is_switched_back_when_the_last_cache_lets_go():
+    model = build_tiny("llama")
+    before = model.config._attn_implementation
+    first, second = XKVCache(model, config("absorb")), XKVCache(model, config("selective"))
+    model(ids(1, 64), use_cache=True, **cache_kwargs(first))
+    copy = first.with_ranks(config("absorb", rank_k=0.25))
+    first.detach_from(model)
+    assert model.config._attn_implementation == IMPLEMENTATION  # the second cache and the copy still decode fast
+    assert copy.runtime.fast and second.runtime.fast
+    second.detach_from(model)
+    assert model.config._attn_implementation == IMPLEMENTATION
+    with copy:
+        pass
+    assert model.config._attn_implementation == before
+    with XKVCache(model, config("absorb")):
+        assert model.config._attn_implementation == IMPLEMENTATION
+    assert model.config._attn_implementation == before

@@ -9,13 +9,16 @@ carries no pending request (prefills, dense layers, other caches) goes to transf
 set to ``"xkv"`` computes exactly what it computes with ``"sdpa"`` everywhere else.
 
 Nothing is registered at import: :func:`enable` registers (once) and switches one model with
-``model.set_attn_implementation`` (a public API). No function of transformers is patched.
+``model.set_attn_implementation`` (a public API); :func:`restore` switches it back once the last cache that asked for
+it lets go (``XKVCache.detach_from``, or leaving a ``with XKVCache(...)`` block). No function of transformers is
+patched.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -126,8 +129,16 @@ def xkv_attention_forward(
     )
 
 
-def enable(model: nn.Module) -> bool:
-    """Register ``"xkv"`` (once) and switch ``model`` to it.
+#: Per model switched by :func:`enable`: the implementation it had before, and the holders that still need "xkv".
+_SWITCHED: weakref.WeakKeyDictionary[nn.Module, tuple[str, weakref.WeakSet[Any]]] = weakref.WeakKeyDictionary()
+
+
+def enable(model: nn.Module, holder: Any = None) -> bool:
+    """Register ``"xkv"`` (once) and switch ``model`` to it, on behalf of ``holder`` (e.g. a cache).
+
+    Args:
+        model: the model whose attention the fast decode paths run through.
+        holder: the object that needs ``"xkv"`` until it calls :func:`restore` (kept by weak reference).
 
     Returns:
         ``True`` if the model now runs attention through ``"xkv"``; ``False`` (with a log line saying why) if its
@@ -146,10 +157,38 @@ def enable(model: nn.Module) -> bool:
             current,
         )
         return False
-    if IMPLEMENTATION not in AttentionInterface._global_mapping:
+    if IMPLEMENTATION not in AttentionInterface():
         AttentionInterface.register(IMPLEMENTATION, xkv_attention_forward)
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     if current != IMPLEMENTATION:
         model.set_attn_implementation(IMPLEMENTATION)  # type: ignore[operator]  # a PreTrainedModel method
         logger.info("attention implementation %r -> %r for XKVCache's fast decode", current, IMPLEMENTATION)
+    previous, holders = _SWITCHED.get(model, (current, weakref.WeakSet()))
+    if holder is not None:
+        holders.add(holder)
+    _SWITCHED[model] = (previous, holders)
+    return True
+
+
+def restore(model: nn.Module, holder: Any = None) -> bool:
+    """``holder`` no longer needs ``"xkv"``: once no live holder does, ``model`` gets back its earlier implementation.
+
+    A model that :func:`enable` never switched, or that still has other holders, is left as it is. Holders that were
+    garbage-collected without calling this count as gone; until some holder restores, a model left on ``"xkv"``
+    computes what ``"sdpa"`` computes (every call without a pending request goes to SDPA).
+
+    Returns:
+        ``True`` if the model was switched back.
+    """
+    entry = _SWITCHED.get(model)
+    if entry is None:
+        return False
+    previous, holders = entry
+    holders.discard(holder)
+    if len(holders) > 0:
+        return False
+    del _SWITCHED[model]
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == IMPLEMENTATION:
+        model.set_attn_implementation(previous)  # type: ignore[operator]  # a PreTrainedModel method
+        logger.info("attention implementation %r -> %r: no cache needs it any more", IMPLEMENTATION, previous)
     return True

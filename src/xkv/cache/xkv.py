@@ -6,10 +6,12 @@ Life of a compressed layer group (G layers):
   values until the last layer of the group has run; the exact states are returned, so the prefill attention itself is
   exact (as in the paper). Then the group is factored (:func:`xkv.factorization.cross_layer_svd`) and the dense
   tensors are dropped: with contiguous groups at most one group is dense at a time.
-* **Decode / later turns** (every later ``update``): new tokens go to an exact tail per layer; attention gets the
-  prefix rebuilt from the factors (RoPE re-applied) followed by the tail. The rebuilt prefix is a transient of one
-  layer, never kept between calls. With ``fold_tokens`` set, a group's tails are folded back into its factors once
-  they reach that length (incremental SVD), so a long generation or a context fed in chunks keeps a bounded tail.
+* **Decode / later turns** (every later ``update``): new tokens go to an exact tail per layer. Attention reads the
+  prefix through ``config.decode``'s path (:mod:`xkv.cache.decoding`): ``rebuild`` gives it the prefix rebuilt from
+  the factors (RoPE re-applied) followed by the tail, in a workspace reused across layers; ``absorb`` and
+  ``selective`` (the default) read the factors inside the ``"xkv"`` attention implementation (:mod:`xkv.attention`).
+  Nothing rebuilt is kept between calls. With ``fold_tokens`` set, a group's tails are folded back into its factors
+  once they reach that length (incremental SVD), so a long generation or a context fed in chunks keeps a bounded tail.
 
 Layers outside ``[first_layer, last_layer]`` use transformers' ``DynamicLayer``.
 
@@ -53,6 +55,12 @@ class XKVCache(GroupedCache):
     Use it anywhere a transformers ``Cache`` goes: ``model.generate(ids, past_key_values=XKVCache(model))`` or a
     manual forward loop. Data type and device follow the model's activations.
 
+    What building one does to the model: with a fast decode path (``decode: absorb`` or ``selective``) on an SDPA
+    model, the model's attention implementation is switched to ``"xkv"`` (:mod:`xkv.attention`), which computes what
+    SDPA computes for every call but this cache's decode steps. :meth:`detach_from` (or leaving a
+    ``with XKVCache(model) as cache:`` block) switches it back once no other live cache needs it; the cache then
+    decodes with the rebuild path.
+
     Args:
         model: the transformers causal LM whose cache this is (its geometry and RoPE module are read from it).
         config: compression settings; defaults to ``XKVConfig()``.
@@ -75,7 +83,7 @@ class XKVCache(GroupedCache):
             self.config.decode != "rebuild"
             and spec.attention_softcap is None
             and not spec.latent_attention
-            and attention.enable(model)
+            and attention.enable(model, self)
         )
         if self.config.decode != "rebuild" and spec.latent_attention:
             logger.info(
@@ -257,9 +265,12 @@ class XKVCache(GroupedCache):
             raise ValueError("`config` groups the layers differently from this cache; with_ranks only lowers ranks")
         new = copy.copy(self)
         new.config = config
-        # Its own tables and workspace: what a copy holds is counted for that copy alone.
+        # Its own tables and workspace: what a copy holds is counted for that copy alone. It holds the model's "xkv"
+        # attention in its own right, so detaching the original leaves the copy's fast path in place.
+        model = self._model()
+        fast = self.runtime.fast and model is not None and attention.enable(model, new)
         new.runtime = DecodeRuntime(
-            self.runtime.fast, PrefixAngles(self.angles) if self.angles is not None else None, pads=self.runtime.pads
+            fast, PrefixAngles(self.angles) if self.angles is not None else None, pads=self.runtime.pads
         )
         if new.runtime.table is not None and self.runtime.table is not None:  # shared: never written in place
             new.runtime.table.joint = self.runtime.table.joint
@@ -284,6 +295,28 @@ class XKVCache(GroupedCache):
                 layers.append(self._dense_layer(layer_idx))
         new.layers = layers
         return new
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Give ``model`` back its earlier attention implementation; this cache decodes with the rebuild path after.
+
+        The model is switched back once no other live cache needs ``"xkv"``. The rebuild path computes the same
+        attention as the fast paths, without their query-side shortcuts.
+
+        Raises:
+            ValueError: if ``model`` is not the model this cache was built for.
+        """
+        if self._model() is not model:
+            raise ValueError("`model` is not the model this cache was built for")
+        attention.restore(model, self)
+        self.runtime.fast = False
+
+    def __enter__(self) -> XKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        model = self._model()
+        if model is not None:
+            self.detach_from(model)
 
     # ------------------------------------------------------------------ prefix files
     def save(
