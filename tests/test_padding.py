@@ -6,10 +6,9 @@ from transformers import DynamicCache
 
 from tests.conftest import TINY_FAMILIES, build_tiny
 from xkv import XKVCache, XKVConfig
-from xkv.cache import left_padding
 from xkv.compat import UpdateInputs, cache_kwargs
 from xkv.generation import greedy_generate
-from xkv.rope import RotaryAngles
+from xkv.positions import RotaryAngles, left_padding
 
 FULL = {"rank_k": 1.0, "rank_v": 1.0}
 PADS = (0, 11)  # the second sequence is 11 tokens shorter

@@ -1,7 +1,7 @@
 import torch
 
 from tests.conftest import build_tiny
-from xkv.rope import RotaryAngles, apply_rope, unapply_rope
+from xkv.positions import RotaryAngles, apply_rope, unapply_rope
 
 
 def test_unrotate_then_rotate_is_identity_with_the_models_rope():

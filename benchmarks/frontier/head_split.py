@@ -17,7 +17,7 @@ from xkv.factorization import LowRankFactors, cross_layer_svd
 from xkv.forms import FactorFormat, choose_head
 from xkv.generation import prefill
 from xkv.models import load
-from xkv.rope import unapply_rope
+from xkv.positions import unapply_rope
 
 transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(2)

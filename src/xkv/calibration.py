@@ -22,7 +22,7 @@ from xkv.cache import effective_config, groups_for
 from xkv.config import XKVConfig
 from xkv.forms import FactorFormat
 from xkv.generation import prefill
-from xkv.rope import RotaryAngles, unapply_rope
+from xkv.positions import RotaryAngles, unapply_rope
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from xkv.forms import StoredFactors, dequantize, gather_chunks, quantize
+from xkv.positions import rope_rows
 
 
 def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -115,18 +116,6 @@ def softmax_blocks(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     sizes = [block.shape[-1] for block in blocks]
     probs = torch.softmax(torch.cat([block.float() for block in blocks], dim=-1), dim=-1)
     return list(probs.split(sizes, dim=-1))
-
-
-def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate rows of ``x`` ``(..., n, hd)`` by angles ``(..., n, rot)`` of the same leading shape (rotate-half)."""
-    rot = cos.shape[-1]
-    half = rot // 2
-    x_rot = x[..., :rot].float()
-    out = x_rot * cos
-    out[..., :half].addcmul_(x_rot[..., half:], sin[..., :half], value=-1.0)
-    out[..., half:].addcmul_(x_rot[..., :half], sin[..., half:])
-    out = out.to(x.dtype)
-    return torch.cat((out, x[..., rot:]), dim=-1) if rot < x.shape[-1] else out
 
 
 def attend_absorbed(

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from xkv.compat import cache_kwargs
-from xkv.rope import left_padded_positions
+from xkv.positions import left_padded_positions
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from xkv.cache.base import (
     XKVLayer,
     check_finite,
 )
-from xkv.cache.runtime import FAST_PATH_MAX_QUERIES, DecodeRuntime, Workspace, left_padding
+from xkv.cache.runtime import FAST_PATH_MAX_QUERIES, DecodeRuntime, Workspace
 from xkv.cache.store import XKVGroupStore, effective_config, groups_for
 from xkv.cache.xkv import XKVCache
 
@@ -49,5 +49,4 @@ __all__ = [
     "check_finite",
     "effective_config",
     "groups_for",
-    "left_padding",
 ]

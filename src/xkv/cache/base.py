@@ -18,7 +18,7 @@ from xkv import attention
 from xkv.adapters import ModelSpec
 from xkv.compat import UpdateInputs, query_length, read_update_inputs
 from xkv.memory import GroupMemory, MemoryReport, dense_kv_bytes, tensor_bytes
-from xkv.rope import left_padded_positions
+from xkv.positions import left_padded_positions
 
 logger = logging.getLogger(__name__)
 

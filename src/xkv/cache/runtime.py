@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from xkv.compat import UpdateInputs
-from xkv.rope import PrefixAngles, RotaryAngles
+from xkv.positions import PrefixAngles
 
 logger = logging.getLogger(__name__)
 
@@ -99,59 +98,3 @@ class DecodeRuntime:
         if self.pads is None:
             return None
         return torch.arange(tokens, device=device).unsqueeze(0) >= self.pads.to(device).unsqueeze(1)
-
-
-def left_padding(
-    inputs: UpdateInputs, angles: RotaryAngles | None, batch: int, tokens: int, device: torch.device
-) -> torch.Tensor | None:
-    """Left padding per sequence of a first prefill, read from its RoPE positions; ``None`` if there is none.
-
-    Each sequence must sit at positions ``0..n-1`` after its ``T - n`` padding tokens (what ``generate`` gives a
-    left-padded batch); padding rows may carry any position. Positions come from ``position_ids`` (5.24) or are
-    matched from the cos/sin the model applied (5.2); without either, ``0..T-1`` is assumed.
-
-    Returns:
-        ``(batch,)`` int64 padding counts, or ``None`` if every sequence starts at position 0 at index 0.
-
-    Raises:
-        ValueError: for positions of any other pattern (custom ``position_ids``, a shifted start).
-    """
-    index = torch.arange(tokens, device=device).unsqueeze(0)
-    if inputs.position_ids is not None:
-        positions = inputs.position_ids.to(device).expand(batch, tokens)
-        pads = tokens - 1 - positions[:, -1]
-        valid = bool(((pads >= 0) & (pads < tokens)).all())
-        if valid:
-            real = index >= pads.unsqueeze(1)
-            valid = bool(torch.equal(positions[real], (index - pads.unsqueeze(1))[real]))
-    elif inputs.cos is not None and inputs.sin is not None and angles is not None:
-        cos, sin = angles(index)  # (1, T, rot)
-        given_cos, given_sin = inputs.cos.float().to(device), inputs.sin.float().to(device)
-        if given_cos.shape[-1] != cos.shape[-1] or given_cos.shape[-2] != tokens:
-            valid, pads = False, torch.zeros(batch, dtype=torch.long, device=device)
-        else:
-            given_cos, given_sin = given_cos.expand(batch, -1, -1), given_sin.expand(batch, -1, -1)
-            # the last token's angles name its position: the nearest row of the table (RoPE's slowest frequency
-            # turns by far less than a full circle over T tokens, so rows are distinct)
-            gap = (given_cos[:, -1:] - cos).square().sum(-1) + (given_sin[:, -1:] - sin).square().sum(-1)
-            pads = tokens - 1 - gap.argmin(-1)
-            rows = (index - pads.unsqueeze(1)).clamp(min=0)
-            real = (index >= pads.unsqueeze(1)).unsqueeze(-1)
-            tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
-            valid = bool(
-                ((given_cos - cos[0][rows]).abs().le(tol) | ~real).all()
-                and ((given_sin - sin[0][rows]).abs().le(tol) | ~real).all()
-            )
-    else:
-        return None
-    if not valid:
-        # Positions are known from position_ids; from cos/sin only their match against 0..T-1, which failed.
-        seen = f" (the last of {tokens} at {int(positions[:, -1].max())})" if inputs.position_ids is not None else ""
-        raise ValueError(
-            "XKVCache needs each sequence of the first prefill at RoPE positions 0..n-1 after its left padding "
-            f"(as generate() gives a left-padded batch); the model used other positions{seen}. Custom position_ids "
-            "are not supported, and transformers 5.2's generate(prefill_chunk_size=...) "
-            "gives a first chunk the positions of the prompt's last tokens: prefill the context in one call, in "
-            "chunks with xkv.generation.chunked_prefill, or use generate's chunked prefill on transformers >= 5.24."
-        )
-    return pads.long() if bool(pads.any()) else None

@@ -25,7 +25,7 @@ from xkv.compat import UpdateInputs
 from xkv.config import RankSetting, XKVConfig
 from xkv.factorization import LowRankFactors, append_rows, as_float, cross_layer_svd, from_state, resolve_rank
 from xkv.forms import StoredFactors, choose_head
-from xkv.rope import RotaryAngles, apply_rope, apply_rope_, unapply_rope
+from xkv.positions import RotaryAngles, apply_rope, apply_rope_, unapply_rope
 
 
 class NoRotation:

@@ -23,7 +23,7 @@ from xkv.decode import (
 )
 from xkv.forms import dtype_named
 from xkv.groups import LayerGroup, build_groups
-from xkv.rope import PrefixAngles, RotaryAngles
+from xkv.positions import PrefixAngles, RotaryAngles
 
 logger = logging.getLogger(__name__)
 
@@ -244,10 +244,6 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
         return new
 
     # ------------------------------------------------------------------ rebuild
-    def positions(self, batch: int, device: torch.device) -> torch.Tensor:
-        """``(batch, prefix_len)`` RoPE positions of the prefix: ``0..T-1``, or after each sequence's left padding."""
-        return self.runtime.positions(0, self.prefix_len, batch, device)
-
     def rebuild_keys(self, slot: int) -> torch.Tensor:
         """``(batch, kv_heads, prefix_len, head_dim)`` post-RoPE keys of one layer, rebuilt from the factors."""
         return self.keys.rebuild(slot)

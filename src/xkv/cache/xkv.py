@@ -35,7 +35,7 @@ from xkv import attention
 from xkv.adapters import describe_model, layer_devices
 from xkv.cache import io
 from xkv.cache.base import CompressedLayer, GroupedCache, held_states
-from xkv.cache.runtime import DecodeRuntime, left_padding
+from xkv.cache.runtime import DecodeRuntime
 from xkv.cache.store import XKVGroupStore, effective_config, groups_for
 from xkv.compat import UpdateInputs
 from xkv.config import XKVConfig
@@ -44,7 +44,7 @@ from xkv.factorization import (
 )
 from xkv.groups import check_groups_on_one_device
 from xkv.memory import tensor_bytes
-from xkv.rope import PrefixAngles, RotaryAngles
+from xkv.positions import PrefixAngles, RotaryAngles, left_padding
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,10 @@
-"""Rotary position embedding (RoPE) applied and removed, so keys can be factored before RoPE (xKV, section 3).
+"""Positions, padding and RoPE: the one owner of where a token sits and how its key is rotated.
 
-Conventions follow transformers' ``apply_rotary_pos_emb``: ``rotate_half`` pairs dimension ``i`` with
-``i + rot_dim/2``, and a partial rotary embedding (Phi-3) rotates only the first ``cos.shape[-1]`` dimensions.
+Keys are factored before RoPE (xKV, section 3), so RoPE is removed at the prefill and applied again where keys are
+rebuilt. Conventions follow transformers' ``apply_rotary_pos_emb``: rotate-half pairs dimension ``i`` with
+``i + rot_dim/2``, and a partial rotary embedding (Phi-3) rotates only the first ``cos.shape[-1]`` dimensions. One
+rotate-half product (:func:`rope_rows`) serves every out-of-place rotation; :func:`apply_rope_` is its in-place form
+for the rebuild workspace. The angles of the prefix positions are built once per cache (:class:`PrefixAngles`).
 """
 
 from __future__ import annotations
@@ -9,16 +12,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xkv.compat import UpdateInputs
+
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision inputs (bf16 cos/sin lose ~3 digits over a 4k-token rotation), else unchanged."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate rows of ``x`` ``(..., n, hd)`` by angles ``(..., n, rot)`` broadcast to its leading shape.
+
+    ``(x1, x2) -> (x1 c - x2 s, x2 c + x1 s)`` on the two halves of the first ``rot`` dimensions, in float32 (float64
+    stays); the rest of ``x`` passes through. Returns ``x``'s shape and dtype.
+    """
+    rot = cos.shape[-1]
+    half = rot // 2
+    x_rot = _upcast(x[..., :rot])
+    out = x_rot * cos
+    out[..., :half].addcmul_(x_rot[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x_rot[..., :half], sin[..., half:])
+    out = out.to(x.dtype)
+    return torch.cat((out, x[..., rot:]), dim=-1) if rot < x.shape[-1] else out
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -32,18 +47,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Returns:
         ``(batch, heads, tokens, head_dim)`` in the dtype of ``x``; the math runs in float32 (float64 stays).
     """
-    rot_dim = cos.shape[-1]
-    cos, sin = _upcast(cos).unsqueeze(1), _upcast(sin).unsqueeze(1)
-    x_rot, x_pass = _upcast(x[..., :rot_dim]), x[..., rot_dim:]
-    rotated = (x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype)
-    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+    return rope_rows(x, _upcast(cos).unsqueeze(1), _upcast(sin).unsqueeze(1))
 
 
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Exact inverse of :func:`apply_rope` for the same ``cos``/``sin``.
 
     Each dimension pair is multiplied by ``[[c, -s], [s, c]]``; its inverse is ``[[c, s], [-s, c]] / (c^2 + s^2)``
-    (the denominator is the square of RoPE's attention scaling, 1 for plain RoPE).
+    (the denominator is the square of RoPE's attention scaling, 1 for plain RoPE): a rotation by ``-s``, scaled.
 
     Args:
         x: post-RoPE keys ``(batch, heads, tokens, head_dim)``.
@@ -53,11 +64,9 @@ def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Returns:
         Pre-RoPE keys, same shape and dtype as ``x``; the math runs in float32 (float64 stays).
     """
-    rot_dim = cos.shape[-1]
     cos, sin = _upcast(cos).unsqueeze(1), _upcast(sin).unsqueeze(1)
-    x_rot, x_pass = _upcast(x[..., :rot_dim]), x[..., rot_dim:]
-    unrotated = ((x_rot * cos - rotate_half(x_rot) * sin) / (cos * cos + sin * sin)).to(x.dtype)
-    return torch.cat((unrotated, x_pass), dim=-1) if x_pass.shape[-1] else unrotated
+    scale = cos * cos + sin * sin
+    return rope_rows(x, cos / scale, -sin / scale)
 
 
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +75,62 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     As ``generate`` numbers them; ``attention_mask`` is ``(batch, tokens)``, 0 on padding.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_padding(
+    inputs: UpdateInputs, angles: RotaryAngles | None, batch: int, tokens: int, device: torch.device
+) -> torch.Tensor | None:
+    """Left padding per sequence of a first prefill, read from its RoPE positions; ``None`` if there is none.
+
+    Each sequence must sit at positions ``0..n-1`` after its ``T - n`` padding tokens (what ``generate`` gives a
+    left-padded batch); padding rows may carry any position. Positions come from ``position_ids`` (5.24) or are
+    matched from the cos/sin the model applied (5.2); without either, ``0..T-1`` is assumed.
+
+    Returns:
+        ``(batch,)`` int64 padding counts, or ``None`` if every sequence starts at position 0 at index 0.
+
+    Raises:
+        ValueError: for positions of any other pattern (custom ``position_ids``, a shifted start).
+    """
+    index = torch.arange(tokens, device=device).unsqueeze(0)
+    if inputs.position_ids is not None:
+        positions = inputs.position_ids.to(device).expand(batch, tokens)
+        pads = tokens - 1 - positions[:, -1]
+        valid = bool(((pads >= 0) & (pads < tokens)).all())
+        if valid:
+            real = index >= pads.unsqueeze(1)
+            valid = bool(torch.equal(positions[real], (index - pads.unsqueeze(1))[real]))
+    elif inputs.cos is not None and inputs.sin is not None and angles is not None:
+        cos, sin = angles(index)  # (1, T, rot)
+        given_cos, given_sin = inputs.cos.float().to(device), inputs.sin.float().to(device)
+        if given_cos.shape[-1] != cos.shape[-1] or given_cos.shape[-2] != tokens:
+            valid, pads = False, torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            given_cos, given_sin = given_cos.expand(batch, -1, -1), given_sin.expand(batch, -1, -1)
+            # the last token's angles name its position: the nearest row of the table (RoPE's slowest frequency
+            # turns by far less than a full circle over T tokens, so rows are distinct)
+            gap = (given_cos[:, -1:] - cos).square().sum(-1) + (given_sin[:, -1:] - sin).square().sum(-1)
+            pads = tokens - 1 - gap.argmin(-1)
+            rows = (index - pads.unsqueeze(1)).clamp(min=0)
+            real = (index >= pads.unsqueeze(1)).unsqueeze(-1)
+            tol = 1e-4 if inputs.cos.dtype in (torch.float32, torch.float64) else 2e-2
+            valid = bool(
+                ((given_cos - cos[0][rows]).abs().le(tol) | ~real).all()
+                and ((given_sin - sin[0][rows]).abs().le(tol) | ~real).all()
+            )
+    else:
+        return None
+    if not valid:
+        # Positions are known from position_ids; from cos/sin only their match against 0..T-1, which failed.
+        seen = f" (the last of {tokens} at {int(positions[:, -1].max())})" if inputs.position_ids is not None else ""
+        raise ValueError(
+            "XKVCache needs each sequence of the first prefill at RoPE positions 0..n-1 after its left padding "
+            f"(as generate() gives a left-padded batch); the model used other positions{seen}. Custom position_ids "
+            "are not supported, and transformers 5.2's generate(prefill_chunk_size=...) "
+            "gives a first chunk the positions of the prompt's last tokens: prefill the context in one call, in "
+            "chunks with xkv.generation.chunked_prefill, or use generate's chunked prefill on transformers >= 5.24."
+        )
+    return pads.long() if bool(pads.any()) else None
 
 
 class RotaryAngles:
