@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xkv import compression_factor, cross_layer_svd, relative_error
+from xkv.budget import full_rank, rank_for_compression_factor, resolve_rank
 from xkv.config import parse_rank
-from xkv.factorization import full_rank, rank_for_compression_factor, resolve_rank
 from xkv.forms import FactorFormat
 
 

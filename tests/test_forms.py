@@ -10,8 +10,9 @@ from transformers import DynamicCache
 
 from tests.conftest import build_tiny
 from xkv import XKVCache, XKVConfig
+from xkv.budget import rank_for_compression_factor
 from xkv.compat import cache_kwargs
-from xkv.factorization import LowRankFactors, cross_layer_svd, rank_for_compression_factor
+from xkv.factorization import LowRankFactors, cross_layer_svd
 from xkv.forms import FactorFormat, QuantizedFactors, choose_head, dequantize, quantize, rotate
 from xkv.memory import tensor_bytes
 

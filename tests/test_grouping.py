@@ -135,9 +135,9 @@ def test_auto_groups_average_only_the_factored_sides_and_other_layouts_drop_them
 
 @pytest.mark.parametrize("form", ["model", "int8", "int4"])
 def test_the_written_factor_of_an_allocated_rank_resolves_to_that_rank(form):
+    from xkv.budget import resolve_rank
     from xkv.calibration import rank_factor
     from xkv.config import RankSetting
-    from xkv.factorization import resolve_rank
     from xkv.forms import FactorFormat
 
     fmt = FactorFormat(form, 64)

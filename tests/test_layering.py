@@ -8,8 +8,8 @@ import pytest
 # Top-level modules and subpackages of xkv, in the order data flows. A module may import earlier entries and
 # modules of its own subpackage.
 ORDER = [
-    "compat", "forms", "config", "groups", "factorization", "analysis", "memory", "positions", "decode", "attention",
-    "adapters", "prefix", "cache", "models",
+    "compat", "forms", "config", "budget", "groups", "factorization", "analysis", "memory", "positions", "decode",
+    "attention", "adapters", "prefix", "cache", "models",
     "prompts", "generation", "calibration", "baselines", "integrations", "evaluation", "bench", "cli",
 ]  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "xkv"

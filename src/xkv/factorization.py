@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from xkv.config import RankSetting, UnreachableRatioError, parse_niter
+from xkv.budget import full_rank
+from xkv.config import parse_niter
 from xkv.forms import FactorFormat, QuantizedFactors, StoredFactors, gather_chunks
 
 
@@ -108,108 +109,6 @@ class LowRankFactors(StoredFactors):
         if fmt.form == "model":
             return self
         return QuantizedFactors.from_float(self.token_basis, self.reconstruction, fmt, head)
-
-
-def full_rank(tokens: int, group_size: int, dim: int) -> int:
-    """Largest useful rank of a ``(tokens, group_size * dim)`` matrix."""
-    return min(tokens, group_size * dim)
-
-
-def rank_for_compression_factor(
-    tokens: int,
-    group_size: int,
-    dim: int,
-    factor: float,
-    fmt: FactorFormat | None = None,
-    itemsize: int = 4,
-    reserved_bytes: float = 0.0,
-) -> int:
-    """Largest rank whose bytes are at most ``1 / factor`` of the dense group in the model's dtype.
-
-    In the model's dtype this is the inverse of :func:`xkv.memory.compression_factor`: ``G*T*D / (T*r + r*G*D) >=
-    factor``. In a quantized form the packed values and their scales are counted (:meth:`FactorFormat.
-    factor_bytes`, what ``memory_report()`` measures). Returns 0 when even rank 1 cannot reach ``factor``.
-
-    Args:
-        tokens: T.
-        group_size: G.
-        dim: D.
-        factor: target compression factor (> 1).
-        fmt: storage form of the factors (default: the model's dtype).
-        itemsize: bytes per value of the model's dtype (the dense cache's, and the ``"model"`` form's).
-        reserved_bytes: bytes held beside the factors that the budget must also pay for (Selective
-            Reconstruction's landmarks and exact chunks).
-    """
-    budget = group_size * tokens * dim * itemsize / factor - reserved_bytes
-    if budget <= 0:
-        return 0
-    if fmt is None or fmt.form == "model":
-        return int(math.floor(budget / (itemsize * (tokens + group_size * dim)) + 1e-9))
-    low, high = 0, full_rank(tokens, group_size, dim)
-    while low < high:  # bytes grow with the rank: the largest rank within the budget
-        mid = (low + high + 1) // 2
-        if fmt.factor_bytes(tokens, group_size, dim, mid, itemsize) <= budget * (1 + 1e-9):
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def resolve_rank(
-    setting: RankSetting,
-    tokens: int,
-    group_size: int,
-    dim: int,
-    *,
-    field_name: str,
-    fmt: FactorFormat | None = None,
-    itemsize: int = 4,
-    reserved_bytes: float = 0.0,
-) -> int:
-    """Turn a rank setting into a number of singular vectors for a group of known shape.
-
-    Args:
-        setting: the parsed config value.
-        tokens: T, tokens being factored.
-        group_size: G, layers in the group.
-        dim: D, features per layer (``kv_heads * head_dim``).
-        field_name: named in error messages (e.g. ``"rank_k for group 3"``).
-        fmt: storage form of the factors: a compression factor counts its bytes (default: the model's dtype).
-        itemsize: bytes per value of the model's dtype.
-        reserved_bytes: bytes a compression factor must also pay for (see :func:`rank_for_compression_factor`).
-
-    Returns:
-        ``r`` with ``1 <= r <= min(T, G*D)``.
-
-    Raises:
-        UnreachableRatioError: (a ``ValueError``) if the rank is larger than the data allows, or a compression
-            factor cannot be reached.
-    """
-    bound = full_rank(tokens, group_size, dim)
-    if setting.kind == "rank":
-        rank = int(setting.value)
-        if rank > bound:
-            raise UnreachableRatioError(
-                f"`{field_name}` must be in [1, {bound}] (min(tokens={tokens}, group_size*dim={group_size * dim})) "
-                f"but got {rank}"
-            )
-        return rank
-    if setting.kind == "fraction":
-        return max(1, min(bound, round(setting.value * bound)))
-    rank = min(
-        bound, rank_for_compression_factor(tokens, group_size, dim, setting.value, fmt, itemsize, reserved_bytes)
-    )
-    if rank < 1:
-        fmt = fmt or FactorFormat()
-        held = fmt.factor_bytes(tokens, group_size, dim, 1, itemsize) + reserved_bytes
-        best = group_size * tokens * dim * itemsize / held
-        extra = f" and {reserved_bytes:.0f} bytes of Selective Reconstruction's index" if reserved_bytes else ""
-        raise UnreachableRatioError(
-            f"`{field_name}` asks for {setting.value:g}x, which {tokens} tokens of a {group_size}-layer group "
-            f"cannot reach even at rank 1 (at most {best:.2f}x with {fmt.form} factors{extra}): use a longer "
-            "context, a lower factor or a larger group"
-        )
-    return rank
 
 
 def _randomized_svd(

@@ -7,11 +7,11 @@ import logging
 import torch
 
 from xkv.adapters import ModelSpec
+from xkv.budget import index_reservations, side_budgets
 from xkv.cache.runtime import DecodeRuntime
 from xkv.cache.side import Side
-from xkv.config import RankSetting, XKVConfig
+from xkv.config import RankSetting, UnreachableRatioError, XKVConfig
 from xkv.decode import SelectiveIndex, selective_index_bytes
-from xkv.factorization import UnreachableRatioError
 from xkv.groups import LayerGroup
 
 logger = logging.getLogger(__name__)
@@ -139,25 +139,21 @@ class GroupRanks:
         return bool(self.selective) if self.is_ready else self.builds_index(tokens)
 
     def _factor_budgets(self, tokens: int, itemsize: int, settings: list[RankSetting]) -> list[float]:
-        """Bytes each side's compression factor allows for ``tokens`` tokens (0 for an explicit rank or fraction)."""
-        dense_side = self.group.size * tokens * self.spec.kv_dim * itemsize
-        return [dense_side / s.value if s.kind == "factor" else 0.0 for s in settings]
+        """Bytes each side's compression factor allows for ``tokens`` tokens (:func:`xkv.budget.side_budgets`)."""
+        return side_budgets(settings, self.group.size, tokens, self.spec.kv_dim, itemsize)
 
     def _index_reservations(self, tokens: int, itemsize: int, settings: list[RankSetting]) -> list[float]:
         """Bytes of the Selective Reconstruction index each side's compression factor must also pay for.
 
         The index's bytes (:func:`xkv.decode.selective_index_bytes`, ``G`` layers) are shared between the sides
-        set by a compression factor, in proportion to their budgets, so each side's factors plus its share meet
-        its factor: ``"4x"`` measures 4x with the landmarks and exact chunks counted. Nothing is reserved without
-        an index, or for a side set by an explicit rank or fraction.
+        set by a compression factor (:func:`xkv.budget.index_reservations`). Nothing is reserved without an index.
         """
         budgets = self._factor_budgets(tokens, itemsize, settings)
-        total = sum(budgets)
-        if not self._holds_index(tokens) or total == 0:
+        if not self._holds_index(tokens):
             return [0.0 for _ in settings]
         config = self.config
         per_layer = sum(selective_index_bytes(
             tokens, self.spec.num_kv_heads, self.spec.head_dim, itemsize, config.sr_chunk_size,
             config.sr_sink_chunks, config.sr_local_chunks, config.sr_outlier_chunks,
         ))  # fmt: skip
-        return [self.group.size * per_layer * b / total for b in budgets]
+        return index_reservations(budgets, self.group.size * per_layer)

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from xkv.adapters import ModelSpec
+from xkv.budget import resolve_rank
 from xkv.cache.runtime import DecodeRuntime
 from xkv.compat import UpdateInputs
 from xkv.config import RankSetting, XKVConfig
-from xkv.factorization import LowRankFactors, append_rows, as_float, cross_layer_svd, from_state, resolve_rank
+from xkv.factorization import LowRankFactors, append_rows, as_float, cross_layer_svd, from_state
 from xkv.forms import StoredFactors, choose_head
 from xkv.positions import RotaryAngles, apply_rope, apply_rope_, unapply_rope
 
@@ -360,7 +361,7 @@ class StoredSide(Side):
         return self.stored
 
     def resolve(self, tokens: int, itemsize: int, reserved: float) -> int | None:
-        """The setting resolved for ``tokens`` tokens (:func:`~xkv.factorization.resolve_rank`)."""
+        """The setting resolved for ``tokens`` tokens (:func:`~xkv.budget.resolve_rank`)."""
         frame = self.frame
         return resolve_rank(
             frame.setting, tokens, frame.group_size, frame.spec.kv_dim,

@@ -33,15 +33,13 @@ from transformers.cache_utils import CacheLayerMixin
 
 from xkv import attention
 from xkv.adapters import describe_model, layer_devices
+from xkv.budget import full_rank
 from xkv.cache import io
 from xkv.cache.base import CompressedLayer, GroupedCache, held_states
 from xkv.cache.runtime import DecodeRuntime
 from xkv.cache.store import XKVGroupStore, effective_config, groups_for
 from xkv.compat import UpdateInputs
 from xkv.config import XKVConfig
-from xkv.factorization import (
-    full_rank,
-)
 from xkv.groups import check_groups_on_one_device
 from xkv.memory import tensor_bytes
 from xkv.positions import PrefixAngles, RotaryAngles, left_padding

@@ -37,6 +37,7 @@ from xkv.baselines.quantized import (
     quantized_memory_report,
     tail_tokens,
 )
+from xkv.budget import split_factor
 from xkv.cache import XKVCache, effective_config, groups_for
 from xkv.config import UnreachableRatioError, XKVConfig
 from xkv.generation import Step, cache_step, chunked_prefill, decode_n_tokens
@@ -221,11 +222,7 @@ def xkv_config_for(
         if key_share is not None:
             raise ValueError("a K/V split (`key_share`) does not apply to per-group rank lists (an allocation)")
         return _scaled_allocation(factor, base, group_sizes)
-    key_share = key_share_of(base) if key_share is None else key_share
-    if factor < 2.1:  # below ~2x the split is narrowed so values still get a factor of at least 1.05
-        key_share = min(key_share, factor / (2.1 - factor))
-    f_v = factor * (1 + key_share) / (2 * key_share)
-    f_k = key_share * f_v
+    f_k, f_v = split_factor(factor, key_share_of(base) if key_share is None else key_share)
     # min_tokens=0: the harness asked for this factor, so short contexts are compressed too (or reported unreachable).
     data = {**base.to_dict(), "rank_k": f"{f_k:.4g}x", "rank_v": f"{f_v:.4g}x", "min_tokens": 0}
     return XKVConfig.from_dict(data)
