@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from tests.conftest import TINY_FAMILIES, build_tiny
 from xkv import XKVCache, XKVConfig
 from xkv.attention import IMPLEMENTATION
+from xkv.cache.decoding import PATHS
 from xkv.compat import cache_kwargs
 from xkv.decode import build_selective_index, select_chunks, selective_index_bytes
 from xkv.memory import tensor_bytes
@@ -141,7 +142,7 @@ def test_selective_attention_includes_exact_tokens_at_the_smallest_budget():
     index.exact_keys[:, :, 0] = 0.0
     query = torch.zeros(1, 4, 1, 8)  # every score 0 => uniform weights over what is attended
     tail_k, tail_v = cache.layers[0].tail()
-    out = store._attend(0, "selective", tail_k, tail_v, query, None, 1.0)
+    out = PATHS["selective"]._attend(store, 0, tail_k, tail_v, query, None, 1.0)
     attended = 4 + index.exact_keys.shape[2] + tail_k.shape[2]  # one chunk, the exact rows, the tail
     assert torch.allclose(out[0, 0, :, :], torch.full((4, 8), 1e3 / attended), rtol=1e-3, atol=1.0)
 

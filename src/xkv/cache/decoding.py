@@ -1,9 +1,18 @@
-"""A group's decode glue: which path a layer decodes with, and what ``update`` and attention get on each."""
+"""A group's decode paths as objects: what ``update`` returns and how attention reads the prefix on each.
+
+Three paths (:class:`Rebuild`, :class:`Absorb`, :class:`Selective`) share one interface, :meth:`DecodePath.inputs`:
+the keys and values ``update`` hands attention. ``Rebuild`` returns the rebuilt prefix followed by the tail; the two
+fast paths return the tail and leave a request (:mod:`xkv.attention`) that calls their :meth:`FastPath.attend` with
+the query. :meth:`GroupDecode.choose_path` is the one place that decides which path serves, and logs why a fallback
+was taken.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
@@ -26,12 +35,144 @@ from xkv.decode import (
 logger = logging.getLogger(__name__)
 
 
-class GroupDecode:
-    """Decode paths of a group's layers (mixed into :class:`~xkv.cache.store.XKVGroupStore`).
+class DecodePath(ABC):
+    """How attention reads a factored layer's prefix at decode."""
 
-    ``"rebuild"`` hands attention the rebuilt prefix and the tail; ``"absorb"`` and ``"selective"`` leave a pending
-    request that :mod:`xkv.attention` serves with the query, reading the factors directly.
-    """
+    #: The ``XKVConfig.decode`` value that asks for this path.
+    name: ClassVar[str]
+
+    @abstractmethod
+    def inputs(
+        self, group: GroupDecode, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(b, H, ·, hd)`` keys and values ``update`` returns to attention for layer ``slot`` of ``group``."""
+
+
+class Rebuild(DecodePath):
+    """Every layer's prefix rebuilt into a reused workspace, followed by the tail: the fallback every model gets."""
+
+    name = "rebuild"
+
+    def inputs(
+        self, group: GroupDecode, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rebuilt prefix and the tail (views of the workspace)."""
+        return group.keys.rebuilt_with_tail(slot, tail_keys), group.values.rebuilt_with_tail(slot, tail_values)
+
+
+class FastPath(DecodePath):
+    """A path that needs the query: ``update`` returns the tail, attention calls :meth:`attend`."""
+
+    def inputs(
+        self, group: GroupDecode, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact tail; a pending request carries the rest to :func:`xkv.attention.xkv_attention_forward`."""
+        attend = functools.partial(self._attend, group, slot, tail_keys, tail_values)
+        attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend, group.runtime))
+        return tail_keys, tail_values
+
+    def _attend(
+        self,
+        group: GroupDecode,
+        slot: int,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Attention of ``query`` ``(b, Hq, q, hd)`` over the layer's prefix and tail: ``(b, q, Hq, hd)``."""
+        heads = group.spec.num_kv_heads
+        num_heads, length = query.shape[1], query.shape[2]
+        grouped = group_queries(query, heads)
+        mask = tail_mask(attention_mask, group.prefix_len, tail_keys.shape[-2], length, num_heads // heads,
+                         query.device)  # fmt: skip
+        out = self.attend(group, slot, grouped, tail_keys, tail_values, attention_mask, mask, scaling, length)
+        return ungroup_output(out.to(query.dtype), num_heads, length)
+
+    @abstractmethod
+    def attend(
+        self,
+        group: GroupDecode,
+        slot: int,
+        grouped: torch.Tensor,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        scaling: float,
+        length: int,
+    ) -> torch.Tensor:
+        """``(b, H, M, hd)`` attention output for the grouped query ``(b, H, M, hd)`` (``M`` query rows per head).
+
+        ``attention_mask`` is the model's mask, ``mask`` the additive tail mask built from it; ``length`` is the
+        number of query tokens (``M = length * query heads per KV head``).
+        """
+
+
+class Absorb(FastPath):
+    """Keys rebuilt, values absorbed: ``(p @ U_v) @ B_v`` (the same attention as rebuilding)."""
+
+    name = "absorb"
+
+    def attend(
+        self,
+        group: GroupDecode,
+        slot: int,
+        grouped: torch.Tensor,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        scaling: float,
+        length: int,
+    ) -> torch.Tensor:
+        """Follows the model's mask over the prefix (left padding), or the padding the cache saw."""
+        tokens = group.prefix_len
+        hidden = prefix_mask(attention_mask, group.runtime.real_rows(tokens, grouped.device), tokens, length,
+                             grouped.shape[2] // length)  # fmt: skip
+        assert group.values.factors is not None
+        keys = group.keys.rebuilt_with_tail(slot, tail_keys[:, :, :0])
+        return attend_absorbed(grouped, keys, group.values.factors, slot, tail_keys, tail_values, scaling, mask,
+                               hidden)  # fmt: skip
+
+
+class Selective(FastPath):
+    """Selective Reconstruction: only the chunks the query scores highest are rebuilt; values absorbed."""
+
+    name = "selective"
+
+    def attend(
+        self,
+        group: GroupDecode,
+        slot: int,
+        grouped: torch.Tensor,
+        tail_keys: torch.Tensor,
+        tail_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        scaling: float,
+        length: int,
+    ) -> torch.Tensor:
+        """Its index is built for unpadded prefixes only (a mask hiding part of the prefix is refused)."""
+        tokens = group.prefix_len
+        check_prefix_visible(attention_mask, tokens)
+        table = group.runtime.table
+        angles = table.joint_table(tokens, grouped.device) if table is not None else None
+        index = group.selective[slot]
+        assert group.keys.factors is not None and group.values.factors is not None
+        return attend_selective(
+            grouped, index, group.keys.factors, group.values.factors, slot, angles,
+            group.config.budget_chunks(tokens, index.chunk_size), tail_keys, tail_values, scaling, mask,
+        )  # fmt: skip
+
+
+#: The paths by ``XKVConfig.decode`` value.
+PATHS: dict[str, DecodePath] = {path.name: path for path in (Rebuild(), Absorb(), Selective())}
+
+
+class GroupDecode:
+    """Which decode path serves a group's layers (mixed into :class:`~xkv.cache.store.XKVGroupStore`)."""
 
     index: int
     spec: ModelSpec
@@ -43,86 +184,47 @@ class GroupDecode:
     prefix_len: int
     _fallbacks_logged: set[str]
 
-    def decode_path(self, slot: int) -> str:
-        """The path this group's layer at ``slot`` decodes with.
+    def choose_path(self, slot: int) -> DecodePath:
+        """The path layer ``slot`` of this group decodes with: ``config.decode`` where it can serve, else a fallback.
 
-        ``config.decode`` where it can serve, else a fallback, logged once per reason.
+        ``selective`` falls back to ``absorb`` where the layer holds no index; a fast path falls back to
+        ``rebuild`` where the model does not run attention through ``"xkv"`` or a side is kept exact. Each fallback
+        is logged once per reason.
         """
-        wanted = self.config.decode
-        reason = None
-        if wanted == "rebuild":
+        wanted = PATHS[self.config.decode]
+        if wanted.name == "rebuild":
             return wanted
         if not self.runtime.fast:
-            reason = "the model does not run attention through 'xkv'"
-        elif not (self.keys.factored and self.values.factored):
+            return self._fallback(wanted, PATHS["rebuild"], "the model does not run attention through 'xkv'")
+        if not (self.keys.factored and self.values.factored):
             reason = "a side of the prefix is kept exact (compress_keys/compress_values=false or a short prefill)"
-        elif wanted == "selective" and slot not in self.selective:
+            return self._fallback(wanted, PATHS["rebuild"], reason)
+        if wanted.name == "selective" and slot not in self.selective:
             reason = (
                 "the prefix is shorter than sr_min_tokens, was cropped or folded, the batch is left-padded, or the "
                 "landmarks did not fit the target ratio: no Selective Reconstruction index"
             )
-            if reason not in self._fallbacks_logged:
-                self._fallbacks_logged.add(reason)
-                logger.info("group %d decodes with 'absorb' instead of 'selective': %s", self.index, reason)
-            return "absorb"
-        if reason is not None:
-            if reason not in self._fallbacks_logged:
-                self._fallbacks_logged.add(reason)
-                logger.info("group %d decodes with 'rebuild' instead of %r: %s", self.index, wanted, reason)
-            return "rebuild"
+            return self._fallback(wanted, PATHS["absorb"], reason)
         return wanted
+
+    def _fallback(self, wanted: DecodePath, used: DecodePath, reason: str) -> DecodePath:
+        if reason not in self._fallbacks_logged:
+            self._fallbacks_logged.add(reason)
+            logger.info("group %d decodes with %r instead of %r: %s", self.index, used.name, wanted.name, reason)
+        return used
+
+    def decode_path(self, slot: int) -> str:
+        """The name of the path :meth:`choose_path` picks for layer ``slot`` (for logs and reports)."""
+        return self.choose_path(slot).name
 
     def attention_inputs(
         self, slot: int, layer_idx: int, tail_keys: torch.Tensor, tail_values: torch.Tensor, new_tokens: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rebuild path: prefix and tail in one reused workspace. Fast paths: the tail, plus a pending request.
+        """What attention gets for layer ``slot``: the chosen path's :meth:`DecodePath.inputs`.
 
-        On the fast paths attention itself (:func:`xkv.attention.xkv_attention_forward`) reads the factors; the
-        tensors returned here are the exact tail only. Updates of more than :data:`FAST_PATH_MAX_QUERIES` tokens
-        (a prefill chunk, a long question) take the rebuild path: it is exact, and SDPA over the rebuilt prefix
-        needs neither the fast paths' ``(queries, prefix)`` float32 score matrices nor their time.
+        Updates of more than :data:`FAST_PATH_MAX_QUERIES` tokens (a prefill chunk, a long question) take the
+        rebuild path: it is exact, and SDPA over the rebuilt prefix needs neither the fast paths' ``(queries,
+        prefix)`` float32 score matrices nor their time.
         """
-        path = self.decode_path(slot) if new_tokens <= FAST_PATH_MAX_QUERIES else "rebuild"
-        if path == "rebuild":
-            return self.keys.rebuilt_with_tail(slot, tail_keys), self.values.rebuilt_with_tail(slot, tail_values)
-        attend = functools.partial(self._attend, slot, path, tail_keys, tail_values)
-        attention.leave(attention.PendingAttention(layer_idx, tail_keys, attend, self.runtime))
-        return tail_keys, tail_values
-
-    def _attend(
-        self,
-        slot: int,
-        path: str,
-        tail_keys: torch.Tensor,
-        tail_values: torch.Tensor,
-        query: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float,
-    ) -> torch.Tensor:
-        """Attention of ``query`` ``(b, Hq, q, hd)`` over this layer's prefix and tail: ``(b, q, Hq, hd)``."""
-        key_factors, value_factors = self.keys.factors, self.values.factors
-        assert key_factors is not None and value_factors is not None
-        tokens, heads = self.prefix_len, self.spec.num_kv_heads
-        num_heads, length = query.shape[1], query.shape[2]
-        hidden = None
-        if path == "absorb":  # follows the model's mask over the prefix (left padding), or the padding it saw
-            hidden = prefix_mask(attention_mask, self.runtime.real_rows(tokens, query.device), tokens, length,
-                                 num_heads // heads)  # fmt: skip
-        else:  # Selective Reconstruction's index is built for unpadded prefixes only
-            check_prefix_visible(attention_mask, tokens)
-        grouped = group_queries(query, heads)
-        mask = tail_mask(attention_mask, tokens, tail_keys.shape[-2], length, num_heads // heads, query.device)
-        if path == "absorb":
-            keys = self.keys.rebuilt_with_tail(slot, tail_keys[:, :, :0])
-            out = attend_absorbed(
-                grouped, keys, value_factors, slot, tail_keys, tail_values, scaling, mask, hidden
-            )  # fmt: skip
-        else:
-            table = self.runtime.table
-            angles = table.joint_table(tokens, query.device) if table is not None else None
-            out = attend_selective(
-                grouped, self.selective[slot], key_factors, value_factors, slot, angles,
-                self.config.budget_chunks(tokens, self.selective[slot].chunk_size), tail_keys, tail_values, scaling,
-                mask,
-            )  # fmt: skip
-        return ungroup_output(out.to(query.dtype), num_heads, length)
+        path = self.choose_path(slot) if new_tokens <= FAST_PATH_MAX_QUERIES else PATHS["rebuild"]
+        return path.inputs(self, slot, layer_idx, tail_keys, tail_values)
