@@ -249,3 +249,29 @@ def test_quantized_float16_factors_stay_finite_on_a_long_prefix(form):
     rebuilt = stored.layer(0).float()
     assert torch.isfinite(rebuilt).all() and (rebuilt - x).abs().max() / x.abs().max() < 0.1
     assert tensor_bytes(stored.tensors()) == fmt.factor_bytes(65536, 1, 8, 8, 2, stored.head)
+
+
+@torch.no_grad()
+def test_absorb_unpacks_a_quantized_basis_once_per_group_and_step(monkeypatch):
+    model = build_tiny("llama")
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v="2x", factor_form="int4", factor_group_size=16,
+                    decode="absorb")  # fmt: skip
+    cache = XKVCache(model, cfg)
+    model(ids(64), use_cache=True, **cache_kwargs(cache))
+    reads = []
+    original = QuantizedFactors.basis
+    monkeypatch.setattr(QuantizedFactors, "basis", lambda self, *a: reads.append(id(self)) or original(self, *a))
+    for step in range(3):
+        model(ids(1, seed=10 + step), use_cache=True, **cache_kwargs(cache))
+    groups = len(cache.group_stores)
+    # each step unpacks each group's two bases once, not once per layer (groups share one buffer per side)
+    assert groups > 1 and len(reads) == 3 * 2 * groups
+    # a beam reorder replaces the factors: the next step reads the new ones, and still agrees with rebuild
+    cache.reorder_cache(torch.zeros(1, dtype=torch.long))
+    rebuilt = XKVCache(model, XKVConfig(**{**cfg.to_dict(), "decode": "rebuild"}))
+    model(ids(64), use_cache=True, **cache_kwargs(rebuilt))
+    for step in range(3):
+        model(ids(1, seed=10 + step), use_cache=True, **cache_kwargs(rebuilt))
+    nxt = ids(1, seed=20)
+    torch.testing.assert_close(model(nxt, use_cache=True, **cache_kwargs(cache)).logits,
+                               model(nxt, use_cache=True, **cache_kwargs(rebuilt)).logits, atol=1e-4, rtol=1e-4)  # fmt: skip

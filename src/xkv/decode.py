@@ -128,6 +128,7 @@ def attend_absorbed(
     scaling: float,
     mask: torch.Tensor | None,
     prefix_mask: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with the prefix's values absorbed into the factors.
 
@@ -141,6 +142,7 @@ def attend_absorbed(
         scaling: the score scale (``1/sqrt(hd)`` for most models).
         mask: additive ``(·, 1, M, L)`` tail mask or ``None``.
         prefix_mask: additive ``(b, 1, M or 1, T)`` mask of the prefix (left padding), ``None`` if all is visible.
+        basis: ``value_factors.basis()`` already read (e.g. unpacked once for the group), or ``None`` to read it.
 
     Returns:
         ``(b, H, M, hd)``.
@@ -153,7 +155,7 @@ def attend_absorbed(
     if mask is not None:
         scores_tail = scores_tail + mask
     probs_prefix, probs_tail = softmax_blocks([scores_prefix, scores_tail])
-    basis = value_factors.basis()  # (b, T, r)
+    basis = value_factors.basis() if basis is None else basis  # (b, T, r)
     mixed = torch.matmul(probs_prefix.to(basis.dtype).reshape(batch, heads * rows, -1), basis)  # (b, H*M, r)
     recon = per_head(value_factors.matrix(slot), heads)  # (b, H, r, hd)
     out = torch.matmul(mixed.view(batch, heads, rows, -1), recon)

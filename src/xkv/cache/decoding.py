@@ -131,10 +131,11 @@ class Absorb(FastPath):
         tokens = group.prefix_len
         hidden = prefix_mask(attention_mask, group.runtime.real_rows(tokens, grouped.device), tokens, length,
                              grouped.shape[2] // length)  # fmt: skip
-        assert group.values.factors is not None
+        values = group.values
+        assert values.factors is not None
         keys = group.keys.rebuilt_with_tail(slot, tail_keys[:, :, :0])
-        return attend_absorbed(grouped, keys, group.values.factors, slot, tail_keys, tail_values, scaling, mask,
-                               hidden)  # fmt: skip
+        return attend_absorbed(grouped, keys, values.factors, slot, tail_keys, tail_values, scaling, mask, hidden,
+                               values.read_basis())  # fmt: skip
 
 
 class Selective(FastPath):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,10 @@ class Workspace:
 
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
+        # What a buffer holds, where its contents outlive one layer (a group's dequantized token basis): a weak
+        # reference to the source, so the buffer is refilled once the source changes or another group writes it.
+        self.sources: dict[str, weakref.ref[object]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous tensor of ``shape`` backed by the buffer ``name`` (contents undefined)."""
@@ -36,7 +42,27 @@ class Workspace:
         if buffer is None or buffer.numel() < need or buffer.dtype != dtype or buffer.device != device:
             size = need + need // 16  # headroom for the tail: a new buffer every ~T/16 decode steps, not each one
             buffer = self.buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        self.sources.pop(name, None)  # a plain get() may overwrite the contents
         return buffer[:need].view(shape)
+
+    def holding(self, name: str, source: object, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The buffer ``name`` filled with ``read()``, filled again only when ``source`` is not what it last held.
+
+        For a read that every layer of a group repeats at each decode step (a quantized token basis): the group's
+        first layer unpacks it into the buffer, the others reuse it. One buffer per name serves every group, so it
+        costs one group's tensor, counted with the workspace.
+        """
+        held = self.sources.get(name)
+        buffer = self.buffers.get(name)
+        if held is not None and held() is source and buffer is not None:
+            shape = self._shapes[name]
+            return buffer[: math.prod(shape)].view(shape)
+        value = read()
+        out = self.get(name, tuple(value.shape), value.dtype, value.device)
+        out.copy_(value)
+        self.sources[name] = weakref.ref(source)
+        self._shapes[name] = tuple(value.shape)
+        return out
 
     def tensors(self) -> list[torch.Tensor]:
         """The buffers held."""
@@ -45,6 +71,7 @@ class Workspace:
     def reset(self) -> None:
         """Free the buffers."""
         self.buffers.clear()
+        self.sources.clear()
 
 
 @dataclass

@@ -207,6 +207,14 @@ class Side(ABC):
     def rebuild(self, slot: int) -> torch.Tensor:
         """``(b, H, T, hd)`` prefix of one layer (keys post-RoPE), a transient."""
 
+    def read_basis(self) -> torch.Tensor:
+        """``(b, T, r)`` token basis of a factored side (the fast decode paths run on factored sides only).
+
+        Raises:
+            ValueError: for a side without factors.
+        """
+        raise ValueError("this side holds no factors: it has no token basis")
+
     @abstractmethod
     def rebuilt_with_tail(self, slot: int, tail: torch.Tensor) -> torch.Tensor:
         """``(b, H, T + tail_len, hd)``: the prefix of layer ``slot`` followed by ``tail`` (keys post-RoPE)."""
@@ -499,10 +507,21 @@ class StoredSide(Side):
         states = flat.view(batch, tokens, self.frame.spec.num_kv_heads, self.frame.spec.head_dim).transpose(1, 2)
         return self.frame.rotation.post_rope(states)
 
+    def read_basis(self) -> torch.Tensor:
+        """``(b, T, r)`` token basis in the read dtype.
+
+        A quantized basis is unpacked once per group and decode step into the workspace (every layer of the group
+        reads the same ``U``), not once per layer.
+        """
+        factors = self._held()
+        if not factors.quantized:
+            return factors.basis()
+        return self.frame.runtime.workspace.holding(f"basis_{self.frame.letter}", factors, factors.basis)
+
     def rebuilt_with_tail(self, slot: int, tail: torch.Tensor) -> torch.Tensor:
         """A view of the workspace: the rebuilt prefix written in place, then the tail."""
         factors, frame = self._held(), self.frame
-        basis, matrix = factors.basis(), factors.matrix(slot)
+        basis, matrix = self.read_basis(), factors.matrix(slot)
         batch, tokens, _ = basis.shape
         heads, head_dim, length = frame.spec.num_kv_heads, frame.spec.head_dim, tail.shape[-2]
         workspace = frame.runtime.workspace
