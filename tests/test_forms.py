@@ -274,4 +274,5 @@ def test_absorb_unpacks_a_quantized_basis_once_per_group_and_step(monkeypatch):
         model(ids(1, seed=10 + step), use_cache=True, **cache_kwargs(rebuilt))
     nxt = ids(1, seed=20)
     absorbed = model(nxt, use_cache=True, **cache_kwargs(cache)).logits
-    torch.testing.assert_close(absorbed, model(nxt, use_cache=True, **cache_kwargs(rebuilt)).logits, atol=1e-4, rtol=1e-4)
+    expected = model(nxt, use_cache=True, **cache_kwargs(rebuilt)).logits
+    torch.testing.assert_close(absorbed, expected, atol=1e-4, rtol=1e-4)
