@@ -184,7 +184,8 @@ def test_a_long_update_takes_the_exact_rebuild_path():
 
 
 def test_only_short_updates_reach_the_fast_paths(monkeypatch):
-    from xkv.cache import FAST_PATH_MAX_QUERIES, XKVGroupStore
+    from xkv.cache import FAST_PATH_MAX_QUERIES
+    from xkv.cache.decoding import FastPath
 
     def refuse(*args, **kwargs):
         raise AssertionError("fast path")
@@ -193,7 +194,7 @@ def test_only_short_updates_reach_the_fast_paths(monkeypatch):
     cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="2x", decode="absorb"))
     with torch.no_grad():
         model(ids(64), use_cache=True, **cache_kwargs(cache))
-        monkeypatch.setattr(XKVGroupStore, "_attend", refuse)
+        monkeypatch.setattr(FastPath, "inputs", refuse)
         model(ids(FAST_PATH_MAX_QUERIES + 1, seed=1), use_cache=True, **cache_kwargs(cache))  # rebuild path
         with pytest.raises(AssertionError, match="fast path"):
             model(ids(1, seed=2), use_cache=True, **cache_kwargs(cache))
