@@ -19,7 +19,7 @@ filler = "The weather report mentions clouds over the harbour and a light wind f
 context = filler + "The special magic number for Seville is 8056020. " + filler
 question = "What is the special magic number for Seville? Answer with the number only."
 
-press = XKVPress(XKVConfig())  # keys at 6x, values at 3x: 4x overall
+press = XKVPress(XKVConfig())  # keys at 6x, values at 3x: at least 4x overall (int4 factors)
 answer = pipe(context, question=question, press=press, max_new_tokens=20)["answer"]
 report = press.memory_report()
 print(f"answer: {answer}")

@@ -6,7 +6,7 @@ from tests.conftest import TINY_FAMILIES, assert_decodes_like, build_tiny
 from xkv import XKVCache, XKVConfig, tensor_bytes
 from xkv.compat import cache_kwargs
 
-FULL = {"rank_k": 1.0, "rank_v": 1.0}
+FULL = {"rank_k": 1.0, "rank_v": 1.0, "factor_form": "model"}  # full rank in the model dtype: exact
 
 
 def ids(batch, tokens, seed=0):
@@ -154,14 +154,16 @@ def test_materialize_decodes_like_the_cache(tiny_llama):
 
 
 def test_rank_larger_than_tokens_raises_before_storing(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=20, rank_v=4))
+    cache = XKVCache(tiny_llama, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=20, rank_v=4))
     with pytest.raises(ValueError, match=r"rank_k for group 0.*\[1, 10\].*got 20"), torch.no_grad():
         tiny_llama(ids(1, 10), past_key_values=cache)
     assert cache.get_seq_length() == 0 and not cache.group_stores[0].pending_keys
     with pytest.raises(ValueError, match="rank_v for group 0.*cannot reach"), torch.no_grad():
         tiny_llama(
             ids(1, 4),
-            past_key_values=XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1, rank_v="9x")),
+            past_key_values=XKVCache(
+                tiny_llama, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=1, rank_v="9x")
+            ),
         )
 
 
@@ -186,7 +188,9 @@ def test_randomized_svd_cache_meets_its_byte_targets_at_the_exact_svds_error(tin
     with torch.no_grad():
         tiny_llama(prompt, **cache_kwargs(dense))
         for svd in ("randomized", "exact"):
-            cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="2x", rank_v="3x", svd=svd, decode="rebuild")
+            cfg = XKVConfig(
+                factor_form="model", min_tokens=0, group_size=2, rank_k="2x", rank_v="3x", svd=svd, decode="rebuild"
+            )
             caches[svd] = XKVCache(tiny_llama, cfg)
             tiny_llama(prompt, **cache_kwargs(caches[svd]))
     # Ranks: the largest r with r * (T + G*D) float32 values within 1/2 (keys) and 1/3 (values) of the dense T * G*D.
@@ -244,7 +248,7 @@ def test_exact_sides_do_not_alias_the_callers_tensors(tiny_llama):
 
 
 def test_crop_and_reset_free_what_they_drop(tiny_llama):
-    cache = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4))
+    cache = XKVCache(tiny_llama, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=4, rank_v=4))
     with torch.no_grad():
         tiny_llama(ids(1, 40), past_key_values=cache)
         tiny_llama(ids(1, 3), past_key_values=cache)
@@ -275,8 +279,10 @@ def test_length_dependent_rope_is_refused():
 def test_with_ranks_equals_factoring_at_those_ranks(tiny_llama):
     prompt, turn = ids(1, 60), ids(1, 3, seed=8)
     # Exact SVD: truncating its full-rank factors equals factoring at the lower rank (a randomized SVD's need not).
-    full = XKVCache(tiny_llama, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, svd="exact"))
-    target = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v=5, svd="exact")
+    full = XKVCache(
+        tiny_llama, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, svd="exact")
+    )
+    target = XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k="3x", rank_v=5, svd="exact")
     direct = XKVCache(tiny_llama, target)
     with torch.no_grad():
         tiny_llama(prompt, past_key_values=full)
@@ -295,9 +301,9 @@ def test_with_ranks_equals_factoring_at_those_ranks(tiny_llama):
     assert lowered.layers[3].keys.data_ptr() != full.layers[3].keys.data_ptr()
     assert full.memory_report().groups[0].rank_k == 32
     with pytest.raises(ValueError, match="groups the layers differently"):
-        full.with_ranks(XKVConfig(min_tokens=0, group_size=4))
+        full.with_ranks(XKVConfig(factor_form="model", min_tokens=0, group_size=4))
     with pytest.raises(ValueError, match="rank_k` for group 0 is 9 but only rank 6 is held"):
-        lowered.with_ranks(XKVConfig(min_tokens=0, group_size=2, rank_k=9, rank_v=5))
+        lowered.with_ranks(XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=9, rank_v=5))
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))

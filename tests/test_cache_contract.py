@@ -11,17 +11,22 @@ from xkv.compat import cache_kwargs
 
 #: name -> factory(model). Add every new cache class here.
 CACHES = {
-    "xkv": lambda model: XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4)),
+    "xkv": lambda model: XKVCache(
+        model, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=4, rank_v=4)
+    ),
     "xkv-absorb-int8": lambda model: XKVCache(
         model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4, decode="absorb", factor_form="int8")
     ),
     "xkv-selective": lambda model: XKVCache(
-        model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4, decode="selective", sr_min_tokens=8)
+        model,
+        XKVConfig(
+            factor_form="model", min_tokens=0, group_size=2, rank_k=4, rank_v=4, decode="selective", sr_min_tokens=8
+        ),
     ),
     "minicache": lambda model: MiniCache(model, MiniCacheConfig(start_layer=2)),
 }
 
-FULL = {"min_tokens": 0, "group_size": 2, "rank_k": 1.0, "rank_v": 1.0}
+FULL = {"min_tokens": 0, "group_size": 2, "rank_k": 1.0, "rank_v": 1.0, "factor_form": "model"}
 #: name -> factory(model) of each cache class and decode path at settings that lose nothing, so generation must give
 #: ``DynamicCache``'s tokens: full rank (the selective path with a budget covering the prompt), and MiniCache on
 #: ``twin_llama``, whose merged pair holds identical states. Not int8 factors: their rounding is a loss at any rank.
@@ -184,7 +189,7 @@ def test_sliding_window_layers_survive_copies_files_and_materialize(family, tmp_
     from tests.conftest import build_tiny
 
     model = build_tiny(family)
-    config = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, svd="exact")
+    config = XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, svd="exact")
     cache, own = XKVCache(model, config), DynamicCache(config=model.config)
     prompt, step = ids(1, 40), ids(1, 1, seed=9)
     with torch.no_grad():

@@ -23,7 +23,7 @@ def ids(batch, tokens, seed=0):
 def config(decode, **overrides):
     base = dict(
         min_tokens=0, group_size=2, rank_k=0.5, rank_v=0.6, decode=decode, sr_chunk_size=4, sr_budget=8,
-        sr_sink_chunks=1, sr_local_chunks=1, sr_outlier_chunks=1, sr_min_tokens=0,
+        sr_sink_chunks=1, sr_local_chunks=1, sr_outlier_chunks=1, sr_min_tokens=0, factor_form="model",
     )  # fmt: skip
     return XKVConfig(**{**base, **overrides})
 

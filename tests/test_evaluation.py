@@ -427,7 +427,7 @@ def test_a_run_made_with_other_xkv_defaults_is_not_resumed(tmp_path):
     check_resumable(plan, "tiny")
     check_resumable(plan, "tiny")  # the same settings resume
     stored = json.loads((tmp_path / "plan.json").read_text())
-    stored["xkv_defaults"]["svd"] = "exact"  # e.g. made before the default SVD became randomized
+    stored["xkv_defaults"]["svd"] = "randomized"  # e.g. made before the default SVD became exact again
     (tmp_path / "plan.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="xkv_defaults"):
         check_resumable(plan, "tiny")

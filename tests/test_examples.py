@@ -15,7 +15,8 @@ def test_quickstart_runs_and_answers():
     assert proc.returncode == 0, proc.stderr
     expected = next(line for line in proc.stdout.splitlines() if line.startswith("expected:")).split()[-1]
     assert proc.stdout.count(expected) >= 3  # both answers and the expected line
-    assert "(4.00x, measured" in proc.stdout
+    # int4 factors drop directions whose rounding would cost more than they hold, so 4x measures at least 4x.
+    assert float(proc.stdout.split(" held (")[1].split("x, measured")[0]) >= 4.0
 
 
 @pytest.mark.slow
@@ -26,4 +27,4 @@ def test_kvpress_pipeline_example_answers_from_the_factors():
     assert proc.returncode == 0, proc.stderr
     assert "answer: " in proc.stdout and "8056020" in proc.stdout.split("answer: ")[1].splitlines()[0]
     factor = float(proc.stdout.split("context: ")[1].split("x")[0])
-    assert 3.9 <= factor <= 4.1
+    assert 4.0 <= factor <= 6.0

@@ -64,7 +64,16 @@ def test_a_chunked_prefill_at_full_rank_equals_the_one_shot_prefill(form):
 def test_folding_keeps_a_long_generation_bounded_and_changes_nothing_at_full_rank():
     model = build_tiny("llama")
     prompt = ids(48)
-    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=8, fold_keep=2)
+    cfg = XKVConfig(
+        factor_form="model",
+        min_tokens=0,
+        group_size=2,
+        rank_k=1.0,
+        rank_v=1.0,
+        decode="absorb",
+        fold_tokens=8,
+        fold_keep=2,
+    )
     folded = XKVCache(model, cfg)
     out = model.generate(prompt, past_key_values=folded, max_new_tokens=30, do_sample=False, pad_token_id=0)
     ref = model.generate(prompt, past_key_values=DynamicCache(), max_new_tokens=30, do_sample=False, pad_token_id=0)
@@ -90,8 +99,8 @@ def test_fold_now_folds_every_tail_and_trims_the_headroom():
 
     model = build_tiny("llama")
     prompt = ids(96, seed=3)
-    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="4x", rank_v="2x", decode="absorb", fold_tokens=16,
-                    fold_keep=0, fold_headroom=True)  # fmt: skip
+    cfg = XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k="4x", rank_v="2x", decode="absorb",
+                    fold_tokens=16, fold_keep=0, fold_headroom=True)  # fmt: skip
     cache = XKVCache(model, cfg)
     logits = chunked_prefill(model, prompt, cache, 16)
     assert logits.shape == (1, model.config.vocab_size)
@@ -113,7 +122,10 @@ def test_fold_now_folds_every_tail_and_trims_the_headroom():
     # What the fold built: each layer's rebuilt keys and values as close to the model's own as the same ranks
     # factored in one shot (relative errors 0.36-0.64 on this random model, the fold's at most 2.2% above the one-shot
     # ones: 1.07 is 3x that; rows folded out of order measured 2x the one-shot error).
-    one_shot, dense = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k="4x", rank_v="2x")), DynamicCache()
+    one_shot, dense = (
+        XKVCache(model, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k="4x", rank_v="2x")),
+        DynamicCache(),
+    )
     with torch.no_grad():
         for other in (one_shot, dense):
             model(prompt, use_cache=True, **cache_kwargs(other))
@@ -247,7 +259,16 @@ def test_trimming_quantized_and_rotated_factors_keeps_whole_directions(form, rot
 
 _BEFORE_5_24 = Version("5.24") > TRANSFORMERS_VERSION
 _CHUNKS = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, prefill_chunk_size=32)
-_FOLDING = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb", fold_tokens=32, fold_keep=0)
+_FOLDING = XKVConfig(
+    factor_form="model",
+    min_tokens=0,
+    group_size=2,
+    rank_k=1.0,
+    rank_v=1.0,
+    decode="absorb",
+    fold_tokens=32,
+    fold_keep=0,
+)
 
 
 @pytest.mark.skipif(not _BEFORE_5_24, reason="transformers >= 5.24 gives prefill chunks their own positions")

@@ -136,7 +136,7 @@ def test_half_precision_full_rank_matches_the_models_own_cache(dtype):
     model = build_tiny("llama").to(dtype)
     prompt = ids(64)
     dense = turn_logits(model, DynamicCache(), prompt, TURNS)
-    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="rebuild")
+    cfg = XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="rebuild")
     xkv = turn_logits(model, XKVCache(model, cfg), prompt, TURNS)
     assert torch.isfinite(xkv).all()
     # Measured: at most one unit in the last place of the largest logits (|logit| <= 0.37, standard deviation 0.11):
@@ -177,7 +177,7 @@ def test_with_ranks_quantizes_full_rank_float_factors_like_a_fresh_prefill():
     model = build_tiny("llama")
     prompt = ids(64)
     base = dict(min_tokens=0, group_size=2, decode="absorb")
-    full = XKVCache(model, XKVConfig(**base, rank_k=1.0, rank_v=1.0))
+    full = XKVCache(model, XKVConfig(**base, rank_k=1.0, rank_v=1.0, factor_form="model"))
     with torch.no_grad():
         model(prompt, use_cache=True, **cache_kwargs(full))
     cfg = XKVConfig(**base, rank_k="3x", rank_v="2x", factor_form="int4", factor_group_size=16)
@@ -223,7 +223,9 @@ def test_an_int8_head_is_chosen_when_a_few_directions_dominate():
 def test_dense_layers_stay_out_of_the_groups():
     model = build_tiny("llama")
     prompt = ids(64)
-    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="rebuild", dense_layers=[0])
+    cfg = XKVConfig(
+        factor_form="model", min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="rebuild", dense_layers=[0]
+    )
     cache = XKVCache(model, cfg)
     assert [g.layers for g in cache.groups] == [(1, 2), (3,)]
     dense = turn_logits(model, DynamicCache(), prompt, TURNS)
@@ -231,11 +233,11 @@ def test_dense_layers_stay_out_of_the_groups():
     report = cache.memory_report()
     assert report.dense_layer_bytes > 0 and len(report.groups) == 2
     with pytest.raises(ValueError, match="dense_layers"):
-        XKVCache(model, XKVConfig(dense_layers=[7]))
+        XKVCache(model, XKVConfig(factor_form="model", dense_layers=[7]))
     with pytest.raises(ValueError, match="leaves no layer"):
-        XKVCache(model, XKVConfig(dense_layers=[0, 1, 2, 3]))
+        XKVCache(model, XKVConfig(factor_form="model", dense_layers=[0, 1, 2, 3]))
     with pytest.raises(ValueError, match="twice"):
-        XKVConfig(dense_layers=[1, 1])
+        XKVConfig(factor_form="model", dense_layers=[1, 1])
 
 
 @pytest.mark.parametrize("form", ["int8", "int4"])

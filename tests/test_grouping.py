@@ -61,7 +61,9 @@ def test_build_groups_takes_measured_groups_that_cover_the_range():
 
 def test_auto_groups_on_a_model_give_a_config_the_cache_serves(tiny_llama, tmp_path):
     ids = torch.randint(0, 99, (1, 48), generator=torch.Generator().manual_seed(3))
-    found = auto_groups(tiny_llama, ids, XKVConfig(group_size=2, min_tokens=0, rank_k=1.0, rank_v=1.0), rank=4)
+    found = auto_groups(
+        tiny_llama, ids, XKVConfig(factor_form="model", group_size=2, min_tokens=0, rank_k=1.0, rank_v=1.0), rank=4
+    )
     config = found.config
     assert config.grouping == "auto" and sorted(x for g in config.groups for x in g) == [0, 1, 2, 3]
     assert found.score >= found.contiguous_score
@@ -87,7 +89,7 @@ def test_allocated_ranks_meet_the_target_and_come_back_from_the_config(tiny_llam
     from xkv.calibration import allocate_ranks
 
     ids = torch.randint(0, 99, (1, 64), generator=torch.Generator().manual_seed(4))
-    layout = XKVConfig(group_size=2, min_tokens=0, svd="exact", decode="rebuild")
+    layout = XKVConfig(factor_form="model", group_size=2, min_tokens=0, svd="exact", decode="rebuild")
     allocated = allocate_ranks(tiny_llama, ids, 3.0, layout)
     assert allocated.factor >= 3.0
     assert all(0 < e <= 1 for group in allocated.energy for e in group)

@@ -23,13 +23,13 @@ def test_the_pipeline_answers_from_the_factors(smollm2):
     context = "The harbour was calm and the boats were painted blue. " * 20
     question = "What colour were the boats?"
     plain = pipe(context, question=question, max_new_tokens=6)["answer"]
-    press = XKVPress(XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0))
+    press = XKVPress(XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0))
     with pytest.raises(RuntimeError, match="not compressed"):
         press.memory_report()
     assert pipe(context, question=question, press=press, max_new_tokens=6)["answer"] == plain  # full rank: exact
     assert isinstance(press.cache, XKVCache) and all(s.key_factors is not None for s in press.cache.group_stores)
     assert all(isinstance(layer, CompressedLayer) for layer in press.cache.layers)
-    low = XKVPress(XKVConfig(min_tokens=0, group_size=2, rank_k="4x", rank_v="4x"))
+    low = XKVPress(XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k="4x", rank_v="4x"))
     pipe(context, question=question, press=low, max_new_tokens=6)
     # The context's factors at 4x: per group and side, the largest rank r with r * (T + G*D) float32 values within a
     # quarter of the dense T * G*D (G = 2 layers of D = 2 KV heads x 32), and exactly those bytes held.

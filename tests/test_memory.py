@@ -25,7 +25,10 @@ def test_tensor_bytes_counts_storages_once_and_whole():
 def test_measured_bytes_equal_the_formula(tiny_llama, tokens, group_size, rank_k, rank_v):
     # D = kv_heads * head_dim = 2 * 8 = 16 on the tiny model.
     cache = XKVCache(
-        tiny_llama, XKVConfig(min_tokens=0, group_size=group_size, rank_k=rank_k, rank_v=rank_v, decode="rebuild")
+        tiny_llama,
+        XKVConfig(
+            factor_form="model", min_tokens=0, group_size=group_size, rank_k=rank_k, rank_v=rank_v, decode="rebuild"
+        ),
     )
     with torch.no_grad():
         tiny_llama(torch.randint(0, 99, (1, tokens)), past_key_values=cache)
@@ -42,7 +45,10 @@ def test_measured_bytes_equal_the_formula(tiny_llama, tokens, group_size, rank_k
 
 def test_report_splits_tail_and_dense_layers(tiny_llama):
     cache = XKVCache(
-        tiny_llama, XKVConfig(min_tokens=0, group_size=2, first_layer=2, rank_k=4, rank_v=4, decode="rebuild")
+        tiny_llama,
+        XKVConfig(
+            factor_form="model", min_tokens=0, group_size=2, first_layer=2, rank_k=4, rank_v=4, decode="rebuild"
+        ),
     )
     with torch.no_grad():
         tiny_llama(torch.randint(0, 99, (1, 50)), past_key_values=cache)
@@ -64,7 +70,9 @@ def test_report_splits_tail_and_dense_layers(tiny_llama):
 
 def test_bf16_model_cache_follows_dtype():
     model = build_tiny("llama").to(torch.bfloat16)
-    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=4, rank_v=4, decode="rebuild"))
+    cache = XKVCache(
+        model, XKVConfig(factor_form="model", min_tokens=0, group_size=2, rank_k=4, rank_v=4, decode="rebuild")
+    )
     with torch.no_grad():
         model(torch.randint(0, 99, (1, 30)), past_key_values=cache)
     store = cache.group_stores[0]

@@ -10,7 +10,7 @@ from xkv.compat import UpdateInputs, cache_kwargs
 from xkv.generation import greedy_generate
 from xkv.positions import RotaryAngles, left_padding
 
-FULL = {"rank_k": 1.0, "rank_v": 1.0}
+FULL = {"rank_k": 1.0, "rank_v": 1.0, "factor_form": "model"}  # full rank in the model dtype: exact
 PADS = (0, 11)  # the second sequence is 11 tokens shorter
 
 

@@ -32,7 +32,7 @@ def filled(model, cfg):
 
 
 CONFIGS = {
-    "model": dict(min_tokens=0, group_size=2, rank_k="3x", rank_v="2x"),
+    "model": dict(min_tokens=0, group_size=2, rank_k="3x", rank_v="2x", factor_form="model"),
     "int4": dict(min_tokens=0, group_size=2, rank_k="3x", rank_v="2x", factor_form="int4", factor_group_size=16),
     "int4-head": dict(min_tokens=0, group_size=2, rank_k=12, rank_v=10, factor_form="int4", factor_group_size=16,
                       factor_head=4),

@@ -54,16 +54,17 @@ def _generate(model, tokenizer, ids, mask, cache, **kwargs):
 @pytest.mark.parametrize("case", ["transformers-prompts-full-rank", "needles-fixed-ranks"])
 def test_left_padded_batch_gives_each_prompt_its_own_tokens(smollm2, case):
     """transformers' cache integration case (its two prompts, compressed at full rank), and long prompts at the
-    default config but ``min_tokens`` (they would stay exact under its 1024) and fixed ranks: a compression factor
-    resolves to a lower rank for the shorter prompt alone than for the padded batch."""
+    default config but ``min_tokens`` (they would stay exact under its 1024), fixed ranks and float factors: a
+    compression factor resolves to a lower rank for the shorter prompt alone than for the padded batch, and with the
+    default int4 factors the second case's tokens differ (README, "Limits": quantized factors and padded batches)."""
     model, tokenizer = smollm2
     if case == "transformers-prompts-full-rank":
         prompts = ["A sequence: 1, 2, 3, 4, 5", "A sequence: A, B, C"]
-        make = lambda: XKVCache(model, XKVConfig(min_tokens=0, rank_k=1.0, rank_v=1.0))  # noqa: E731
+        make = lambda: XKVCache(model, XKVConfig(min_tokens=0, rank_k=1.0, rank_v=1.0, factor_form="model"))  # noqa: E731
     else:
         samples = [needle_sample(tokenizer, 700, seed=1), needle_sample(tokenizer, 520, seed=2)]
         prompts = [tokenizer.decode(s.context_ids + s.question_ids) for s in samples]
-        make = lambda: XKVCache(model, XKVConfig(min_tokens=512, rank_k=64, rank_v=128))  # noqa: E731
+        make = lambda: XKVCache(model, XKVConfig(min_tokens=512, rank_k=64, rank_v=128, factor_form="model"))  # noqa: E731
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -83,6 +84,6 @@ def test_beam_search_with_two_beams_matches_dynamic_cache_at_full_rank(smollm2):
     ids = tokenizer(["A sequence: 1, 2, 3, 4, 5"], return_tensors="pt", add_special_tokens=False)
     kwargs = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 10}
     expected = _generate(model, tokenizer, ids.input_ids, ids.attention_mask, DynamicCache(), **kwargs)
-    xkv = XKVCache(model, XKVConfig(min_tokens=0, rank_k=1.0, rank_v=1.0))
+    xkv = XKVCache(model, XKVConfig(factor_form="model", min_tokens=0, rank_k=1.0, rank_v=1.0))
     got = _generate(model, tokenizer, ids.input_ids, ids.attention_mask, xkv, **kwargs)
     assert got.shape[0] == 2 and torch.equal(got, expected)

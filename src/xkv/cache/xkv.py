@@ -8,8 +8,8 @@ Life of a compressed layer group (G layers):
   tensors are dropped: with contiguous groups at most one group is dense at a time.
 * **Decode / later turns** (every later ``update``): new tokens go to an exact tail per layer. Attention reads the
   prefix through ``config.decode``'s path (:mod:`xkv.cache.decoding`): ``rebuild`` gives it the prefix rebuilt from
-  the factors (RoPE re-applied) followed by the tail, in a workspace reused across layers; ``absorb`` and
-  ``selective`` (the default) read the factors inside the ``"xkv"`` attention implementation (:mod:`xkv.attention`).
+  the factors (RoPE re-applied) followed by the tail, in a workspace reused across layers; ``absorb`` (the default) and
+  ``selective`` read the factors inside the ``"xkv"`` attention implementation (:mod:`xkv.attention`).
   Nothing rebuilt is kept between calls. With ``fold_tokens`` set, a group's tails are folded back into its factors
   once they reach that length (incremental SVD), so a long generation or a context fed in chunks keeps a bounded tail.
 
