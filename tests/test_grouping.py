@@ -85,14 +85,17 @@ def test_auto_groups_on_a_model_give_a_config_the_cache_serves(tiny_llama, tmp_p
         auto_groups(tiny_llama, ids, config, rank=99, states=states)
 
 
-def test_allocated_ranks_meet_the_target_and_come_back_from_the_config(tiny_llama):
+@pytest.mark.parametrize("form", ["model", "int4"])
+def test_allocated_ranks_meet_the_target_and_come_back_from_the_config(tiny_llama, form):
     from xkv.calibration import allocate_ranks
 
     ids = torch.randint(0, 99, (1, 64), generator=torch.Generator().manual_seed(4))
-    layout = XKVConfig(factor_form="model", group_size=2, min_tokens=0, svd="exact", decode="rebuild")
+    layout = XKVConfig(factor_form=form, factor_group_size=16, group_size=2, min_tokens=0, decode="rebuild")
     allocated = allocate_ranks(tiny_llama, ids, 3.0, layout)
+    # The default int4 form's "auto" int8 head would take bytes the allocation gave to directions: it is turned off.
+    assert allocated.config.factor_head == (0 if form == "int4" else "auto")
     assert allocated.factor >= 3.0
-    assert all(0 < e <= 1 for group in allocated.energy for e in group)
+    assert all(0 < e <= 1 + 1e-9 for group in allocated.energy for e in group)  # shares of the energy (full rank: 1)
     assert isinstance(allocated.config.rank_k, list) and len(allocated.config.rank_k) == 2
     cache = XKVCache(tiny_llama, allocated.config)
     with torch.no_grad():

@@ -11,6 +11,7 @@ once.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from xkv.cache import effective_config, groups_for
 from xkv.config import XKVConfig
 from xkv.forms import FactorFormat
 from xkv.generation import prefill
+from xkv.groups import LayerGroup
 from xkv.positions import RotaryAngles, unapply_rope
 
 
@@ -163,6 +165,48 @@ class AllocationResult:
     factor: float
 
 
+def _energy_shares(
+    groups: list[LayerGroup], sides: list[str], states: dict[str, list[torch.Tensor]]
+) -> dict[tuple[int, str], list[float]]:
+    """Each group side's squared singular values as shares of its energy, largest first."""
+    shares: dict[tuple[int, str], list[float]] = {}
+    for group in groups:
+        for side in sides:
+            stacked = torch.cat([states[side][layer] for layer in group.layers], dim=-1).double()
+            energy = torch.linalg.svdvals(stacked) ** 2
+            shares[group.index, side] = (energy / energy.sum()).tolist()
+    return shares
+
+
+def _water_fill(
+    shares: dict[tuple[int, str], list[float]],
+    cost: Callable[[tuple[int, str], int], int],
+    dense: dict[tuple[int, str], int],
+    budget: float,
+) -> tuple[dict[tuple[int, str], int], int]:
+    """Ranks from 1 up, one direction at a time to the side with the most energy share per byte; (ranks, bytes).
+
+    Raises:
+        ValueError: if rank 1 in every side already costs more than ``budget``.
+    """
+    ranks = dict.fromkeys(shares, 1)
+    spent = sum(cost(key, 1) for key in shares)
+    if spent > budget:
+        raise ValueError(f"the target is below what rank 1 in every group side already costs ({spent} bytes)")
+    while True:
+        best, best_value = None, 0.0
+        for key, rank in ranks.items():
+            if rank >= len(shares[key]) or cost(key, rank + 1) >= dense[key]:  # a side never costs its dense bytes
+                continue
+            step = cost(key, rank + 1) - cost(key, rank)
+            if spent + step <= budget and shares[key][rank] / step > best_value:
+                best, best_value = key, shares[key][rank] / step
+        if best is None:
+            return ranks, spent
+        spent += cost(best, ranks[best] + 1) - cost(best, ranks[best])
+        ranks[best] += 1
+
+
 def allocate_ranks(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -192,10 +236,14 @@ def allocate_ranks(
         raise ValueError(f"`target` must be > 1 but got {target}")
     spec = describe_model(model)
     base = effective_config(config or XKVConfig(), spec)
-    if base.factor_form == "int4" and base.factor_head != 0:
+    if base.factor_form == "int4" and base.factor_head == "auto":
+        # The allocation counts every direction at int4; an "auto" head would be paid for out of each side's budget
+        # at store time and hold fewer directions than allocated. The allocated config says so (factor_head=0).
+        base = dataclasses.replace(base, factor_head=0)
+    elif base.factor_form == "int4" and base.factor_head != 0:
         raise ValueError(
-            "allocate_ranks counts int4 factors without an int8 head: set factor_head=0 (an 'auto' head is paid for "
-            "out of each side's budget at store time, so the ranks held would be lower than allocated)"
+            "allocate_ranks counts int4 factors without an int8 head: set factor_head=0 or 'auto' (a fixed head is "
+            "paid for out of each side's budget at store time, so the ranks held would be lower than allocated)"
         )
     groups = groups_for(base, spec)
     states = states if states is not None else layer_states(model, input_ids)
@@ -203,36 +251,14 @@ def allocate_ranks(
     itemsize = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     fmt, dim = base.factor_format, spec.kv_dim
     sides = [s for s, wanted in (("keys", base.compress_keys), ("values", base.compress_values)) if wanted]
-    shares: dict[tuple[int, str], list[float]] = {}
-    for group in groups:
-        for side in sides:
-            stacked = torch.cat([states[side][layer] for layer in group.layers], dim=-1).double()
-            energy = torch.linalg.svdvals(stacked) ** 2
-            shares[group.index, side] = (energy / energy.sum()).tolist()
+    shares = _energy_shares(groups, sides, states)
     size = {group.index: group.size for group in groups}
 
     def cost(key: tuple[int, str], rank: int) -> int:
         return fmt.factor_bytes(tokens, size[key[0]], dim, rank, itemsize)
 
     dense = {key: tokens * size[key[0]] * dim * itemsize for key in shares}
-    budget = sum(dense.values()) / target
-    ranks = dict.fromkeys(shares, 1)
-    spent = sum(cost(key, 1) for key in shares)
-    if spent > budget:
-        raise ValueError(f"`target` {target} is below what rank 1 in every group side already costs")
-    while True:
-        best, best_value = None, 0.0
-        for key, rank in ranks.items():
-            if rank >= len(shares[key]) or cost(key, rank + 1) >= dense[key]:  # a side never costs its dense bytes
-                continue
-            step = cost(key, rank + 1) - cost(key, rank)
-            if spent + step <= budget and shares[key][rank] / step > best_value:
-                best, best_value = key, shares[key][rank] / step
-        if best is None:
-            break
-        spent += cost(best, ranks[best] + 1) - cost(best, ranks[best])
-        ranks[best] += 1
-
+    ranks, spent = _water_fill(shares, cost, dense, sum(dense.values()) / target)
     fields = {}
     for side, name in (("keys", "rank_k"), ("values", "rank_v")):
         if side in sides:

@@ -267,114 +267,15 @@ class XKVConfig:
     _parsed_v: list[RankSetting] | RankSetting = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "group_size", "first_layer", "svd_oversample", "svd_seed", "min_tokens", "sr_chunk_size",
-            "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens", "fold_keep",
-        ):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"`{name}` must be an int but got {value!r}")
-        if self.group_size < 1:
-            raise ValueError(f"`group_size` must be >= 1 but got {self.group_size}")
-        if self.grouping not in ("contiguous", "stride", "auto"):
-            raise ValueError(f"`grouping` must be one of ['contiguous', 'stride', 'auto'] but got {self.grouping!r}")
-        self._check_groups()
-        if self.first_layer < 0:
-            raise ValueError(f"`first_layer` must be >= 0 but got {self.first_layer}")
-        if self.last_layer is not None:
-            if isinstance(self.last_layer, bool) or not isinstance(self.last_layer, int):
-                raise ValueError(f"`last_layer` must be an int or None but got {self.last_layer!r}")
-            if self.last_layer < self.first_layer:
-                raise ValueError(
-                    f"`last_layer` must be >= `first_layer` ({self.first_layer}) but got {self.last_layer}"
-                )
-        if isinstance(self.dense_layers, tuple):
-            object.__setattr__(self, "dense_layers", list(self.dense_layers))
-        if not isinstance(self.dense_layers, list) or any(
-            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.dense_layers
-        ):
-            raise ValueError(f"`dense_layers` must be a list of layer indices >= 0 but got {self.dense_layers!r}")
-        if len(set(self.dense_layers)) != len(self.dense_layers):
-            raise ValueError(f"`dense_layers` lists a layer twice: {self.dense_layers}")
-        for name in ("compress_keys", "compress_values"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be true or false but got {getattr(self, name)!r}")
-        if self.svd not in ("exact", "randomized", "gram"):
-            raise ValueError(f"`svd` must be one of ['exact', 'randomized', 'gram'] but got {self.svd!r}")
-        if self.svd_oversample < 0:
-            raise ValueError(f"`svd_oversample` must be >= 0 but got {self.svd_oversample}")
-        object.__setattr__(self, "svd_niter", parse_niter(self.svd_niter, "svd_niter"))
-        if self.min_tokens < 0:
-            raise ValueError(f"`min_tokens` must be >= 0 but got {self.min_tokens}")
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(f"`decode` must be one of {list(DECODE_PATHS)} but got {self.decode!r}")
-        if self.sr_chunk_size < 1:
-            raise ValueError(f"`sr_chunk_size` must be >= 1 but got {self.sr_chunk_size}")
-        if not isinstance(self.fold_headroom, bool):
-            raise ValueError(f"`fold_headroom` must be true or false but got {self.fold_headroom!r}")
-        if self.fold_tokens and self.fold_keep >= self.fold_tokens:
-            raise ValueError(
-                f"`fold_keep` ({self.fold_keep}) must be below `fold_tokens` ({self.fold_tokens}): a fold must fold"
-            )
-        for name in ("sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens",
-                     "fold_keep"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0 but got {getattr(self, name)}")
-        share = self.sr_max_share
-        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= float(share) <= 1.0:
-            raise ValueError(f"`sr_max_share` must be a number in [0, 1] but got {share!r}")
-        budget = self.sr_budget
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-            raise ValueError(f"`sr_budget` must be an int (tokens) or a float in (0, 1] but got {budget!r}")
-        if isinstance(budget, numbers.Integral) and budget < 1:
-            raise ValueError(f"`sr_budget` as tokens must be >= 1 but got {budget}")
-        if not isinstance(budget, numbers.Integral) and not 0.0 < float(budget) <= 1.0:
-            raise ValueError(f"`sr_budget` as a fraction of the prefix must be in (0, 1] but got {budget}")
-        FactorFormat(self.factor_form, self.factor_group_size, self.factor_rotation)  # raises naming the field
-        head = self.factor_head
-        if head != "auto" and (isinstance(head, bool) or not isinstance(head, int) or head < 0):
-            raise ValueError(f"`factor_head` must be 'auto' or an int >= 0 but got {head!r}")
+        _check_layout(self)
+        _check_decoding(self)
+        _check_form(self)
         for name in ("rank_k", "rank_v"):  # tuples become lists, so a config equals its YAML/JSON round trip
             if isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, list(getattr(self, name)))
         # Frozen dataclass: the parsed forms are set once here (`dataclasses.replace` builds and checks anew).
-        object.__setattr__(self, "_parsed_k", self._parse_side("rank_k", self.rank_k))
-        object.__setattr__(self, "_parsed_v", self._parse_side("rank_v", self.rank_v))
-
-    def _check_groups(self) -> None:
-        groups = self.groups
-        if groups is None:
-            if self.grouping == "auto":
-                raise ValueError(
-                    "`grouping: auto` needs `groups`, the layer groups measured on a calibration prompt "
-                    "(xkv.calibration.auto_groups, or `xkv analyze --group-size G`)"
-                )
-            return
-        if self.grouping != "auto":
-            raise ValueError(f"`groups` is read with `grouping: auto` only, but grouping is {self.grouping!r}")
-        if isinstance(groups, tuple):
-            groups = list(groups)
-        if not isinstance(groups, list) or not groups or not all(isinstance(g, (list, tuple)) and g for g in groups):
-            raise ValueError(f"`groups` must be a non-empty list of non-empty lists of layers but got {groups!r}")
-        groups = [list(g) for g in groups]  # tuples become lists, so a config equals its YAML/JSON round trip
-        layers = [layer for group in groups for layer in group]
-        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
-            raise ValueError(f"`groups` must hold layer indices >= 0 but got {groups!r}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"`groups` lists a layer twice: {groups}")
-        if max(len(g) for g in groups) > self.group_size:
-            raise ValueError(f"`groups` has a group larger than `group_size` ({self.group_size}): {groups}")
-        object.__setattr__(self, "groups", groups)
-
-    @staticmethod
-    def _parse_side(name: str, spec: Any) -> list[RankSetting] | RankSetting:
-        if isinstance(spec, tuple):
-            spec = list(spec)
-        if isinstance(spec, list):
-            if not spec:
-                raise ValueError(f"`{name}` as a per-group list must not be empty")
-            return [parse_rank(item, f"{name}[{i}]") for i, item in enumerate(spec)]
-        return parse_rank(spec, name)
+        object.__setattr__(self, "_parsed_k", _parse_side("rank_k", self.rank_k))
+        object.__setattr__(self, "_parsed_v", _parse_side("rank_v", self.rank_v))
 
     @property
     def factor_format(self) -> FactorFormat:
@@ -474,3 +375,119 @@ class XKVConfig:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"invalid config file {str(path)!r}: {err}") from err
+
+
+def _check_layout(config: XKVConfig) -> None:
+    """Which layers are grouped and how: the int fields, groups, layer range, dense layers, sides."""
+    for name in (
+        "group_size", "first_layer", "svd_oversample", "svd_seed", "min_tokens", "sr_chunk_size",
+        "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens", "fold_keep",
+    ):  # fmt: skip
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{name}` must be an int but got {value!r}")
+    if config.group_size < 1:
+        raise ValueError(f"`group_size` must be >= 1 but got {config.group_size}")
+    if config.grouping not in ("contiguous", "stride", "auto"):
+        raise ValueError(f"`grouping` must be one of ['contiguous', 'stride', 'auto'] but got {config.grouping!r}")
+    _check_groups(config)
+    if config.first_layer < 0:
+        raise ValueError(f"`first_layer` must be >= 0 but got {config.first_layer}")
+    if config.last_layer is not None:
+        if isinstance(config.last_layer, bool) or not isinstance(config.last_layer, int):
+            raise ValueError(f"`last_layer` must be an int or None but got {config.last_layer!r}")
+        if config.last_layer < config.first_layer:
+            raise ValueError(
+                f"`last_layer` must be >= `first_layer` ({config.first_layer}) but got {config.last_layer}"
+            )
+    if isinstance(config.dense_layers, tuple):
+        object.__setattr__(config, "dense_layers", list(config.dense_layers))
+    if not isinstance(config.dense_layers, list) or any(
+        isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in config.dense_layers
+    ):
+        raise ValueError(f"`dense_layers` must be a list of layer indices >= 0 but got {config.dense_layers!r}")
+    if len(set(config.dense_layers)) != len(config.dense_layers):
+        raise ValueError(f"`dense_layers` lists a layer twice: {config.dense_layers}")
+    for name in ("compress_keys", "compress_values"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"`{name}` must be true or false but got {getattr(config, name)!r}")
+
+
+def _check_groups(config: XKVConfig) -> None:
+    """``groups`` against ``grouping`` and ``group_size``; tuples become lists."""
+    groups = config.groups
+    if groups is None:
+        if config.grouping == "auto":
+            raise ValueError(
+                "`grouping: auto` needs `groups`, the layer groups measured on a calibration prompt "
+                "(xkv.calibration.auto_groups, or `xkv analyze --group-size G`)"
+            )
+        return
+    if config.grouping != "auto":
+        raise ValueError(f"`groups` is read with `grouping: auto` only, but grouping is {config.grouping!r}")
+    if isinstance(groups, tuple):
+        groups = list(groups)
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, (list, tuple)) and g for g in groups):
+        raise ValueError(f"`groups` must be a non-empty list of non-empty lists of layers but got {groups!r}")
+    groups = [list(g) for g in groups]  # tuples become lists, so a config equals its YAML/JSON round trip
+    layers = [layer for group in groups for layer in group]
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers):
+        raise ValueError(f"`groups` must hold layer indices >= 0 but got {groups!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"`groups` lists a layer twice: {groups}")
+    if max(len(g) for g in groups) > config.group_size:
+        raise ValueError(f"`groups` has a group larger than `group_size` ({config.group_size}): {groups}")
+    object.__setattr__(config, "groups", groups)
+
+
+def _check_decoding(config: XKVConfig) -> None:
+    """The SVD, ``min_tokens``, the decode path, Selective Reconstruction and folding fields."""
+    if config.svd not in ("exact", "randomized", "gram"):
+        raise ValueError(f"`svd` must be one of ['exact', 'randomized', 'gram'] but got {config.svd!r}")
+    if config.svd_oversample < 0:
+        raise ValueError(f"`svd_oversample` must be >= 0 but got {config.svd_oversample}")
+    object.__setattr__(config, "svd_niter", parse_niter(config.svd_niter, "svd_niter"))
+    if config.min_tokens < 0:
+        raise ValueError(f"`min_tokens` must be >= 0 but got {config.min_tokens}")
+    if config.decode not in DECODE_PATHS:
+        raise ValueError(f"`decode` must be one of {list(DECODE_PATHS)} but got {config.decode!r}")
+    if config.sr_chunk_size < 1:
+        raise ValueError(f"`sr_chunk_size` must be >= 1 but got {config.sr_chunk_size}")
+    if not isinstance(config.fold_headroom, bool):
+        raise ValueError(f"`fold_headroom` must be true or false but got {config.fold_headroom!r}")
+    if config.fold_tokens and config.fold_keep >= config.fold_tokens:
+        raise ValueError(
+            f"`fold_keep` ({config.fold_keep}) must be below `fold_tokens` ({config.fold_tokens}): a fold must fold"
+        )
+    for name in ("sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens",
+                 "fold_keep"):  # fmt: skip
+        if getattr(config, name) < 0:
+            raise ValueError(f"`{name}` must be >= 0 but got {getattr(config, name)}")
+    share = config.sr_max_share
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"`sr_max_share` must be a number in [0, 1] but got {share!r}")
+    budget = config.sr_budget
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"`sr_budget` must be an int (tokens) or a float in (0, 1] but got {budget!r}")
+    if isinstance(budget, numbers.Integral) and budget < 1:
+        raise ValueError(f"`sr_budget` as tokens must be >= 1 but got {budget}")
+    if not isinstance(budget, numbers.Integral) and not 0.0 < float(budget) <= 1.0:
+        raise ValueError(f"`sr_budget` as a fraction of the prefix must be in (0, 1] but got {budget}")
+
+
+def _check_form(config: XKVConfig) -> None:
+    """The storage form of the factors (``FactorFormat`` names the field) and ``factor_head``."""
+    FactorFormat(config.factor_form, config.factor_group_size, config.factor_rotation)  # raises naming the field
+    head = config.factor_head
+    if head != "auto" and (isinstance(head, bool) or not isinstance(head, int) or head < 0):
+        raise ValueError(f"`factor_head` must be 'auto' or an int >= 0 but got {head!r}")
+
+
+def _parse_side(name: str, spec: Any) -> list[RankSetting] | RankSetting:
+    if isinstance(spec, tuple):
+        spec = list(spec)
+    if isinstance(spec, list):
+        if not spec:
+            raise ValueError(f"`{name}` as a per-group list must not be empty")
+        return [parse_rank(item, f"{name}[{i}]") for i, item in enumerate(spec)]
+    return parse_rank(spec, name)

@@ -94,7 +94,7 @@ class XKVCache(GroupedCache):
                 "the lean rebuild", spec.model_type, spec.attention_softcap,
             )  # fmt: skip
         self.runtime = DecodeRuntime(fast, PrefixAngles(self.angles) if self.angles is not None else None)
-        self._told_chunks = False  # `_note_chunks` warns once per cache
+        self._told_chunks = False  # `warn_if_chunks_stay_exact` warns once per cache
         stores = [
             XKVGroupStore(group, self.config, len(self.groups), spec, self.angles, self.runtime)
             for group in self.groups
@@ -165,39 +165,19 @@ class XKVCache(GroupedCache):
 
         Every layer of the group then holds the same tail (the group's layers took the same tokens), so the fold
         happens before the group's first layer stores the new tokens, and all its layers see the folded prefix.
-        A context that arrives in chunks while the cache is kept exact is reported once (:meth:`_note_chunks`).
+        A context that arrives in chunks while the cache is kept exact is reported once
+        (:func:`warn_if_chunks_stay_exact`).
         """
         if tokens > 1 and not self._told_chunks:
-            self._note_chunks(layer_idx, tokens)
+            held = self.layers[layer_idx].get_seq_length()
+            self._told_chunks = warn_if_chunks_stay_exact(self.group_stores, held, tokens, self.config.min_tokens)
         layer = self.layers[layer_idx]
         if not self.config.fold_tokens or not isinstance(layer, CompressedLayer) or layer.slot != 0:
             return
         if isinstance(layer.store, XKVGroupStore):
-            self._fold_group(layer.store, self.config.fold_keep, self.config.fold_tokens, self.config.fold_headroom)
-
-    def _note_chunks(self, layer_idx: int, tokens: int) -> None:
-        """Warn once if a context fed in chunks has outgrown ``min_tokens`` while every group is kept exact.
-
-        ``generate(..., prefill_chunk_size=N)`` (transformers >= 5.24) or a forward loop over a long context hands
-        the cache its first chunk alone; if that chunk is under ``min_tokens`` the groups are kept exact and the
-        later chunks are never factored, so the cache ends larger than a dense one without compressing anything.
-        """
-        stores = self.group_stores
-        if not stores or not all(store.exact_prefill for store in stores):
-            return
-        total = self.layers[layer_idx].get_seq_length() + tokens
-        if total < self.config.min_tokens:
-            return
-        self._told_chunks = True
-        first = stores[0].prefix_len
-        logger.warning(
-            "XKVCache: this context arrives in chunks and is kept exact, uncompressed: its first chunk had %d tokens "
-            "< min_tokens=%d, and later chunks are never factored (now %d tokens). To compress a chunked prefill, "
-            "make the first chunk at least min_tokens (generate(prefill_chunk_size=%d) or more, or a lower "
-            "min_tokens) and set XKVConfig(fold_tokens=<chunk size>) so each later chunk is folded into the factors "
-            "as it arrives; or prefill the context in one call.",
-            first, self.config.min_tokens, total, self.config.min_tokens,
-        )  # fmt: skip
+            fold_group(
+                self.layers, layer.store, self.config.fold_keep, self.config.fold_tokens, self.config.fold_headroom
+            )
 
     def fold(self, keep: int | None = None) -> int:
         """Fold every factored group's exact tail into its factors now, keeping the newest ``keep`` tokens exact.
@@ -222,30 +202,13 @@ class XKVCache(GroupedCache):
         keep = self.config.fold_keep if keep is None else keep
         if keep < 0:
             raise ValueError(f"`keep` must be >= 0 but got {keep}")
-        folded = max((self._fold_group(store, keep, keep + 1, False) for store in self.group_stores), default=0)
+        folded = max((fold_group(self.layers, store, keep, keep + 1, False) for store in self.group_stores), default=0)
         trimmed = [store.trim() for store in self.group_stores]
         if folded or any(trimmed):  # sized for the old prefix or ranks: rebuilt at the next step
             self.runtime.workspace.reset()
             if self.runtime.table is not None:
                 self.runtime.table.reset()
         return folded
-
-    def _fold_group(self, store: XKVGroupStore, keep: int, at_least: int, headroom: bool) -> int:
-        """Fold all but ``keep`` tail tokens of ``store``'s layers once they hold ``at_least``; tokens folded."""
-        if not store.is_ready or store.exact_prefill:
-            return 0
-        members = [self.layers[i] for i in store.layers]
-        if not all(isinstance(m, CompressedLayer) and held_states(m) is not None for m in members):
-            return 0
-        tails = [m.tail() for m in members if isinstance(m, CompressedLayer)]
-        lengths = {keys.shape[-2] for keys, _ in tails}
-        if len(lengths) != 1 or (length := lengths.pop()) < at_least or length <= keep:
-            return 0
-        store.fold(tails, length - keep, headroom)
-        for member in members:
-            if isinstance(member, CompressedLayer):
-                member.drop_oldest(length - keep)
-        return length - keep
 
     def with_ranks(self, config: XKVConfig) -> XKVCache:
         """A copy of this factored cache at lower ranks, without another SVD.
@@ -372,3 +335,48 @@ class XKVCache(GroupedCache):
     def full_ranks(self) -> list[int]:
         """Full rank ``min(T, G * D)`` of each factored group at its current prefix length."""
         return [full_rank(s.prefix_len, s.group.size, self.spec.kv_dim) for s in self.group_stores]
+
+
+def fold_group(layers: list[CacheLayerMixin], store: XKVGroupStore, keep: int, at_least: int, headroom: bool) -> int:
+    """Fold all but ``keep`` tail tokens of ``store``'s layers (of the cache's ``layers``) once they hold ``at_least``.
+
+    Returns the tokens folded per layer (0 when the group is not factored or its tails are too short).
+    """
+    if not store.is_ready or store.exact_prefill:
+        return 0
+    members = [layers[i] for i in store.layers]
+    if not all(isinstance(m, CompressedLayer) and held_states(m) is not None for m in members):
+        return 0
+    tails = [m.tail() for m in members if isinstance(m, CompressedLayer)]
+    lengths = {keys.shape[-2] for keys, _ in tails}
+    if len(lengths) != 1 or (length := lengths.pop()) < at_least or length <= keep:
+        return 0
+    store.fold(tails, length - keep, headroom)
+    for member in members:
+        if isinstance(member, CompressedLayer):
+            member.drop_oldest(length - keep)
+    return length - keep
+
+
+def warn_if_chunks_stay_exact(stores: list[XKVGroupStore], held: int, tokens: int, min_tokens: int) -> bool:
+    """Warn (and return True) if a context fed in chunks has outgrown ``min_tokens`` while every group is kept exact.
+
+    ``generate(..., prefill_chunk_size=N)`` (transformers >= 5.24) or a forward loop over a long context hands
+    the cache its first chunk alone; if that chunk is under ``min_tokens`` the groups are kept exact and the
+    later chunks are never factored, so the cache ends larger than a dense one without compressing anything.
+    """
+    if not stores or not all(store.exact_prefill for store in stores):
+        return False
+    total = held + tokens
+    if total < min_tokens:
+        return False
+    first = stores[0].prefix_len
+    logger.warning(
+        "XKVCache: this context arrives in chunks and is kept exact, uncompressed: its first chunk had %d tokens "
+        "< min_tokens=%d, and later chunks are never factored (now %d tokens). To compress a chunked prefill, "
+        "make the first chunk at least min_tokens (generate(prefill_chunk_size=%d) or more, or a lower "
+        "min_tokens) and set XKVConfig(fold_tokens=<chunk size>) so each later chunk is folded into the factors "
+        "as it arrives; or prefill the context in one call.",
+        first, min_tokens, total, min_tokens,
+    )  # fmt: skip
+    return True

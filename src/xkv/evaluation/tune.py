@@ -186,6 +186,43 @@ def _better(a: Scored, b: Scored | None, target: float) -> bool:
     return (a.score, a.measured_ratio) > (b.score, b.measured_ratio)
 
 
+Candidates = dict[str, tuple[dict[str, Any], XKVConfig]]
+
+
+def _step_candidates(
+    plan: TunePlan, current: dict[str, Any], axis: str, values: list[Any], scored: dict[str, Scored]
+) -> Candidates:
+    """The configs of one step: ``current`` with ``axis`` set to each value, by label; scored and invalid ones out."""
+    configs: Candidates = {}
+    for value in values:
+        choice = {**current, axis: value}
+        name = label(choice)
+        if name in scored or name in configs:
+            continue
+        try:
+            configs[name] = (choice, candidate(plan.base, plan.target, choice))
+        except ValueError:
+            continue  # an invalid combination (e.g. Hadamard over a group that is not a power of two)
+    return configs
+
+
+def _step_plan(plan: TunePlan, configs: Candidates, step: int, axis: str) -> EvalPlan:
+    """The evaluation of one step's candidates on the calibration samples, in its own folder (resumable)."""
+    return EvalPlan(
+        tasks=plan.tasks,
+        lengths=[plan.length],
+        methods=list(configs),
+        ratios=[plan.target],
+        samples=plan.samples,
+        out_dir=plan.out_dir / f"{step}-{axis}",
+        max_new_tokens=plan.max_new_tokens,
+        min_full_score=0.0,
+        method_options={name: {"config": config} for name, (_, config) in configs.items()},
+        first_seed=plan.first_seed,
+        screen=False,
+    )
+
+
 def run_tune(
     plan: TunePlan,
     model: Any,
@@ -225,30 +262,9 @@ def run_tune(
     scored: dict[str, Scored] = {}
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     for step, (axis, values) in enumerate(plan.axes.items()):
-        configs: dict[str, tuple[dict[str, Any], XKVConfig]] = {}
-        for value in values:
-            choice = {**current, axis: value}
-            name = label(choice)
-            if name in scored or name in configs:
-                continue
-            try:
-                configs[name] = (choice, candidate(plan.base, plan.target, choice))
-            except ValueError:
-                continue  # an invalid combination (e.g. Hadamard over a group that is not a power of two)
+        configs = _step_candidates(plan, current, axis, values, scored)
         if configs:
-            eval_plan = EvalPlan(
-                tasks=plan.tasks,
-                lengths=[plan.length],
-                methods=list(configs),
-                ratios=[plan.target],
-                samples=plan.samples,
-                out_dir=plan.out_dir / f"{step}-{axis}",
-                max_new_tokens=plan.max_new_tokens,
-                min_full_score=0.0,
-                method_options={name: {"config": config} for name, (_, config) in configs.items()},
-                first_seed=plan.first_seed,
-                screen=False,
-            )
+            eval_plan = _step_plan(plan, configs, step, axis)
             runner = Runner(eval_plan, model, tokenizer, stop_ids, progress=progress, model_name=model_name)
             if on_step is not None:
                 on_step(axis, runner.total_jobs())
