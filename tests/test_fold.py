@@ -10,6 +10,9 @@ from xkv import XKVCache, XKVConfig
 from xkv.compat import TRANSFORMERS_VERSION, cache_kwargs
 from xkv.factorization import append_rows, cross_layer_svd
 
+#: Full rank in the model's dtype: folding must then change nothing (int4 factors would round).
+EXACT_FULL_RANK = dict(factor_form="model", min_tokens=0, group_size=2, rank_k=1.0, rank_v=1.0, decode="absorb")
+
 
 def ids(tokens, seed=0):
     return torch.randint(0, 99, (1, tokens), generator=torch.Generator().manual_seed(seed))
@@ -64,16 +67,7 @@ def test_a_chunked_prefill_at_full_rank_equals_the_one_shot_prefill(form):
 def test_folding_keeps_a_long_generation_bounded_and_changes_nothing_at_full_rank():
     model = build_tiny("llama")
     prompt = ids(48)
-    cfg = XKVConfig(
-        factor_form="model",
-        min_tokens=0,
-        group_size=2,
-        rank_k=1.0,
-        rank_v=1.0,
-        decode="absorb",
-        fold_tokens=8,
-        fold_keep=2,
-    )
+    cfg = XKVConfig(**EXACT_FULL_RANK, fold_tokens=8, fold_keep=2)
     folded = XKVCache(model, cfg)
     out = model.generate(prompt, past_key_values=folded, max_new_tokens=30, do_sample=False, pad_token_id=0)
     ref = model.generate(prompt, past_key_values=DynamicCache(), max_new_tokens=30, do_sample=False, pad_token_id=0)
@@ -259,16 +253,7 @@ def test_trimming_quantized_and_rotated_factors_keeps_whole_directions(form, rot
 
 _BEFORE_5_24 = Version("5.24") > TRANSFORMERS_VERSION
 _CHUNKS = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, prefill_chunk_size=32)
-_FOLDING = XKVConfig(
-    factor_form="model",
-    min_tokens=0,
-    group_size=2,
-    rank_k=1.0,
-    rank_v=1.0,
-    decode="absorb",
-    fold_tokens=32,
-    fold_keep=0,
-)
+_FOLDING = XKVConfig(**EXACT_FULL_RANK, fold_tokens=32, fold_keep=0)
 
 
 @pytest.mark.skipif(not _BEFORE_5_24, reason="transformers >= 5.24 gives prefill chunks their own positions")

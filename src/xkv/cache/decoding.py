@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -33,6 +34,29 @@ from xkv.decode import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a fast path attends with, for one layer and step.
+
+    Attributes:
+        grouped: the query grouped per KV head, ``(b, H, M, hd)`` (``M`` query rows per head).
+        tail_keys: the layer's exact tail keys ``(b, H, L, hd)``.
+        tail_values: its tail values ``(b, H, L, hd)``.
+        attention_mask: the model's mask, or ``None``.
+        mask: the additive tail mask built from it, or ``None``.
+        scaling: score scale.
+        length: query tokens (``M = length * query heads per KV head``).
+    """
+
+    grouped: torch.Tensor
+    tail_keys: torch.Tensor
+    tail_values: torch.Tensor
+    attention_mask: torch.Tensor | None
+    mask: torch.Tensor | None
+    scaling: float
+    length: int
 
 
 class DecodePath(ABC):
@@ -87,27 +111,12 @@ class FastPath(DecodePath):
         grouped = group_queries(query, heads)
         mask = tail_mask(attention_mask, group.prefix_len, tail_keys.shape[-2], length, num_heads // heads,
                          query.device)  # fmt: skip
-        out = self.attend(group, slot, grouped, tail_keys, tail_values, attention_mask, mask, scaling, length)
+        out = self.attend(group, slot, Request(grouped, tail_keys, tail_values, attention_mask, mask, scaling, length))
         return ungroup_output(out.to(query.dtype), num_heads, length)
 
     @abstractmethod
-    def attend(
-        self,
-        group: GroupDecode,
-        slot: int,
-        grouped: torch.Tensor,
-        tail_keys: torch.Tensor,
-        tail_values: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        scaling: float,
-        length: int,
-    ) -> torch.Tensor:
-        """``(b, H, M, hd)`` attention output for the grouped query ``(b, H, M, hd)`` (``M`` query rows per head).
-
-        ``attention_mask`` is the model's mask, ``mask`` the additive tail mask built from it; ``length`` is the
-        number of query tokens (``M = length * query heads per KV head``).
-        """
+    def attend(self, group: GroupDecode, slot: int, request: Request) -> torch.Tensor:
+        """``(b, H, M, hd)`` attention output for ``request``'s grouped query over layer ``slot``'s prefix and tail."""
 
 
 class Absorb(FastPath):
@@ -115,27 +124,16 @@ class Absorb(FastPath):
 
     name = "absorb"
 
-    def attend(
-        self,
-        group: GroupDecode,
-        slot: int,
-        grouped: torch.Tensor,
-        tail_keys: torch.Tensor,
-        tail_values: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        scaling: float,
-        length: int,
-    ) -> torch.Tensor:
+    def attend(self, group: GroupDecode, slot: int, request: Request) -> torch.Tensor:
         """Follows the model's mask over the prefix (left padding), or the padding the cache saw."""
-        tokens = group.prefix_len
-        hidden = prefix_mask(attention_mask, group.runtime.real_rows(tokens, grouped.device), tokens, length,
+        tokens, grouped, length = group.prefix_len, request.grouped, request.length
+        hidden = prefix_mask(request.attention_mask, group.runtime.real_rows(tokens, grouped.device), tokens, length,
                              grouped.shape[2] // length)  # fmt: skip
         values = group.values
         assert values.factors is not None
-        keys = group.keys.rebuilt_with_tail(slot, tail_keys[:, :, :0])
-        return attend_absorbed(grouped, keys, values.factors, slot, tail_keys, tail_values, scaling, mask, hidden,
-                               values.read_basis())  # fmt: skip
+        keys = group.keys.rebuilt_with_tail(slot, request.tail_keys[:, :, :0])
+        return attend_absorbed(grouped, keys, values.factors, slot, request.tail_keys, request.tail_values,
+                               request.scaling, request.mask, hidden, values.read_basis())  # fmt: skip
 
 
 class Selective(FastPath):
@@ -143,28 +141,18 @@ class Selective(FastPath):
 
     name = "selective"
 
-    def attend(
-        self,
-        group: GroupDecode,
-        slot: int,
-        grouped: torch.Tensor,
-        tail_keys: torch.Tensor,
-        tail_values: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        scaling: float,
-        length: int,
-    ) -> torch.Tensor:
+    def attend(self, group: GroupDecode, slot: int, request: Request) -> torch.Tensor:
         """Its index is built for unpadded prefixes only (a mask hiding part of the prefix is refused)."""
         tokens = group.prefix_len
-        check_prefix_visible(attention_mask, tokens)
+        check_prefix_visible(request.attention_mask, tokens)
         table = group.runtime.table
-        angles = table.joint_table(tokens, grouped.device) if table is not None else None
+        angles = table.joint_table(tokens, request.grouped.device) if table is not None else None
         index = group.selective[slot]
         assert group.keys.factors is not None and group.values.factors is not None
         return attend_selective(
-            grouped, index, group.keys.factors, group.values.factors, slot, angles,
-            group.config.budget_chunks(tokens, index.chunk_size), tail_keys, tail_values, scaling, mask,
+            request.grouped, index, group.keys.factors, group.values.factors, slot, angles,
+            group.config.budget_chunks(tokens, index.chunk_size), request.tail_keys, request.tail_values,
+            request.scaling, request.mask,
         )  # fmt: skip
 
 
