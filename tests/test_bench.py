@@ -119,7 +119,8 @@ def test_bench_names_are_registry_methods_at_a_setting():
 
     assert all(entry.method in METHODS for entry in BENCH_METHODS.values())
     model = build_tiny("llama", hidden_size=64, num_attention_heads=2)  # D = 64: quanto groups of 64 fit
-    base = XKVConfig(group_size=2, min_tokens=0)
+    # Not the defaults in the fields the bench's names set, so a dropped override shows.
+    base = XKVConfig(group_size=2, min_tokens=0, svd="randomized", factor_form="model")
     assert type(make_cache(model, "dense", base)) is DynamicCache
     quantized = make_cache(model, "quantized-int4", base)
     assert isinstance(quantized, QuantizedCache) and quantized.layers[0].nbits == 4
@@ -130,12 +131,13 @@ def test_bench_names_are_registry_methods_at_a_setting():
         "xkv-exact": {"decode": "absorb", "svd": "exact"},
         "xkv-int4": {"decode": "absorb", "factor_form": "int4"},
         "xkv-chunked": {"decode": "absorb", "fold_tokens": 512, "fold_keep": 0, "fold_headroom": True},
+        "xkv-former": {"decode": "selective", "factor_form": "model", "svd": "randomized"},
     }
     for name, fields in expected.items():
         cache = make_cache(model, name, base)
         assert isinstance(cache, XKVCache)
         assert cache.config == XKVConfig.from_dict({**base.to_dict(), **fields}), name
-    assert make_cache(model, "xkv-absorb").config == XKVConfig(decode="absorb")
+    assert make_cache(model, "xkv-absorb").config == XKVConfig()  # the shipped default is the absorb path
     with pytest.raises(ValueError, match="unknown bench method 'nope'"):
         make_cache(model, "nope")
     with pytest.raises(NotImplementedError, match="'minicache' has no cache of its own"):

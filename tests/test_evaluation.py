@@ -306,8 +306,9 @@ def test_only_an_unreachable_ratio_is_reported_as_unreachable():
         METHODS["xkv"]().run(ctx, 200.0)
     ctx = shared_prefill_context(model, context_tokens=24, question_tokens=3, max_new_tokens=2, seed=1)
     ctx.dense = ctx.dense[:-1]  # a bug, not a ratio out of reach: it must surface
-    with pytest.raises(ValueError, match="layers but the model has"):
+    with pytest.raises(ValueError, match="layers but the model has") as raised:
         METHODS["xkv"]().run(ctx, 2.0)
+    assert not isinstance(raised.value, UnreachableRatioError)  # the runner would report it as unreachable
 
 
 def test_config_files_run_as_methods_and_keep_their_split(tmp_path):

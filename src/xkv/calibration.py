@@ -182,17 +182,22 @@ def _water_fill(
     shares: dict[tuple[int, str], list[float]],
     cost: Callable[[tuple[int, str], int], int],
     dense: dict[tuple[int, str], int],
-    budget: float,
+    target: float,
 ) -> tuple[dict[tuple[int, str], int], int]:
     """Ranks from 1 up, one direction at a time to the side with the most energy share per byte; (ranks, bytes).
 
+    The budget is the ``dense`` bytes over ``target``.
+
     Raises:
-        ValueError: if rank 1 in every side already costs more than ``budget``.
+        ValueError: if rank 1 in every side already costs more than the budget.
     """
+    budget = sum(dense.values()) / target
     ranks = dict.fromkeys(shares, 1)
     spent = sum(cost(key, 1) for key in shares)
     if spent > budget:
-        raise ValueError(f"the target is below what rank 1 in every group side already costs ({spent} bytes)")
+        raise ValueError(
+            f"`target` {target} is below what rank 1 in every group side already costs ({spent} of {budget:.0f} bytes)"
+        )
     while True:
         best, best_value = None, 0.0
         for key, rank in ranks.items():
@@ -258,7 +263,7 @@ def allocate_ranks(
         return fmt.factor_bytes(tokens, size[key[0]], dim, rank, itemsize)
 
     dense = {key: tokens * size[key[0]] * dim * itemsize for key in shares}
-    ranks, spent = _water_fill(shares, cost, dense, sum(dense.values()) / target)
+    ranks, spent = _water_fill(shares, cost, dense, target)
     fields = {}
     for side, name in (("keys", "rank_k"), ("values", "rank_v")):
         if side in sides:

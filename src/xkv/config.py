@@ -205,7 +205,8 @@ class XKVConfig:
     """
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults). On calibration seeds
-    # (benchmarks/heldout/README.md, "Choosing the default") groups of 4 lost one answer of 25 that groups of 8 kept.
+    # (benchmarks/heldout/README.md, "Choosing the default") groups of 4 lost one answer (of the 22 the full cache
+    # gave) that groups of 8 kept.
     group_size: int = 8
     grouping: Literal["contiguous", "stride", "auto"] = "contiguous"
     groups: list[list[int]] | None = None
@@ -229,8 +230,8 @@ class XKVConfig:
     # Shorter prefixes stay exact (they are small anyway).
     min_tokens: int = 1024
     # "absorb": exact attention over the factors. On calibration seeds (benchmarks/heldout/README.md, "Choosing the
-    # default") Selective Reconstruction lost 3 of 25 answers that "absorb" kept with the same int8 factors (and 4 of
-    # 10 with the former model-dtype default); "absorb" decodes slower (benchmarks/decode/README.md).
+    # default") Selective Reconstruction lost 3 of the 22 answers "absorb" kept with the same int8 factors (and, with
+    # the former float32 factors, 4 of 10 prose_needle answers); "absorb" decodes slower (benchmarks/decode/README.md).
     decode: Literal["rebuild", "absorb", "selective"] = "absorb"
     # The sr_* settings serve decode="selective" (not the default). They were chosen before the calibration/report
     # split, on needle prompts that the reports also use; they are kept as they were, not re-chosen.

@@ -19,7 +19,7 @@ Life of a compressed layer group (G layers): at the prefill (each layer's first 
 pre-RoPE and held with the values until the group's last layer has run, and the exact states are returned (the prefill
 attention is exact, as in the paper); then each side is factored (:func:`xkv.factorization.cross_layer_svd`) and the
 dense tensors dropped. Later updates go to an exact tail per layer; attention gets the prefix through the configured
-decode path (``"selective"`` by default; ``"rebuild"`` rebuilds the prefix, RoPE re-applied, as a transient). With
+decode path (``"absorb"`` by default; ``"rebuild"`` rebuilds the prefix, RoPE re-applied, as a transient). With
 ``fold_tokens`` set, a group's tails are folded back into its factors (incremental SVD).
 """
 

@@ -268,7 +268,7 @@ def _fingerprint(plan: EvalPlan, model_name: str) -> dict[str, Any]:
         "haystack_sha256": haystack,
         "method_options": _options_fingerprint(plan.method_options),
         "xkv_version": xkv_version,
-        # The xKV methods take every field but the ranks from the defaults (e.g. the SVD became randomized).
+        # The xKV methods take every field but the ranks from the defaults (e.g. the storage form or the SVD).
         "xkv_defaults": XKVConfig().to_dict(),
     }
 
