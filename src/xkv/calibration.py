@@ -226,6 +226,8 @@ def allocate_ranks(
     ``1 / target`` of their dense bytes. The shares are relative to each side's own energy, so a side whose
     leading directions hold most of it (the pre-RoPE keys' channel offset) gets fewer directions than one with a
     flat spectrum. The ranks are stored as per-group compression factors, so the config serves other lengths too.
+    With ``factor_form: int4`` every direction is counted at int4 and the returned config has ``factor_head: 0`` (an
+    ``"auto"`` int8 head would take bytes the allocation gave to directions).
 
     Args:
         model: a supported causal LM.
