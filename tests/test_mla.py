@@ -56,7 +56,7 @@ def test_full_rank_matches_the_models_own_latent_cache_over_twenty_steps(family)
     if not mla_caches_latent(model):
         pytest.skip("this transformers caches per-head keys and values (refused, tested above)")
     own = DynamicCache(config=model.config)
-    xkv = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0))
+    xkv = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k=1.0, factor_form="model"))
     assert xkv.config.compress_values is False  # the RoPE part k_pe stays exact
     assert_decodes_like(model, own, xkv, ids(40))
     # The reference is the model's own cache: the latent (kv_lora_rank) and k_pe (qk_rope_head_dim) per layer.
@@ -70,7 +70,7 @@ def test_ratio_counts_the_latent_and_the_exact_rope_part(family):
     model = build(family)
     if not mla_caches_latent(model):
         pytest.skip("this transformers caches per-head keys and values")
-    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k="4x", decode="rebuild"))
+    cache = XKVCache(model, XKVConfig(min_tokens=0, group_size=2, rank_k="4x", decode="rebuild", factor_form="model"))
     with torch.no_grad():
         model(ids(400), **cache_kwargs(cache))
     report = cache.memory_report()
@@ -91,7 +91,14 @@ def test_padded_batches_lower_ranks_and_folds_on_the_latent():
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     config = XKVConfig(
-        min_tokens=0, group_size=2, rank_k=1.0, svd="exact", decode="rebuild", fold_tokens=4, fold_keep=1
+        min_tokens=0,
+        group_size=2,
+        rank_k=1.0,
+        svd="exact",
+        decode="rebuild",
+        fold_tokens=4,
+        fold_keep=1,
+        factor_form="model",
     )
     own, xkv = DynamicCache(config=model.config), XKVCache(model, config)
     with torch.no_grad():
@@ -104,6 +111,8 @@ def test_padded_batches_lower_ranks_and_folds_on_the_latent():
             real = mask[:, -chunk.shape[1] :].bool()
             torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
     assert xkv.runtime.pads.tolist() == [0, 9] and xkv.group_stores[0].prefix_len > 40  # folded
-    lower = xkv.with_ranks(XKVConfig(min_tokens=0, group_size=2, rank_k=8, svd="exact", decode="rebuild"))
+    lower = xkv.with_ranks(
+        XKVConfig(min_tokens=0, group_size=2, rank_k=8, svd="exact", decode="rebuild", factor_form="model")
+    )
     assert [g.rank_k for g in lower.memory_report().groups] == [8, 8]
     assert XKVCache(model, XKVConfig(group_size=2, rank_v=100)).config.compress_values is False  # rank_v unused
