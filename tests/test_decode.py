@@ -12,7 +12,7 @@ from xkv import XKVCache, XKVConfig
 from xkv.attention import IMPLEMENTATION
 from xkv.cache.decoding import PATHS
 from xkv.compat import cache_kwargs
-from xkv.decode import build_selective_index, select_chunks, selective_index_bytes
+from xkv.decode import build_selective_index, select_chunks, select_shared_chunks, selective_index_bytes
 from xkv.memory import tensor_bytes
 
 
@@ -64,19 +64,22 @@ def test_softcapped_attention_keeps_the_rebuild_path():
     torch.testing.assert_close(absorbed, rebuilt, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("select", ["head", "shared"])
 @pytest.mark.parametrize("family", FAST_FAMILIES)
-def test_selective_with_a_budget_covering_the_prefix_equals_rebuild(family):
+def test_selective_with_a_budget_covering_the_prefix_equals_rebuild(family, select):
     model = build_tiny(family)
     prompt = ids(1, 64)
     # No exact chunks and a budget of every chunk: attention sees exactly the rebuilt prefix.
     exact_free = dict(sr_budget=64, sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)  # 64 = 4 budgets
     rebuilt, _ = logits_after(model, config("rebuild"), prompt, TURNS)
-    selective, cache = logits_after(model, config("selective", **exact_free), prompt, TURNS)
+    selective, cache = logits_after(model, config("selective", sr_select=select, **exact_free), prompt, TURNS)
     torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
-    # With exact chunks, at full rank, every token is exact either way.
+    # With exact chunks (outliers differ per head), at full rank, every token is exact either way: a shared pick
+    # that is exact for one head must be hidden from it, or that head would attend the chunk twice.
     full = dict(rank_k=1.0, rank_v=1.0)
     rebuilt, _ = logits_after(model, config("rebuild", **full), prompt, TURNS)
-    selective, cache = logits_after(model, config("selective", sr_budget=64, **full), prompt, TURNS)
+    cfg = config("selective", sr_budget=64, sr_select=select, sr_outlier_chunks=3, **full)
+    selective, cache = logits_after(model, cfg, prompt, TURNS)
     torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
     assert all(store.decode_path(0) == "selective" for store in cache.group_stores)
 
@@ -127,6 +130,14 @@ def test_selective_at_a_small_budget_still_attends_every_exact_token():
     query = index.landmark_values()[:, :, 0:1].repeat(1, 1, 2, 1) * 50
     picked = select_chunks(query, index, count=2, scaling=1.0)
     assert not (picked.unsqueeze(-1) == chunks.unsqueeze(-2)).any()
+    # A shared pick: chunks by their best score over the heads, flagged where a head keeps them exact.
+    query = torch.randn(batch, heads, 2, head_dim)
+    shared, exact = select_shared_chunks(query, index, count=5, scaling=1.0)
+    best = torch.softmax(index.landmark_scores(query), dim=-1).amax(dim=2)
+    best.scatter_(-1, chunks, -1.0)
+    assert torch.equal(shared.sort(-1).values, best.amax(dim=1).topk(5).indices.sort(-1).values)
+    assert torch.equal(exact, (shared.unsqueeze(1).unsqueeze(-1) == chunks.unsqueeze(-2)).any(-1))
+    assert not exact.all(dim=1).any()  # 5 picks of 11 chunks no head keeps exact: none is exact for all heads
 
 
 def test_selective_attention_includes_exact_tokens_at_the_smallest_budget():
@@ -347,6 +358,8 @@ def test_bad_decode_settings_name_the_field():
             XKVConfig(sr_max_share=bad)
     with pytest.raises(ValueError, match="`sr_outlier_chunks`"):
         XKVConfig(sr_outlier_chunks=-1)
+    with pytest.raises(ValueError, match="`sr_select`"):
+        XKVConfig(sr_select="layer")
 
 
 @torch.no_grad()

@@ -68,6 +68,8 @@ BENCH_METHODS: dict[str, BenchMethod] = {
     # The shipped default (exact SVD, int4 factors, values absorbed) at the bench's config.
     "xkv-absorb": BenchMethod("xkv-absorb"),
     "xkv-selective": BenchMethod("xkv-selective"),
+    # Selective Reconstruction with one pick of chunks for all KV heads of a layer (sr_select="shared").
+    "xkv-shared": BenchMethod("xkv-selective", {"sr_select": "shared"}),
     # The absorb path with the exact SVD (the default SVD since 2026-12-03; kept so older commands still run).
     "xkv-exact": BenchMethod("xkv-absorb", {"svd": "exact"}),
     # The absorb path with int4 factors (int8 head from the spectrum; the default form since 2026-12-03).

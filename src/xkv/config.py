@@ -180,6 +180,9 @@ class XKVConfig:
             Selective Reconstruction's landmarks and exact chunks may take; beyond it the group holds no index and
             decodes with ``"absorb"`` (logged), since the factors would lose the rank the index takes. ``1.0``
             allows any share that leaves rank 1.
+        sr_select: ``"head"``: each KV head picks its own chunks (as ShadowKV does); ``"shared"``: the layer's KV
+            heads pick one set together (a chunk ranks by its best score over the heads), so each picked row of the
+            token basis is gathered, unpacked and multiplied once for all heads instead of once per head.
         factor_form: storage of the factors (:mod:`xkv.forms`): ``"model"`` (the model's dtype), ``"int8"`` or
             ``"int4"`` (packed two a byte), with float32 scales. Compression factors in ``rank_k``/``rank_v``
             count the bytes of this form, so a quantized form buys rank at the same factor.
@@ -253,6 +256,7 @@ class XKVConfig:
     # 1/8: at 2k on SmolLM2 (float32) the index takes 10% of the 4x budget, where SR stayed within 2 points of the
     # exact path; at 8x about 20%, where it lost 16.5 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
     sr_max_share: float = 0.125
+    sr_select: Literal["head", "shared"] = "head"
     # int4 (int8 for the leading directions, factor_head="auto"): at 4x it answered every calibration sample the full
     # cache answered, as did int8; the model-dtype form with the same SVD and decode lost 4 of 10 on code_passkey
     # (benchmarks/heldout/README.md, calib-2k: other samples, same seeds). Report seeds ("Report"): 87.5 = full at
@@ -470,6 +474,8 @@ def _check_decoding(config: XKVConfig) -> None:
     share = config.sr_max_share
     if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= float(share) <= 1.0:
         raise ValueError(f"`sr_max_share` must be a number in [0, 1] but got {share!r}")
+    if config.sr_select not in ("head", "shared"):
+        raise ValueError(f"`sr_select` must be one of ['head', 'shared'] but got {config.sr_select!r}")
     budget = config.sr_budget
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise ValueError(f"`sr_budget` must be an int (tokens) or a float in (0, 1] but got {budget!r}")

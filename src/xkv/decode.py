@@ -335,6 +335,69 @@ def select_chunks(grouped_query: torch.Tensor, index: SelectiveIndex, count: int
     return best.topk(count, dim=-1).indices
 
 
+def select_shared_chunks(
+    grouped_query: torch.Tensor, index: SelectiveIndex, count: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` compressed chunks the layer's KV heads attend most together, for one shared rebuild.
+
+    Each chunk scores as in :func:`select_chunks` per KV head, then its best score over the heads ranks it. A chunk
+    one head keeps exact may still be picked for the others; one every head keeps exact is never picked (``count``
+    is clipped to the chunks left).
+
+    Returns:
+        ``(chunks, exact)``: chunk ids ``(b, k)`` and ``(b, H, k)`` bool, ``True`` where a picked chunk is exact for
+        that head (its rebuilt copy must be hidden there, or the head would attend it twice).
+    """
+    scores = index.landmark_scores(grouped_query) * scaling  # (b, H, M, C)
+    best = torch.softmax(scores, dim=-1).amax(dim=2)  # (b, H, C)
+    best.scatter_(-1, index.exact_chunks, -1.0)
+    shared = best.amax(dim=1)  # (b, C): -1 where every head keeps the chunk exact
+    count = min(count, int((shared >= 0).sum(dim=-1).min()))
+    chunks = shared.topk(count, dim=-1).indices  # (b, k)
+    exact = best.gather(-1, chunks.unsqueeze(1).expand(-1, best.shape[1], -1)) < 0
+    return chunks, exact
+
+
+def _rebuild_chunks(
+    grouped_query: torch.Tensor,
+    index: SelectiveIndex,
+    key_factors: StoredFactors,
+    slot: int,
+    angles: torch.Tensor | None,
+    count: int,
+    scaling: float,
+    shared: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``count`` chunks, rebuild their post-RoPE keys and score them.
+
+    Returns:
+        ``(chunks, scores)``: chunk ids ``(b, H, k)`` per head or ``(b, 1, k)`` shared; scores ``(b, H, M, k*c)``,
+        ``-inf`` where a shared chunk is exact for the head.
+    """
+    c, heads = index.chunk_size, grouped_query.shape[1]
+    hidden = None
+    if shared:
+        picked, exact = select_shared_chunks(grouped_query, index, count, scaling)
+        chunks = picked.unsqueeze(1)  # (b, 1, k): one gather and one product serve every head
+        rows = key_factors.chunk_rows(chunks, c)[:, 0]  # (b, n, r_k)
+        keys = torch.matmul(rows, key_factors.matrix(slot))  # (b, n, D)
+        keys = keys.view(keys.shape[0], keys.shape[1], heads, -1).transpose(1, 2)  # (b, H, n, hd) pre-RoPE
+        if exact.any():
+            blocked = exact.repeat_interleave(c, dim=-1).unsqueeze(2)  # (b, H, 1, n)
+            hidden = torch.zeros(blocked.shape, dtype=torch.float32, device=blocked.device)
+            hidden = hidden.masked_fill(blocked, -math.inf)
+    else:
+        chunks = select_chunks(grouped_query, index, count, scaling)  # (b, H, k)
+        rows = key_factors.chunk_rows(chunks, c)  # (b, H, n, r_k)
+        keys = torch.matmul(rows, per_head(key_factors.matrix(slot), heads))  # (b, H, n, hd) pre-RoPE
+    if angles is not None:
+        picked_angles = gather_chunks(angles, chunks, c)  # (b, H or 1, n, 2*rot): one gather for cos and sin
+        rot = angles.shape[-1] // 2
+        keys = rope_rows(keys, picked_angles[..., :rot], picked_angles[..., rot:])
+    scores = torch.matmul(grouped_query, keys.transpose(-1, -2)) * scaling
+    return chunks, scores if hidden is None else scores + hidden
+
+
 def attend_selective(
     grouped_query: torch.Tensor,
     index: SelectiveIndex,
@@ -347,6 +410,7 @@ def attend_selective(
     tail_values: torch.Tensor,
     scaling: float,
     mask: torch.Tensor | None,
+    shared: bool = False,
 ) -> torch.Tensor:
     """Selective Reconstruction: attention over the top chunks (rebuilt), the exact chunks and the tail.
 
@@ -362,31 +426,28 @@ def attend_selective(
         tail_values: ``(b, H, L, hd)``.
         scaling: score scale.
         mask: additive tail mask or ``None``.
+        shared: pick the chunks once for all KV heads of the layer (:func:`select_shared_chunks`): each picked
+            row of ``U`` is gathered and unpacked once instead of once per head, and the keys are rebuilt in one
+            product; each head attends the same number of chunks. ``False``: each head picks its own.
 
     Returns:
         ``(b, H, M, hd)``.
     """
-    batch, heads, rows, _ = grouped_query.shape
-    count = min(budget_chunks, index.num_chunks - index.exact_chunks.shape[-1])
+    heads = grouped_query.shape[1]
+    # Shared picks may take chunks some heads keep exact (select_shared_chunks clips to the chunks left).
+    count = min(budget_chunks, index.num_chunks - (0 if shared else index.exact_chunks.shape[-1]))
     blocks_k, blocks_v = [index.exact_keys, tail_keys], [index.exact_values, tail_values]
     scores = [torch.matmul(grouped_query, k.transpose(-1, -2)) * scaling for k in blocks_k]
     if mask is not None:
         scores[-1] = scores[-1] + mask
     if count > 0:
-        chunks = select_chunks(grouped_query, index, count, scaling)  # (b, H, n_c)
-        c = index.chunk_size
-        basis_k = key_factors.chunk_rows(chunks, c)  # (b, H, n, r_k)
-        keys = torch.matmul(basis_k, per_head(key_factors.matrix(slot), heads))  # (b, H, n, hd) pre-RoPE
-        if angles is not None:
-            picked = gather_chunks(angles, chunks, c)  # (b, H, n, 2*rot): one gather for cos and sin
-            rot = angles.shape[-1] // 2
-            keys = rope_rows(keys, picked[..., :rot], picked[..., rot:])
-        scores.insert(0, torch.matmul(grouped_query, keys.transpose(-1, -2)) * scaling)
+        chunks, chunk_scores = _rebuild_chunks(grouped_query, index, key_factors, slot, angles, count, scaling, shared)
+        scores.insert(0, chunk_scores)
     probs = softmax_blocks(scores)
     out = torch.matmul(probs[-2].to(blocks_v[0].dtype), blocks_v[0])
     out = out + torch.matmul(probs[-1].to(blocks_v[1].dtype), blocks_v[1])
     if count > 0:
-        basis_v = value_factors.chunk_rows(chunks, index.chunk_size)  # (b, H, n, r_v)
+        basis_v = value_factors.chunk_rows(chunks, index.chunk_size)  # (b, H or 1, n, r_v)
         mixed = torch.matmul(probs[0].to(basis_v.dtype), basis_v)  # (b, H, M, r_v)
         out = out + torch.matmul(mixed, per_head(value_factors.matrix(slot), heads))
     return out

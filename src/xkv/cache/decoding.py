@@ -152,7 +152,7 @@ class Selective(FastPath):
         return attend_selective(
             request.grouped, index, group.keys.factors, group.values.factors, slot, angles,
             group.config.budget_chunks(tokens, index.chunk_size), request.tail_keys, request.tail_values,
-            request.scaling, request.mask,
+            request.scaling, request.mask, shared=group.config.sr_select == "shared",
         )  # fmt: skip
 
 

@@ -21,7 +21,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
         "--methods",
         default="dense,quantized-int4,xkv-rebuild,xkv-absorb,xkv-selective",
         help="comma-separated: dense, quantized-int4, xkv-rebuild, xkv-absorb (the default decode path), "
-        "xkv-selective, xkv-exact (exact SVD), xkv-int4 (int4 factors), xkv-former (the default until 2026-12-03: "
+        "xkv-selective, xkv-shared (selective, one pick of chunks for all KV heads), xkv-exact (exact SVD), "
+        "xkv-int4 (int4 factors), xkv-former (the default until 2026-12-03: "
         "factors in the model's dtype, randomized SVD, selective), xkv-chunked (512-token prefill chunks, folded), "
         "dense-chunked (a dense cache fed the same chunks)",
     )
