@@ -13,6 +13,7 @@ from xkv.attention import IMPLEMENTATION
 from xkv.cache.decoding import PATHS
 from xkv.compat import cache_kwargs
 from xkv.decode import build_selective_index, select_chunks, select_shared_chunks, selective_index_bytes
+from xkv.forms import dequantize
 from xkv.memory import tensor_bytes
 
 
@@ -64,21 +65,22 @@ def test_softcapped_attention_keeps_the_rebuild_path():
     torch.testing.assert_close(absorbed, rebuilt, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("select", ["head", "shared"])
+@pytest.mark.parametrize(("select", "landmarks"), [("head", "mean"), ("shared", "mean"), ("shared", "bounds")])
 @pytest.mark.parametrize("family", FAST_FAMILIES)
-def test_selective_with_a_budget_covering_the_prefix_equals_rebuild(family, select):
+def test_selective_with_a_budget_covering_the_prefix_equals_rebuild(family, select, landmarks):
     model = build_tiny(family)
     prompt = ids(1, 64)
     # No exact chunks and a budget of every chunk: attention sees exactly the rebuilt prefix.
     exact_free = dict(sr_budget=64, sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)  # 64 = 4 budgets
     rebuilt, _ = logits_after(model, config("rebuild"), prompt, TURNS)
-    selective, cache = logits_after(model, config("selective", sr_select=select, **exact_free), prompt, TURNS)
+    chosen = dict(sr_select=select, sr_landmarks=landmarks)
+    selective, cache = logits_after(model, config("selective", **chosen, **exact_free), prompt, TURNS)
     torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
     # With exact chunks (outliers differ per head), at full rank, every token is exact either way: a shared pick
     # that is exact for one head must be hidden from it, or that head would attend the chunk twice.
     full = dict(rank_k=1.0, rank_v=1.0)
     rebuilt, _ = logits_after(model, config("rebuild", **full), prompt, TURNS)
-    cfg = config("selective", sr_budget=64, sr_select=select, sr_outlier_chunks=3, **full)
+    cfg = config("selective", sr_budget=64, sr_outlier_chunks=3, **chosen, **full)
     selective, cache = logits_after(model, cfg, prompt, TURNS)
     torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
     assert all(store.decode_path(0) == "selective" for store in cache.group_stores)
@@ -140,6 +142,35 @@ def test_selective_at_a_small_budget_still_attends_every_exact_token():
     assert not exact.all(dim=1).any()  # 5 picks of 11 chunks no head keeps exact: none is exact for all heads
 
 
+def test_bound_landmarks_score_the_best_key_a_chunk_can_hold():
+    torch.manual_seed(1)
+    batch, heads, tokens, head_dim, chunk = 1, 2, 64, 8, 4
+    keys = torch.randn(batch, heads, tokens, head_dim) * 0.1
+    spike = torch.randn(heads, head_dim)
+    keys[0, :, 37] = spike * 3  # one key that stands out, in chunk 9
+    index = build_selective_index(keys, keys, chunk, 0, 0, 0, bounds=True)
+    assert index.bounds and index.landmarks.shape == (batch, heads, 16, head_dim)
+    query = spike.view(1, heads, 1, head_dim)
+    scores = index.landmark_scores(query)  # (b, H, 1, C)
+    # The bound is q . centre + |q| . radius of the dequantized box, and at least the best key's score (up to int4
+    # rounding of the box, half a step a value).
+    chunked = keys.view(batch, heads, 16, chunk, head_dim)
+    best = torch.einsum("bhqd,bhctd->bhqct", query, chunked).amax(-1)
+    centre = index.landmark_values()
+    half = head_dim // 2
+    radius = dequantize(index.landmarks[..., half:], index.landmark_scales[..., 1:], 4, head_dim, head_dim,
+                        torch.float32)  # fmt: skip
+    expected = query @ centre.transpose(-1, -2) + query.abs() @ radius.transpose(-1, -2)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    steps = index.landmark_scales.sum(-1).unsqueeze(2) / 2  # (b, H, 1, C): half a step of centre and radius
+    assert (scores >= best - query.abs().sum(-1, keepdim=True) * steps - 1e-4).all()
+    # It ranks the spike's chunk first for every head; the mean dilutes the spike by the chunk size.
+    assert (scores.argmax(-1) == 9).all()
+    means = build_selective_index(keys, keys, chunk, 0, 0, 0)
+    assert not means.bounds
+    assert (index.landmark_scores(query)[..., 9] > means.landmark_scores(query)[..., 9]).all()
+
+
 def test_selective_attention_includes_exact_tokens_at_the_smallest_budget():
     # Keys of one sink token made huge: whatever is selected, the output must follow that token's value.
     model = build_tiny("llama")
@@ -182,15 +213,18 @@ def test_decode_bytes_are_counted():
     assert all(t.untyped_storage().nbytes() == heads * 16 * head_dim * f32 for t in tails)
 
 
+@pytest.mark.parametrize("bounds", [False, True])
 @pytest.mark.parametrize(
     ("tokens", "chunk", "sink", "local", "outliers", "dtype"),
     [(64, 4, 1, 1, 1, torch.float32), (67, 8, 1, 2, 3, torch.bfloat16), (30, 4, 4, 4, 9, torch.float16),
      (9, 8, 2, 2, 2, torch.float32), (5, 8, 1, 1, 1, torch.float32), (96, 4, 0, 0, 0, torch.float32)],
 )  # fmt: skip
-def test_selective_index_bytes_are_the_tensors_bytes(tokens, chunk, sink, local, outliers, dtype):
+def test_selective_index_bytes_are_the_tensors_bytes(tokens, chunk, sink, local, outliers, dtype, bounds):
     keys = torch.randn(2, 3, tokens, 8, generator=torch.Generator().manual_seed(tokens)).to(dtype)
-    index = build_selective_index(keys, keys * 2, chunk, sink, local, outliers)
-    key_bytes, value_bytes = selective_index_bytes(tokens, 3, 8, keys.element_size(), chunk, sink, local, outliers)
+    index = build_selective_index(keys, keys * 2, chunk, sink, local, outliers, bounds=bounds)
+    key_bytes, value_bytes = selective_index_bytes(
+        tokens, 3, 8, keys.element_size(), chunk, sink, local, outliers, bounds
+    )
     assert 2 * (key_bytes + value_bytes) == tensor_bytes(index.tensors())  # two sequences
     assert 2 * value_bytes == tensor_bytes([index.exact_values])
 
@@ -360,6 +394,8 @@ def test_bad_decode_settings_name_the_field():
         XKVConfig(sr_outlier_chunks=-1)
     with pytest.raises(ValueError, match="`sr_select`"):
         XKVConfig(sr_select="layer")
+    with pytest.raises(ValueError, match="`sr_landmarks`"):
+        XKVConfig(sr_landmarks="max")
 
 
 @torch.no_grad()

@@ -38,6 +38,9 @@ CONFIGS = {
                       factor_head=4),
     "selective": dict(min_tokens=0, group_size=2, rank_k=0.5, rank_v=0.6, decode="selective", sr_chunk_size=4,
                       sr_budget=8, sr_min_tokens=0),
+    "selective-bounds": dict(min_tokens=0, group_size=2, rank_k=0.5, rank_v=0.6, decode="selective",
+                             sr_chunk_size=4, sr_budget=8, sr_min_tokens=0, sr_landmarks="bounds",
+                             sr_select="shared"),
     "exact-values": dict(min_tokens=0, group_size=2, rank_k="3x", compress_values=False, dense_layers=[3]),
 }  # fmt: skip
 

@@ -183,6 +183,9 @@ class XKVConfig:
         sr_select: ``"head"``: each KV head picks its own chunks (as ShadowKV does); ``"shared"``: the layer's KV
             heads pick one set together (a chunk ranks by its best score over the heads), so each picked row of the
             token basis is gathered, unpacked and multiplied once for all heads instead of once per head.
+        sr_landmarks: what ranks a chunk: ``"mean"`` (its mean post-RoPE key, scored ``q . mean``) or ``"bounds"``
+            (the per-channel box of its keys, scored by the largest ``q . k`` the box allows, as Quest does: a
+            single key that stands out is not averaged away). Bounds take twice the landmark bytes.
         factor_form: storage of the factors (:mod:`xkv.forms`): ``"model"`` (the model's dtype), ``"int8"`` or
             ``"int4"`` (packed two a byte), with float32 scales. Compression factors in ``rank_k``/``rank_v``
             count the bytes of this form, so a quantized form buys rank at the same factor.
@@ -257,6 +260,7 @@ class XKVConfig:
     # exact path; at 8x about 20%, where it lost 16.5 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
     sr_max_share: float = 0.125
     sr_select: Literal["head", "shared"] = "head"
+    sr_landmarks: Literal["mean", "bounds"] = "mean"
     # int4 (int8 for the leading directions, factor_head="auto"): at 4x it answered every calibration sample the full
     # cache answered, as did int8; the model-dtype form with the same SVD and decode lost 4 of 10 on code_passkey
     # (benchmarks/heldout/README.md, calib-2k: other samples, same seeds). Report seeds ("Report"): 87.5 = full at
@@ -476,6 +480,8 @@ def _check_decoding(config: XKVConfig) -> None:
         raise ValueError(f"`sr_max_share` must be a number in [0, 1] but got {share!r}")
     if config.sr_select not in ("head", "shared"):
         raise ValueError(f"`sr_select` must be one of ['head', 'shared'] but got {config.sr_select!r}")
+    if config.sr_landmarks not in ("mean", "bounds"):
+        raise ValueError(f"`sr_landmarks` must be one of ['mean', 'bounds'] but got {config.sr_landmarks!r}")
     budget = config.sr_budget
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise ValueError(f"`sr_budget` must be an int (tokens) or a float in (0, 1] but got {budget!r}")

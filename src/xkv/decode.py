@@ -170,9 +170,12 @@ class SelectiveIndex:
         chunk_size: tokens per chunk ``c``.
         landmarks: ``(b, H, C, ceil(hd / 2))`` uint8: the mean post-RoPE key of each of the ``C = T // c`` chunks
             in int4, two a byte (:func:`xkv.forms.quantize`; they only rank chunks: in the model's dtype they would
-            cost ``1 / (2c)`` of the dense cache, as much as the factors at 8x with ``c = 8``). Indexes saved
-            before int4 hold ``(b, H, C, hd)`` int8 and are read as such.
-        landmark_scales: ``(b, H, C, 1)`` float32, one absmax scale per landmark.
+            cost ``1 / (2c)`` of the dense cache, as much as the factors at 8x with ``c = 8``). With bounds
+            (``sr_landmarks="bounds"``) ``(b, H, C, 2 * ceil(hd / 2))``: the centre ``(max + min) / 2`` of the
+            chunk's keys per channel, then the radius ``(max - min) / 2``. Indexes saved before int4 hold
+            ``(b, H, C, hd)`` int8 and are read as such.
+        landmark_scales: ``(b, H, C, 1)`` float32, one absmax scale per landmark (``(b, H, C, 2)`` with bounds:
+            the centre's, then the radius's).
         exact_chunks: ``(b, H, E)`` int64 chunk indices kept exact per KV head (sinks, local, outliers), sorted.
         exact_keys: ``(b, H, E*c + rest, hd)`` post-RoPE keys of those chunks, then of the ``T % c`` last tokens.
         exact_values: ``(b, H, E*c + rest, hd)`` values, same rows.
@@ -193,42 +196,61 @@ class SelectiveIndex:
         """A copy with ``fn`` applied to every tensor (batch edits)."""
         return SelectiveIndex(self.chunk_size, *(fn(t) for t in self.tensors()))
 
+    @property
+    def bounds(self) -> bool:
+        """Whether the landmarks are per-channel bounds (centre and radius) rather than means."""
+        return self.landmark_scales.shape[-1] == 2
+
     def landmark_values(self) -> torch.Tensor:
-        """``(b, H, C, hd)`` float32 landmarks, dequantized."""
+        """``(b, H, C, hd)`` float32 landmarks (the centres, with bounds), dequantized."""
         if self.landmarks.dtype == torch.int8:
             return self.landmarks.float() * self.landmark_scales
         head_dim = self.exact_keys.shape[-1]
-        return dequantize(self.landmarks, self.landmark_scales, 4, head_dim, head_dim, torch.float32)
+        packed = self.landmarks[..., : (head_dim + 1) // 2]
+        return dequantize(packed, self.landmark_scales[..., :1], 4, head_dim, head_dim, torch.float32)
 
     def landmark_scores(self, grouped_query: torch.Tensor) -> torch.Tensor:
-        """``(b, H, M, C)`` float32 ``q . landmark`` for ``grouped_query`` ``(b, H, M, hd)``.
+        """``(b, H, M, C)`` float32 chunk scores for ``grouped_query`` ``(b, H, M, hd)``.
 
-        Read from the packed nibbles without interleaving them back: ``s * (q_even . (low - 8) + q_odd . (high - 8))``.
+        Means: ``q . landmark``. Bounds: the largest ``q . k`` any key inside the chunk's per-channel box can reach,
+        ``q . centre + |q| . radius`` (Quest's bound, as two products instead of a max per channel).
         """
-        landmarks, scales = self.landmarks, self.landmark_scales.transpose(-1, -2)  # scales (b, H, 1, C)
-        dtype = grouped_query.dtype
-        if landmarks.dtype == torch.int8:
-            raw = torch.matmul(grouped_query, landmarks.to(dtype).transpose(-1, -2))
-        elif grouped_query.shape[-1] % 2:
-            raw = torch.matmul(
-                grouped_query, (self.landmark_values() / self.landmark_scales).to(dtype).transpose(-1, -2)
-            )
-        else:
-            # One product over [low | high] nibbles against [q_even | q_odd]. In 16-bit queries the nibbles are centred
-            # first (exact), so no large terms cancel; in float32 the cancellation is harmless and two ops cheaper.
-            nibbles = torch.cat([landmarks & 15, landmarks >> 4], dim=-1)  # (b, H, C, hd)
-            split = torch.cat([grouped_query[..., 0::2], grouped_query[..., 1::2]], dim=-1)
-            if dtype in (torch.float32, torch.float64):
-                raw = torch.matmul(split, nibbles.to(dtype).transpose(-1, -2))
-                raw = raw - 8.0 * grouped_query.sum(dim=-1, keepdim=True)
-            else:
-                raw = torch.matmul(split, (nibbles.to(torch.int8) - 8).to(dtype).transpose(-1, -2))
-        return raw.float() * scales
+        if self.landmarks.dtype == torch.int8:
+            raw = torch.matmul(grouped_query, self.landmarks.to(grouped_query.dtype).transpose(-1, -2))
+            return raw.float() * self.landmark_scales.transpose(-1, -2)
+        half = (self.exact_keys.shape[-1] + 1) // 2
+        scores = _packed_scores(grouped_query, self.landmarks[..., :half], self.landmark_scales[..., :1])
+        if self.bounds:
+            reach = _packed_scores(grouped_query.abs(), self.landmarks[..., half:], self.landmark_scales[..., 1:])
+            scores = scores + reach
+        return scores
 
     @property
     def num_chunks(self) -> int:
         """``C``, chunks of the prefix (the last ``T % c`` tokens are exact and belong to none)."""
         return self.landmarks.shape[-2]
+
+
+def _packed_scores(query: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(b, H, M, C)`` float32 ``query . v`` for int4 rows ``v`` packed two a byte ``(b, H, C, ceil(hd/2))``.
+
+    Read from the nibbles without interleaving them back: ``s * (q_even . (low - 8) + q_odd . (high - 8))``.
+    """
+    dtype, head_dim = query.dtype, query.shape[-1]
+    scales = scales.transpose(-1, -2)  # (b, H, 1, C)
+    if head_dim % 2:
+        values = dequantize(packed, torch.ones_like(scales.transpose(-1, -2)), 4, head_dim, head_dim, dtype)
+        return torch.matmul(query, values.transpose(-1, -2)).float() * scales
+    # One product over [low | high] nibbles against [q_even | q_odd]. In 16-bit queries the nibbles are centred first
+    # (exact), so no large terms cancel; in float32 the cancellation is harmless and two ops cheaper.
+    nibbles = torch.cat([packed & 15, packed >> 4], dim=-1)  # (b, H, C, hd)
+    split = torch.cat([query[..., 0::2], query[..., 1::2]], dim=-1)
+    if dtype in (torch.float32, torch.float64):
+        raw = torch.matmul(split, nibbles.to(dtype).transpose(-1, -2))
+        raw = raw - 8.0 * query.sum(dim=-1, keepdim=True)
+    else:
+        raw = torch.matmul(split, (nibbles.to(torch.int8) - 8).to(dtype).transpose(-1, -2))
+    return raw.float() * scales
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -243,6 +265,7 @@ def build_selective_index(
     sink_chunks: int,
     local_chunks: int,
     outlier_chunks: int,
+    bounds: bool = False,
 ) -> SelectiveIndex:
     """Landmarks and exact chunks of one layer, from its exact prefill states.
 
@@ -254,6 +277,8 @@ def build_selective_index(
         local_chunks: last chunks kept exact (the most recent context).
         outlier_chunks: further chunks kept exact per KV head: those whose least similar key has the lowest cosine
             to the chunk's landmark (ShadowKV's outlier rule).
+        bounds: landmarks as per-channel bounds of the chunk's keys (centre and radius, ``sr_landmarks="bounds"``)
+            instead of their mean; outliers are still judged against the mean.
 
     Returns:
         The index; when ``sink + local + outlier`` reach ``C`` every chunk is exact.
@@ -275,14 +300,20 @@ def build_selective_index(
         exact_chunks = torch.cat([fixed_index, outliers], dim=-1).sort(dim=-1).values
     else:
         exact_chunks = fixed_index.clone()
-    quantized, scales = quantize(landmarks, 4, head_dim)  # int4, one scale per landmark
+    if bounds:
+        low, high = chunked.float().amin(dim=3), chunked.float().amax(dim=3)
+        centre, centre_scales = quantize((high + low) / 2, 4, head_dim)
+        radius, radius_scales = quantize((high - low) / 2, 4, head_dim)
+        quantized, scales = torch.cat([centre, radius], dim=-1), torch.cat([centre_scales, radius_scales], dim=-1)
+    else:
+        quantized, scales = quantize(landmarks, 4, head_dim)  # int4, one scale per landmark
     rows = (exact_chunks.unsqueeze(-1) * chunk_size + torch.arange(chunk_size, device=keys.device)).flatten(2)
     rest = torch.arange(body, tokens, device=keys.device).expand(batch, heads, -1)
     rows = torch.cat([rows, rest], dim=-1)
     return SelectiveIndex(
         chunk_size=chunk_size,
         landmarks=quantized,
-        landmark_scales=scales.view(batch, heads, num_chunks, 1),
+        landmark_scales=scales.view(batch, heads, num_chunks, 2 if bounds else 1),
         exact_chunks=exact_chunks.contiguous(),
         exact_keys=_gather_rows(keys, rows).contiguous(),
         exact_values=_gather_rows(values, rows).contiguous(),
@@ -298,6 +329,7 @@ def selective_index_bytes(
     sink_chunks: int,
     local_chunks: int,
     outlier_chunks: int,
+    bounds: bool = False,
 ) -> tuple[int, int]:
     """Bytes :func:`build_selective_index` holds for one layer and one sequence: ``(keys' share, values' share)``.
 
@@ -314,12 +346,14 @@ def selective_index_bytes(
         sink_chunks: first chunks kept exact.
         local_chunks: last chunks kept exact.
         outlier_chunks: further chunks kept exact (as many as are left).
+        bounds: landmarks as bounds (twice the int4 values and scales of means).
     """
     num_chunks = tokens // chunk_size
     fixed = len(set(range(min(sink_chunks, num_chunks))) | set(range(max(0, num_chunks - local_chunks), num_chunks)))
     exact = fixed + max(0, min(outlier_chunks, num_chunks - fixed))
     rows = exact * chunk_size + tokens - num_chunks * chunk_size
-    key_bytes = heads * (num_chunks * ((head_dim + 1) // 2 + 4) + exact * 8 + rows * head_dim * itemsize)
+    landmark = ((head_dim + 1) // 2 + 4) * (2 if bounds else 1)
+    key_bytes = heads * (num_chunks * landmark + exact * 8 + rows * head_dim * itemsize)
     return key_bytes, heads * rows * head_dim * itemsize
 
 

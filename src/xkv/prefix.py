@@ -457,12 +457,14 @@ def _check_store(
             check.fail(sr_field, f"names no layer of the group (slots 0..{group.size - 1})")
         if chunk != config.sr_chunk_size or isinstance(chunk, bool):
             check.fail(sr_field, f"is {chunk!r} but the config's sr_chunk_size is {config.sr_chunk_size}")
-        _check_index(check, f"group{i}.sr{key}.", sr_field, chunk, rows, dtype)
+        _check_index(check, f"group{i}.sr{key}.", sr_field, chunk, rows, dtype, config.sr_landmarks == "bounds")
     return prefix_len
 
 
-def _check_index(check: _Layout, head: str, field: str, chunk: int, rows: Dim, dtype: tuple[torch.dtype, str]) -> None:
-    """Selective Reconstruction's index of one layer: landmarks, their scales, the exact chunks and their rows."""
+def _check_index(
+    check: _Layout, head: str, field: str, chunk: int, rows: Dim, dtype: tuple[torch.dtype, str], bounds: bool
+) -> None:
+    """Selective Reconstruction's index of one layer: landmarks (means or bounds), their scales, the exact chunks."""
     tokens = rows[0]
     assert tokens is not None  # a prefix length, never the batch
     chunks: Dim = (tokens // chunk, f"{rows[1]} // {field} (the chunks)")
@@ -470,11 +472,14 @@ def _check_index(check: _Layout, head: str, field: str, chunk: int, rows: Dim, d
     landmarks = check.tensors.get(f"{head}landmarks")
     if landmarks is not None and landmarks.dtype == torch.int8:  # indexes saved before int4 landmarks
         check.tensor(f"{head}landmarks", (_BATCH, check.heads, chunks, head_dim), (torch.int8, field), field)
-    else:
-        packed: Dim = ((check.sizes["k"] + 1) // 2, f"{head_dim[1]} (two int4 values a byte)")
+    elif bounds:
+        packed: Dim = (2 * ((check.sizes["k"] + 1) // 2), f"{head_dim[1]} (int4 centre and radius, two a byte)")
         check.tensor(f"{head}landmarks", (_BATCH, check.heads, chunks, packed), (torch.uint8, field), field)
-    one: Dim = (1, "one scale per landmark")
-    check.tensor(f"{head}landmark_scales", (_BATCH, check.heads, chunks, one), (torch.float32, field), field)
+    else:
+        packed = ((check.sizes["k"] + 1) // 2, f"{head_dim[1]} (two int4 values a byte)")
+        check.tensor(f"{head}landmarks", (_BATCH, check.heads, chunks, packed), (torch.uint8, field), field)
+    scales: Dim = (2, "the scales of the centre and the radius") if bounds else (1, "one scale per landmark")
+    check.tensor(f"{head}landmark_scales", (_BATCH, check.heads, chunks, scales), (torch.float32, field), field)
     exact_chunks = check.tensors.get(f"{head}exact_chunks")
     kept = exact_chunks.shape[-1] if exact_chunks is not None and exact_chunks.dim() == 3 else 0
     index = check.tensor(f"{head}exact_chunks", (_BATCH, check.heads, (kept, field)), (torch.int64, field), field)

@@ -154,6 +154,6 @@ class GroupRanks:
         config = self.config
         per_layer = sum(selective_index_bytes(
             tokens, self.spec.num_kv_heads, self.spec.head_dim, itemsize, config.sr_chunk_size,
-            config.sr_sink_chunks, config.sr_local_chunks, config.sr_outlier_chunks,
+            config.sr_sink_chunks, config.sr_local_chunks, config.sr_outlier_chunks, config.sr_landmarks == "bounds",
         ))  # fmt: skip
         return index_reservations(budgets, self.group.size * per_layer)

@@ -154,7 +154,7 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
         if self.builds_index(tokens):
             self.selective[slot] = build_selective_index(
                 key_states, value_states, config.sr_chunk_size, config.sr_sink_chunks, config.sr_local_chunks,
-                config.sr_outlier_chunks,
+                config.sr_outlier_chunks, bounds=config.sr_landmarks == "bounds",
             )  # fmt: skip
         if len(self.pending_keys) == self.group.size:
             self._factor()
