@@ -140,6 +140,11 @@ def test_selective_at_a_small_budget_still_attends_every_exact_token():
     assert torch.equal(shared.sort(-1).values, best.amax(dim=1).topk(5).indices.sort(-1).values)
     assert torch.equal(exact, (shared.unsqueeze(1).unsqueeze(-1) == chunks.unsqueeze(-2)).any(-1))
     assert not exact.all(dim=1).any()  # 5 picks of 11 chunks no head keeps exact: none is exact for all heads
+    # Asked for every chunk, it picks the ones every head keeps exact last, and flags them for every head.
+    shared, exact = select_shared_chunks(query, index, count=17, scaling=1.0)
+    assert exact[..., -3:].all() and torch.equal(
+        shared[..., -3:].sort(-1).values, torch.tensor([0, 15, 16]).expand(2, 3)
+    )
 
 
 def test_bound_landmarks_score_the_best_key_a_chunk_can_hold():

@@ -375,8 +375,9 @@ def select_shared_chunks(
     """The ``count`` compressed chunks the layer's KV heads attend most together, for one shared rebuild.
 
     Each chunk scores as in :func:`select_chunks` per KV head, then its best score over the heads ranks it. A chunk
-    one head keeps exact may still be picked for the others; one every head keeps exact is never picked (``count``
-    is clipped to the chunks left).
+    one head keeps exact may still be picked for the others; one every head keeps exact ranks last, so it is picked
+    only when ``count`` exceeds the other chunks (then it is hidden from every head: wasted work, never a wrong
+    answer, and no host sync to count the chunks left).
 
     Returns:
         ``(chunks, exact)``: chunk ids ``(b, k)`` and ``(b, H, k)`` bool, ``True`` where a picked chunk is exact for
@@ -385,9 +386,7 @@ def select_shared_chunks(
     scores = index.landmark_scores(grouped_query) * scaling  # (b, H, M, C)
     best = torch.softmax(scores, dim=-1).amax(dim=2)  # (b, H, C)
     best.scatter_(-1, index.exact_chunks, -1.0)
-    shared = best.amax(dim=1)  # (b, C): -1 where every head keeps the chunk exact
-    count = min(count, int((shared >= 0).sum(dim=-1).min()))
-    chunks = shared.topk(count, dim=-1).indices  # (b, k)
+    chunks = best.amax(dim=1).topk(count, dim=-1).indices  # (b, k); -1 where every head keeps the chunk exact
     exact = best.gather(-1, chunks.unsqueeze(1).expand(-1, best.shape[1], -1)) < 0
     return chunks, exact
 
@@ -468,7 +467,7 @@ def attend_selective(
         ``(b, H, M, hd)``.
     """
     heads = grouped_query.shape[1]
-    # Shared picks may take chunks some heads keep exact (select_shared_chunks clips to the chunks left).
+    # Shared picks may take chunks some heads keep exact (hidden from those heads).
     count = min(budget_chunks, index.num_chunks - (0 if shared else index.exact_chunks.shape[-1]))
     blocks_k, blocks_v = [index.exact_keys, tail_keys], [index.exact_values, tail_values]
     scores = [torch.matmul(grouped_query, k.transpose(-1, -2)) * scaling for k in blocks_k]
