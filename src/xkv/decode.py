@@ -13,7 +13,10 @@ per KV head, ``(b, H, R*q, hd)``, so keys and values are never repeated for GQA.
   a landmark (its mean post-RoPE key). A few chunks are kept exact: the first (attention sinks), the last (local
   context) and the outliers (keys least like their landmark). At each step the query is scored against the
   landmarks and only the top chunks for a token budget are rebuilt (``U[idx] @ B_l``, RoPE at their positions);
-  attention runs over them, the exact chunks and the tail.
+  attention runs over them, the exact chunks and the tail. Two options: the layer's KV heads may pick one set
+  together (``shared``: each picked row of ``U`` is unpacked and multiplied once for all heads), and a chunk may be
+  ranked by the per-channel box of its keys instead of their mean (``bounds``: ``q . centre + |q| . radius``, the
+  largest score a key in the box can reach, after Quest).
 """
 
 from __future__ import annotations
@@ -415,10 +418,9 @@ def _rebuild_chunks(
         rows = key_factors.chunk_rows(chunks, c)[:, 0]  # (b, n, r_k)
         keys = torch.matmul(rows, key_factors.matrix(slot))  # (b, n, D)
         keys = keys.view(keys.shape[0], keys.shape[1], heads, -1).transpose(1, 2)  # (b, H, n, hd) pre-RoPE
-        if exact.any():
-            blocked = exact.repeat_interleave(c, dim=-1).unsqueeze(2)  # (b, H, 1, n)
-            hidden = torch.zeros(blocked.shape, dtype=torch.float32, device=blocked.device)
-            hidden = hidden.masked_fill(blocked, -math.inf)
+        blocked = exact.repeat_interleave(c, dim=-1).unsqueeze(2)  # (b, H, 1, n); built always: no host sync
+        hidden = torch.zeros(blocked.shape, dtype=torch.float32, device=blocked.device)
+        hidden = hidden.masked_fill(blocked, -math.inf)
     else:
         chunks = select_chunks(grouped_query, index, count, scaling)  # (b, H, k)
         rows = key_factors.chunk_rows(chunks, c)  # (b, H, n, r_k)
