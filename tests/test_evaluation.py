@@ -456,3 +456,34 @@ def test_merging_runs_compares_the_xkv_defaults_they_recorded(tmp_path):
         merge_runs([new, other])
     with pytest.raises(ValueError, match="xkv_defaults"):  # an unrecorded first run does not hide the others
         merge_runs([old, new, other])
+
+
+def test_config_files_with_other_index_settings_each_decode_with_their_own_index(monkeypatch):
+    # One sample, two config-file methods that differ only in the Selective Reconstruction index (chunk size and
+    # landmarks): each must decode selectively with its own index, not with the other's or (silently) with "absorb".
+    from xkv import XKVConfig
+    from xkv.evaluation.methods import build_method
+
+    model = build_tiny("llama")
+    ctx = shared_prefill_context(model, context_tokens=96, question_tokens=4, max_new_tokens=2, seed=0)
+    base = dict(min_tokens=0, group_size=2, svd="exact", decode="selective", sr_min_tokens=0, sr_budget=8,
+                sr_max_share=1.0, factor_form="model")  # fmt: skip
+    configs = {
+        "c4": XKVConfig(**base, sr_chunk_size=4),
+        "c8-bounds": XKVConfig(**base, sr_chunk_size=8, sr_landmarks="bounds"),
+    }
+    compressed = {}
+    original = XKVMethod._compress
+
+    def keep(self, sample, config):
+        compressed[self.name] = cache = original(self, sample, config)
+        return cache
+
+    monkeypatch.setattr(XKVMethod, "_compress", keep)
+    for name, config in configs.items():
+        build_method(name, {"config": config}).run(ctx, 2.0)
+    for name, config in configs.items():
+        stores = compressed[name].group_stores
+        assert all(store.decode_path(0) == "selective" for store in stores), name
+        index = stores[0].selective[0]
+        assert index.chunk_size == config.sr_chunk_size and index.bounds == (config.sr_landmarks == "bounds")

@@ -30,6 +30,9 @@ RankSpec = RankValue | list[RankValue]
 
 #: Ways attention reads a factored prefix at decode (``XKVConfig.decode``).
 DECODE_PATHS = ("rebuild", "absorb", "selective")
+#: The fields that shape the Selective Reconstruction index a prefill builds: a copy at other ranks may keep the
+#: index only where these agree (``XKVGroupStore.truncated``), and work shared across configs is keyed by them.
+SR_INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "sr_landmarks")
 
 
 class UnreachableRatioError(ValueError):

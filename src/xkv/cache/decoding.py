@@ -190,8 +190,9 @@ class GroupDecode:
             return self._fallback(wanted, PATHS["rebuild"], reason)
         if wanted.name == "selective" and slot not in self.selective:
             reason = (
-                "the prefix is shorter than sr_min_tokens, was cropped or folded, the batch is left-padded, or the "
-                "landmarks did not fit the target ratio: no Selective Reconstruction index"
+                "the prefix is shorter than sr_min_tokens, was cropped or folded, the batch is left-padded, the "
+                "landmarks did not fit the target ratio, or this copy's sr_* index settings differ from those its "
+                "factors were built with: no Selective Reconstruction index"
             )
             return self._fallback(wanted, PATHS["absorb"], reason)
         return wanted

@@ -16,7 +16,7 @@ from xkv.cache.ranks import GroupRanks
 from xkv.cache.runtime import DecodeRuntime
 from xkv.cache.side import ExactSide, NoRotation, RopeRotation, Side, SideFrame, StoredSide
 from xkv.compat import UpdateInputs
-from xkv.config import XKVConfig
+from xkv.config import SR_INDEX_FIELDS, XKVConfig
 from xkv.decode import (
     SelectiveIndex,
     build_selective_index,
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 
 #: Settings the Selective Reconstruction index is built with: a copy at other settings cannot reuse it.
-_INDEX_FIELDS = ("sr_chunk_size", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks")
 #: The tensors of one layer's index, in :meth:`SelectiveIndex.tensors` order (prefix-file names).
 _INDEX_PARTS = ("landmarks", "landmark_scales", "exact_chunks", "exact_keys", "exact_values")
 
@@ -229,7 +228,7 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
         if (
             config.decode == "selective"
             and self.prefix_len >= config.sr_min_tokens
-            and all(getattr(config, name) == getattr(self.config, name) for name in _INDEX_FIELDS)
+            and all(getattr(config, name) == getattr(self.config, name) for name in SR_INDEX_FIELDS)
         ):
             new.selective = dict(self.selective)  # rank-independent, never edited in place
         new.prefix_len = self.prefix_len

@@ -39,7 +39,7 @@ from xkv.baselines.quantized import (
 )
 from xkv.budget import split_factor
 from xkv.cache import XKVCache, effective_config, groups_for
-from xkv.config import UnreachableRatioError, XKVConfig
+from xkv.config import SR_INDEX_FIELDS, UnreachableRatioError, XKVConfig
 from xkv.generation import Step, cache_step, chunked_prefill, decode_n_tokens
 from xkv.memory import dense_kv_bytes, tensor_bytes
 
@@ -350,9 +350,12 @@ class XKVMethod(Method):
             return XKVCache.from_dense(ctx.model, ctx.dense, config)
         # One full-rank factorization per group size serves every decode path; it is built for "selective" so it
         # holds the landmarks, which only copies that decode selectively keep (XKVGroupStore.truncated).
+        # The index settings are part of the key: a copy keeps the index only where they agree, so a config with
+        # other sr_* settings must get its own factorization (else it would silently decode with "absorb").
         layout = (
             config.group_size, config.grouping, config.groups, config.first_layer, config.last_layer,
             tuple(config.dense_layers), config.compress_keys, config.compress_values,
+            *(getattr(config, name) for name in SR_INDEX_FIELDS),
         )  # fmt: skip
         key = f"xkv:full-rank:{layout}"
         full = ctx.scratch.get(key)
