@@ -262,7 +262,11 @@ class XKVConfig:
     # 1/8: at 2k on SmolLM2 (float32) the index takes 10% of the 4x budget, where SR stayed within 2 points of the
     # exact path; at 8x about 20%, where it lost 16.5 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
     sr_max_share: float = 0.125
+    # "head": on calibration seeds (benchmarks/heldout/README.md, "Selective Reconstruction on the default's
+    # factors", calib-shared-4x/8x) shared picks lost two more answers at 8x (19 against 21 of 23); they decode faster
+    # (0.90-1.06x against 1.15-1.24x the dense step at 4k: benchmarks/decode/README.md).
     sr_select: Literal["head", "shared"] = "head"
+    # "mean": bound landmarks answered 10 of the 23 calibration samples the full cache answered (calib-bounds-4x).
     sr_landmarks: Literal["mean", "bounds"] = "mean"
     # int4 (int8 for the leading directions, factor_head="auto"): at 4x it answered every calibration sample the full
     # cache answered, as did int8; the model-dtype form with the same SVD and decode lost 4 of 10 on code_passkey
