@@ -240,10 +240,10 @@ def _packed_scores(query: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     Read from the nibbles without interleaving them back: ``s * (q_even . (low - 8) + q_odd . (high - 8))``.
     """
     dtype, head_dim = query.dtype, query.shape[-1]
-    scales = scales.transpose(-1, -2)  # (b, H, 1, C)
     if head_dim % 2:
-        values = dequantize(packed, torch.ones_like(scales.transpose(-1, -2)), 4, head_dim, head_dim, dtype)
-        return torch.matmul(query, values.transpose(-1, -2)).float() * scales
+        values = dequantize(packed, torch.ones_like(scales), 4, head_dim, head_dim, dtype)
+        return torch.matmul(query, values.transpose(-1, -2)).float() * scales.transpose(-1, -2)
+    scales = scales.transpose(-1, -2)  # (b, H, 1, C)
     # One product over [low | high] nibbles against [q_even | q_odd]. In 16-bit queries the nibbles are centred first
     # (exact), so no large terms cancel; in float32 the cancellation is harmless and two ops cheaper.
     nibbles = torch.cat([packed & 15, packed >> 4], dim=-1)  # (b, H, C, hd)
@@ -411,7 +411,7 @@ def _rebuild_chunks(
         ``-inf`` where a shared chunk is exact for the head.
     """
     c, heads = index.chunk_size, grouped_query.shape[1]
-    hidden = None
+    hidden: torch.Tensor | None = None
     if shared:
         picked, exact = select_shared_chunks(grouped_query, index, count, scaling)
         chunks = picked.unsqueeze(1)  # (b, 1, k): one gather and one product serve every head
