@@ -173,6 +173,26 @@ def test_quantized_cache_decode_paths_agree_and_bytes_are_measured(form):
     assert cache.group_stores[0].rank_k > float_cache.group_stores[0].rank_k
 
 
+@pytest.mark.parametrize("rank_v", ["2x", "3x"])
+def test_int4_spends_the_budget_the_shape_leaves_on_an_int8_head(rank_v):
+    # 64 tokens, groups of 2 layers of D=16: every rank is capped at 32, where int4 holds 2304 bytes of a budget of
+    # 4096 (2x) or 2730 (3x). The rest buys int8 directions (all of them at 2x) instead of staying unspent.
+    model = build_tiny("llama")
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v=rank_v, factor_form="int4", factor_group_size=16)
+    cache = XKVCache(model, cfg)
+    with torch.no_grad():
+        model(ids(64), use_cache=True, **cache_kwargs(cache))
+    fmt, dim = FactorFormat("int4", 16), cache.spec.kv_dim
+    budget = 2 * 64 * dim * 4 / float(rank_v[:-1])
+    capped = fmt.factor_bytes(64, 2, dim, 32, 4)
+    for store in cache.group_stores:
+        held = tensor_bytes(store.value_factors.tensors())
+        assert capped < held <= budget
+        if rank_v == "2x":
+            assert store.value_factors.head == store.value_factors.rank == 32
+    assert cache.memory_report().groups[0].compression_factor >= 2 * 3 * 2 / (3 + 2) * 0.999
+
+
 def test_with_ranks_quantizes_full_rank_float_factors_like_a_fresh_prefill():
     model = build_tiny("llama")
     prompt = ids(64)
@@ -189,7 +209,7 @@ def test_with_ranks_quantizes_full_rank_float_factors_like_a_fresh_prefill():
         assert (a.rank_k, a.rank_v) == (b.rank_k, b.rank_v)
         torch.testing.assert_close(a.key_factors.layer(1), b.key_factors.layer(1), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="quantize twice"):
-        copy.with_ranks(XKVConfig(**base, rank_k="4x", rank_v="4x", factor_form="int4", factor_group_size=16))
+        copy.with_ranks(XKVConfig(**base, rank_k="8x", rank_v="8x", factor_form="int4", factor_group_size=16))
 
 
 def test_an_int8_head_is_chosen_when_a_few_directions_dominate():

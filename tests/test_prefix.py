@@ -225,7 +225,7 @@ EDITS = {
     "int4 head band": ("int4-head", _set("stores", 1, "v", "bands", lambda b: [[8, 1], [4, b[0][1] + b[1][1] - 1]]),
                        r"`stores\[1\]\.v\.bands\[0\]` gives 1"),
     "int4 dtype 'load'": ("int4", _set("stores", 0, "k", "dtype", "load"), r"`stores\[0\]\.k\.dtype` must be one of"),
-    "int4 form int8": ("int4", _set("stores", 0, "v", "form", "int8"), r"`stores\[0\]\.v\.bands` is \[\[4, "),
+    "int4 form int8": ("int4", _set("stores", 0, "v", "form", "int8"), r"`stores\[0\]\.v\.form` is .int8. but"),
     "a chunk index out of range": ("selective", _bump_chunk, r"`stores\[0\]\.selective\['0'\]` has chunk indices"),
     "an index the config does not build": ("selective", _set("config", "decode", "absorb"),
                                            r"`stores\[0\]\.selective` holds"),

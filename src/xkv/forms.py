@@ -395,8 +395,8 @@ class QuantizedFactors(StoredFactors):
 
     @property
     def head(self) -> int:
-        """Directions stored in int8 before an int4 band (0 when all share one width)."""
-        return self.bands[0].size if len(self.bands) > 1 else 0
+        """Directions of an ``"int4"`` form stored in int8 (all of them where its byte budget allows; 0 for int8)."""
+        return self.bands[0].size if self.fmt.bits == 4 and self.bands[0].bits == 8 else 0
 
     @property
     def tokens(self) -> int:

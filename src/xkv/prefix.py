@@ -443,6 +443,8 @@ def _check_store(
             continue
         if form == "exact":
             check.fail(f"{field}.{side}.form", f"is 'exact' but the config compresses the {_SIDES[side]}")
+        if form in ("int8", "int4") and config.factor_form in ("int8", "int4") and form != config.factor_form:
+            check.fail(f"{field}.{side}.form", f"is {form!r} but the config has factor_form={config.factor_form!r}")
         dim = check.sizes[side] * spec.num_kv_heads
         rank = check.integer(rank, f"{field}.rank_{side}", 1, min(prefix_len, group.size * dim))
         _check_factors(check, f"group{i}.{side}.", state, f"{field}.{side}", (rank, f"{field}.rank_{side}"), rows,
@@ -521,7 +523,9 @@ def _check_factors(
         check.fail(f"{field}.dtype", f"is {state.get('dtype')!r} but `{dtype[1]}` is {_name(dtype[0])!r}")
     bands, total = state.get("bands"), rank[0]
     assert total is not None and fmt.bits is not None
-    allowed = [[fmt.bits, total]]  # one band; int4 may keep its first directions in an int8 band
+    allowed = [[fmt.bits, total]]  # one band; int4 may keep its first directions (or all of them) in int8
+    if form == "int4" and bands == [[8, total]]:
+        allowed = [[8, total]]
     if form == "int4" and isinstance(bands, list) and len(bands) == 2 and isinstance(bands[0], list):
         first = bands[0][1] if len(bands[0]) == 2 else None
         if isinstance(first, int) and not isinstance(first, bool) and 0 < first < total:

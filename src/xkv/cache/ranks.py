@@ -111,6 +111,17 @@ class GroupRanks:
             return None
         return ranks if self.index_share(tokens, dtype) <= self.config.sr_max_share else None
 
+    def side_bytes(self, tokens: int, dtype: torch.dtype) -> list[float | None]:
+        """Bytes each side's compression factor allows for ``tokens`` tokens, the index's share taken off.
+
+        ``None`` for a side set by an explicit rank or a fraction (it has no byte budget).
+        """
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        settings = [self.keys.frame.setting, self.values.frame.setting]
+        budgets = self._factor_budgets(tokens, itemsize, settings)
+        reserved = self._index_reservations(tokens, itemsize, settings)
+        return [b - r if s.kind == "factor" else None for s, b, r in zip(settings, budgets, reserved, strict=True)]
+
     def index_share(self, tokens: int, dtype: torch.dtype) -> float:
         """The fraction of this group's byte budget Selective Reconstruction's index would take (0 without one)."""
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from xkv.adapters import ModelSpec
-from xkv.budget import resolve_rank
+from xkv.budget import full_rank, resolve_rank
 from xkv.cache.runtime import DecodeRuntime
 from xkv.compat import UpdateInputs
 from xkv.config import RankSetting, XKVConfig
@@ -170,21 +170,34 @@ class Side(ABC):
         """Hold one layer's prefill states ``(b, H, T, hd)`` (keys post-RoPE) until the group is full."""
 
     @abstractmethod
-    def factor(self, rank: int | None, headroom: bool, tokens: int, dtype: torch.dtype) -> None:
-        """Turn the pending prefill into the stored form (``rank`` directions; ``headroom``: left unquantized)."""
+    def factor(
+        self, rank: int | None, headroom: bool, tokens: int, dtype: torch.dtype, budget: float | None = None
+    ) -> None:
+        """Turn the pending prefill into the stored form (``rank`` directions; ``headroom``: left unquantized).
+
+        ``budget``: the bytes this side's compression factor allows (``None`` for an explicit rank or fraction).
+        """
 
     @abstractmethod
     def fold(
-        self, parts: list[torch.Tensor], start: int, rank: int | None, headroom: bool, dtype: torch.dtype
+        self,
+        parts: list[torch.Tensor],
+        start: int,
+        rank: int | None,
+        headroom: bool,
+        dtype: torch.dtype,
+        budget: float | None = None,
     ) -> None:
         """Append per layer the tokens ``parts`` ``(b, H, m, hd)`` at indices ``start ..`` to the prefix."""
 
     @abstractmethod
-    def trim(self, rank: int | None, tokens: int, dtype: torch.dtype) -> bool:
+    def trim(self, rank: int | None, tokens: int, dtype: torch.dtype, budget: float | None = None) -> bool:
         """Bring the factors to ``rank`` and their storage form; whether anything changed."""
 
     @abstractmethod
-    def take_truncated(self, source: Side, rank: int | None, tokens: int, dtype: torch.dtype) -> None:
+    def take_truncated(
+        self, source: Side, rank: int | None, tokens: int, dtype: torch.dtype, budget: float | None = None
+    ) -> None:
         """Hold ``source``'s prefix at ``rank`` (the first directions of its factors, or a copy of exact states)."""
 
     @abstractmethod
@@ -283,22 +296,32 @@ class ExactSide(Side):
         """Cloned: the caller (e.g. ``from_dense`` with a DynamicCache) may reuse its tensors."""
         self.pending[slot] = states.clone()
 
-    def factor(self, rank: int | None, headroom: bool, tokens: int, dtype: torch.dtype) -> None:
+    def factor(
+        self, rank: int | None, headroom: bool, tokens: int, dtype: torch.dtype, budget: float | None = None
+    ) -> None:
         """Keep the pending states as they are."""
         self.states = [self.pending[slot] for slot in range(self.frame.group_size)]
         self.pending.clear()
 
     def fold(
-        self, parts: list[torch.Tensor], start: int, rank: int | None, headroom: bool, dtype: torch.dtype
+        self,
+        parts: list[torch.Tensor],
+        start: int,
+        rank: int | None,
+        headroom: bool,
+        dtype: torch.dtype,
+        budget: float | None = None,
     ) -> None:
         """Append the tokens."""
         self.states = [torch.cat([old, part], dim=-2) for old, part in zip(self._held(), parts, strict=True)]
 
-    def trim(self, rank: int | None, tokens: int, dtype: torch.dtype) -> bool:
+    def trim(self, rank: int | None, tokens: int, dtype: torch.dtype, budget: float | None = None) -> bool:
         """Nothing to trim."""
         return False
 
-    def take_truncated(self, source: Side, rank: int | None, tokens: int, dtype: torch.dtype) -> None:
+    def take_truncated(
+        self, source: Side, rank: int | None, tokens: int, dtype: torch.dtype, budget: float | None = None
+    ) -> None:
         """A copy of ``source``'s exact states (which must be exact)."""
         self.states = source.exact_copy()
 
@@ -389,7 +412,9 @@ class StoredSide(Side):
         real = self.frame.runtime.real_rows(tokens, flat.device)
         self.pending[slot] = flat if real is None else flat * real.unsqueeze(-1).to(flat.dtype)
 
-    def factor(self, rank: int | None, headroom: bool, tokens: int, dtype: torch.dtype) -> None:
+    def factor(
+        self, rank: int | None, headroom: bool, tokens: int, dtype: torch.dtype, budget: float | None = None
+    ) -> None:
         """One SVD of the group's pending layers; with ``headroom`` the factors stay in the model's dtype.
 
         Quantizing at every fold would add a rounding error per chunk: ``XKVCache.fold()`` stores them in their form.
@@ -397,7 +422,7 @@ class StoredSide(Side):
         assert rank is not None
         layers = [self.pending[slot] for slot in range(self.frame.group_size)]
         factors = self._svd(layers, rank, tokens)
-        self.stored = factors if headroom else self._store(factors, tokens, dtype, rank)
+        self.stored = factors if headroom else self._store(factors, tokens, dtype, rank, budget)
         self.pending.clear()
 
     def _svd(self, layers: list[torch.Tensor], rank: int, tokens: int) -> LowRankFactors:
@@ -414,13 +439,21 @@ class StoredSide(Side):
         return LowRankFactors(basis * real.unsqueeze(-1).to(basis.dtype), factors.reconstruction)
 
     def _store(
-        self, factors: LowRankFactors, tokens: int, dtype: torch.dtype, budget_rank: int | None = None
+        self,
+        factors: LowRankFactors,
+        tokens: int,
+        dtype: torch.dtype,
+        budget_rank: int | None = None,
+        budget: float | None = None,
     ) -> StoredFactors:
         """``factors`` in the configured storage form, for a prefix of ``tokens`` tokens in ``dtype``.
 
         For ``"int4"`` with a compression-factor rank, the byte budget is that of ``budget_rank`` directions at int4
         alone (default: the rank of ``factors``, which then hold that many); the int8 head (``factor_head``) is paid
-        for out of it, so the kept rank may be lower.
+        for out of it, so the kept rank may be lower. Where the matrix's shape caps that rank (``min(T, G*D)``,
+        reached at low factors: values at 3x from about 1.1k tokens on SmolLM2) and ``budget`` (the side's bytes
+        at its factor, Selective Reconstruction's share taken off) is larger, the rest buys a wider int8 head, so
+        the side meets its factor instead of measuring above it.
         """
         config, frame = self.frame.config, self.frame
         fmt, head = config.factor_format, config.factor_head
@@ -429,10 +462,12 @@ class StoredSide(Side):
         if frame.setting.kind == "factor":
             itemsize = torch.empty((), dtype=dtype).element_size()
             rank = budget_rank or factors.rank
-            budget = fmt.factor_bytes(tokens, frame.group_size, frame.spec.kv_dim, rank, itemsize)
+            spend = fmt.factor_bytes(tokens, frame.group_size, frame.spec.kv_dim, rank, itemsize)
+            if budget is not None and rank >= full_rank(tokens, frame.group_size, frame.spec.kv_dim):
+                spend = max(spend, int(budget))
             heads = None if head == "auto" else [int(head)]
             extra = 4 if itemsize == 2 else 0  # QuantizedFactors.balance
-            chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, budget, heads, extra)
+            chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, spend, heads, extra)
             return (factors.truncate(rank) if rank < factors.rank else factors).stored(fmt, chosen)
         return factors.stored(fmt, 0 if head == "auto" else min(int(head), factors.rank))
 
@@ -442,7 +477,13 @@ class StoredSide(Side):
         return LowRankFactors(factors.token_basis.to(dtype), factors.reconstruction.to(dtype))
 
     def fold(
-        self, parts: list[torch.Tensor], start: int, rank: int | None, headroom: bool, dtype: torch.dtype
+        self,
+        parts: list[torch.Tensor],
+        start: int,
+        rank: int | None,
+        headroom: bool,
+        dtype: torch.dtype,
+        budget: float | None = None,
     ) -> None:
         """Incremental SVD (:func:`~xkv.factorization.append_rows`) of the pre-RoPE rows, at most ``rank``.
 
@@ -458,9 +499,9 @@ class StoredSide(Side):
         grown = append_rows(floating, flat, min(rank, floating.rank + count))
         if not held.quantized or headroom:  # headroom: the model's dtype until `trim`
             grown = self._in_dtype(grown, dtype)
-        self.stored = grown if headroom else self._store(grown, start + count, dtype, budget_rank=rank)
+        self.stored = grown if headroom else self._store(grown, start + count, dtype, rank, budget)
 
-    def trim(self, rank: int | None, tokens: int, dtype: torch.dtype) -> bool:
+    def trim(self, rank: int | None, tokens: int, dtype: torch.dtype, budget: float | None = None) -> bool:
         """Cut to ``rank`` and store in the configured form; a quantized side holding too many is re-quantized."""
         assert rank is not None
         held = self._held()
@@ -473,13 +514,15 @@ class StoredSide(Side):
             floating = floating.recompressed(rank)
         if not held.quantized:
             floating = self._in_dtype(floating, dtype)
-        self.stored = self._store(floating, tokens, dtype, budget_rank=rank)
+        self.stored = self._store(floating, tokens, dtype, rank, budget)
         return True
 
-    def take_truncated(self, source: Side, rank: int | None, tokens: int, dtype: torch.dtype) -> None:
+    def take_truncated(
+        self, source: Side, rank: int | None, tokens: int, dtype: torch.dtype, budget: float | None = None
+    ) -> None:
         """The first ``rank`` directions of ``source``'s factors, in this side's form."""
         assert rank is not None
-        self.stored = self._store(source.truncatable(rank).truncate(rank), tokens, dtype)
+        self.stored = self._store(source.truncatable(rank).truncate(rank), tokens, dtype, budget=budget)
 
     def truncatable(self, rank: int) -> LowRankFactors:
         """The factors, if they hold ``rank`` directions in the model's dtype."""

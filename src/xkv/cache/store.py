@@ -165,8 +165,9 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
         # The factors then stay in the model's dtype until `XKVCache.fold()` stores them in their form.
         headroom = self.config.fold_headroom and self.config.fold_tokens > 0
         rooms = self.headroom_ranks(self.prefix_len) if headroom else ranks
-        for side, room in zip(self.sides, rooms, strict=True):
-            side.factor(room, headroom, self.prefix_len, self.dtype)
+        budgets = self.side_bytes(self.prefix_len, self.dtype)
+        for side, room, budget in zip(self.sides, rooms, budgets, strict=True):
+            side.factor(room, headroom, self.prefix_len, self.dtype, budget)
 
     def fold(self, tails: list[tuple[torch.Tensor, torch.Tensor]], count: int, headroom: bool = False) -> None:
         """Fold the ``count`` oldest tail tokens of every layer into the prefix (the caller drops them from the tails).
@@ -190,8 +191,9 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
         self.selective = {}  # its chunks describe the old prefix; no bytes are reserved for it from here on
         ranks = self.headroom_ranks(tokens) if headroom else self.check_ranks(tokens, self.dtype)
         parts = ([keys[:, :, :count] for keys, _ in tails], [values[:, :, :count] for _, values in tails])
-        for side, rank, new in zip(self.sides, ranks, parts, strict=True):
-            side.fold(new, start, rank, headroom, self.dtype)
+        budgets = self.side_bytes(tokens, self.dtype)
+        for side, rank, new, budget in zip(self.sides, ranks, parts, budgets, strict=True):
+            side.fold(new, start, rank, headroom, self.dtype, budget)
         self.prefix_len = tokens
 
     def trim(self) -> bool:
@@ -204,7 +206,11 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
             return False
         assert self.dtype is not None
         ranks = self.check_ranks(self.prefix_len, self.dtype)
-        cut = [side.trim(rank, self.prefix_len, self.dtype) for side, rank in zip(self.sides, ranks, strict=True)]
+        budgets = self.side_bytes(self.prefix_len, self.dtype)
+        cut = [
+            side.trim(rank, self.prefix_len, self.dtype, budget)
+            for side, rank, budget in zip(self.sides, ranks, budgets, strict=True)
+        ]
         return any(cut)
 
     def truncated(self, config: XKVConfig, num_groups: int, runtime: DecodeRuntime | None = None) -> XKVGroupStore:
@@ -238,8 +244,9 @@ class XKVGroupStore(GroupRanks, GroupDecode, CompressedStore):
         if ranks is None:  # the index does not fit these ranks' budget: decode with "absorb"
             new.selective = {}
             ranks = new.check_ranks(self.prefix_len, self.dtype)
-        for side, source, rank in zip(new.sides, self.sides, ranks, strict=True):
-            side.take_truncated(source, rank, self.prefix_len, self.dtype)
+        budgets = new.side_bytes(self.prefix_len, self.dtype)
+        for side, source, rank, budget in zip(new.sides, self.sides, ranks, budgets, strict=True):
+            side.take_truncated(source, rank, self.prefix_len, self.dtype, budget)
         return new
 
     # ------------------------------------------------------------------ rebuild
