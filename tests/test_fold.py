@@ -274,3 +274,23 @@ def test_generate_with_prefill_chunks_folds_each_chunk():
     expected = model.generate(prompt, **options, **cache_kwargs(DynamicCache()))
     assert torch.equal(model.generate(prompt, **options, **cache_kwargs(cache)), expected)
     assert cache.group_stores[0].prefix_len == 96  # chunks folded as they came; the tail holds the rest
+
+
+def test_a_fold_of_int4_factors_spends_the_bytes_its_shape_leaves():
+    # Chunks of 32 folded without headroom, then 64 tokens: the value side's int4 rank is capped at G*D = 32, where
+    # int4 holds far less than its 2x budget; the fold stores it with the rest spent on int8 directions, as a
+    # one-shot prefill does.
+    from xkv.forms import FactorFormat
+    from xkv.generation import chunked_prefill
+    from xkv.memory import tensor_bytes
+
+    model = build_tiny("llama")
+    base = dict(min_tokens=0, group_size=2, rank_k="3x", rank_v="2x", factor_form="int4", factor_group_size=16)
+    cache = XKVCache(model, XKVConfig(**base, fold_tokens=32, fold_keep=0))
+    chunked_prefill(model, ids(64, seed=4), cache, 32)
+    cache.fold(0)
+    dim = cache.spec.kv_dim
+    capped, budget = FactorFormat("int4", 16).factor_bytes(64, 2, dim, 32, 4), 2 * 64 * dim * 4 / 2
+    for store in cache.group_stores:
+        assert store.prefix_len == 64
+        assert capped < tensor_bytes(store.value_factors.tensors()) <= budget

@@ -208,8 +208,12 @@ def test_with_ranks_quantizes_full_rank_float_factors_like_a_fresh_prefill():
     for a, b in zip(copy.group_stores, fresh.group_stores, strict=True):
         assert (a.rank_k, a.rank_v) == (b.rank_k, b.rank_v)
         torch.testing.assert_close(a.key_factors.layer(1), b.key_factors.layer(1), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="quantize twice"):
-        copy.with_ranks(XKVConfig(**base, rank_k="8x", rank_v="8x", factor_form="int4", factor_group_size=16))
+        torch.testing.assert_close(a.value_factors.layer(1), b.value_factors.layer(1), atol=1e-4, rtol=1e-4)
+        assert (a.key_factors.head, a.value_factors.head) == (b.key_factors.head, b.value_factors.head)
+    # The copy holds int4 factors; a lower rank from them would round twice, whatever the ranks asked for.
+    for factor in ("4x", "8x"):
+        with pytest.raises(ValueError, match="quantize twice"):
+            copy.with_ranks(XKVConfig(**base, rank_k=factor, rank_v=factor, factor_form="int4", factor_group_size=16))
 
 
 def test_an_int8_head_is_chosen_when_a_few_directions_dominate():

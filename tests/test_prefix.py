@@ -226,6 +226,8 @@ EDITS = {
                        r"`stores\[1\]\.v\.bands\[0\]` gives 1"),
     "int4 dtype 'load'": ("int4", _set("stores", 0, "k", "dtype", "load"), r"`stores\[0\]\.k\.dtype` must be one of"),
     "int4 form int8": ("int4", _set("stores", 0, "v", "form", "int8"), r"`stores\[0\]\.v\.form` is .int8. but"),
+    "int4 under model": ("int4", _set("config", "factor_form", "model"), r"`stores\[0\]\.k\.form` is .int4. but"),
+    "int4 group size": ("int4", _set("stores", 0, "v", "group_size", 32), r"`stores\[0\]\.v\.group_size` is 32 but"),
     "a chunk index out of range": ("selective", _bump_chunk, r"`stores\[0\]\.selective\['0'\]` has chunk indices"),
     "an index the config does not build": ("selective", _set("config", "decode", "absorb"),
                                            r"`stores\[0\]\.selective` holds"),

@@ -443,8 +443,14 @@ def _check_store(
             continue
         if form == "exact":
             check.fail(f"{field}.{side}.form", f"is 'exact' but the config compresses the {_SIDES[side]}")
-        if form in ("int8", "int4") and config.factor_form in ("int8", "int4") and form != config.factor_form:
+        if form in ("int8", "int4") and form != config.factor_form:  # "model" factors may sit under any form (folds)
             check.fail(f"{field}.{side}.form", f"is {form!r} but the config has factor_form={config.factor_form!r}")
+        for name in ("group_size", "rotation"):
+            if form in ("int8", "int4") and state.get(name) != getattr(config, f"factor_{name}"):
+                check.fail(
+                    f"{field}.{side}.{name}",
+                    f"is {state.get(name)!r} but the config has factor_{name}={getattr(config, f'factor_{name}')!r}",
+                )
         dim = check.sizes[side] * spec.num_kv_heads
         rank = check.integer(rank, f"{field}.rank_{side}", 1, min(prefix_len, group.size * dim))
         _check_factors(check, f"group{i}.{side}.", state, f"{field}.{side}", (rank, f"{field}.rank_{side}"), rows,

@@ -527,15 +527,15 @@ class StoredSide(Side):
     def truncatable(self, rank: int) -> LowRankFactors:
         """The factors, if they hold ``rank`` directions in the model's dtype."""
         held, frame = self.stored, self.frame
+        if held is not None and held.quantized:  # first: an int4 side may hold fewer directions than a lower factor
+            raise ValueError(
+                f"group {frame.group_index} holds {frame.config.factor_form} factors: truncating them would quantize "
+                "twice; lower ranks from factors in the model's dtype (factor_form='model')"
+            )
         if held is None or rank > held.rank:
             have = None if held is None else held.rank
             raise ValueError(
                 f"`rank_{frame.letter}` for group {frame.group_index} is {rank} but only rank {have} is held"
-            )
-        if held.quantized:
-            raise ValueError(
-                f"group {frame.group_index} holds {frame.config.factor_form} factors: truncating them would quantize "
-                "twice; lower ranks from factors in the model's dtype (factor_form='model')"
             )
         return as_float(held)
 
