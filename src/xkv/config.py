@@ -272,8 +272,8 @@ class XKVConfig:
     sr_landmarks: Literal["mean", "bounds"] = "mean"
     # int4 (int8 for the leading directions, factor_head="auto"): at 4x it answered every calibration sample the full
     # cache answered, as did int8; the model-dtype form with the same SVD and decode lost 4 of 10 on code_passkey
-    # (benchmarks/heldout/README.md, calib-2k: other samples, same seeds). Report seeds ("Report"): 87.5 = full at
-    # 2k real text, 70.0 vs 67.5 at 4k, 78.2 vs 80.5 on RULER-lite 2k (niah_single_3 65 vs 75).
+    # (benchmarks/heldout/README.md, calib-2k: other samples, same seeds). Report seeds ("Report", 4x measuring
+    # 4.00x): 87.5 = full at 2k real text, 72.5 vs 67.5 at 4k, 78.0 vs 80.5 on RULER-lite 2k (niah_single_3 65 vs 75).
     # int4 buys twice int8's rank per byte, which a 16-bit model needs to keep that margin.
     factor_form: Literal["model", "int8", "int4"] = "int4"
     factor_group_size: int = 64
