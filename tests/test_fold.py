@@ -294,3 +294,22 @@ def test_a_fold_of_int4_factors_spends_the_bytes_its_shape_leaves():
     for store in cache.group_stores:
         assert store.prefix_len == 64
         assert capped < tensor_bytes(store.value_factors.tensors()) <= budget
+
+
+def test_folded_int4_factors_of_a_16_bit_model_keep_its_dtype_and_load(tmp_path):
+    # A fold dequantizes to float32 and quantizes again: the result must still be the bf16 model's form (its
+    # dtype and balance), or its prefix file would be refused.
+    from xkv.generation import chunked_prefill
+
+    model = build_tiny("llama").to(torch.bfloat16)
+    cfg = XKVConfig(min_tokens=0, group_size=2, rank_k="3x", rank_v="2x", factor_form="int4", factor_group_size=16,
+                    fold_tokens=32, fold_keep=0)  # fmt: skip
+    cache = XKVCache(model, cfg)
+    chunked_prefill(model, ids(96, seed=5), cache, 32)
+    cache.fold(0)
+    for store in cache.group_stores:
+        for factors in (store.key_factors, store.value_factors):
+            assert factors.dtype == torch.bfloat16 and factors.balance is not None
+    cache.save(tmp_path / "folded.xkv")
+    loaded = XKVCache.load(tmp_path / "folded.xkv", model)
+    assert loaded.group_stores[0].value_factors.dtype == torch.bfloat16

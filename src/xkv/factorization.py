@@ -104,11 +104,14 @@ class LowRankFactors(StoredFactors):
         recon = (root.unsqueeze(-1) * vh[..., :rank, :]).reshape(batch, rank, num_layers, dim).transpose(1, 2)
         return LowRankFactors(basis.contiguous(), recon.contiguous())
 
-    def stored(self, fmt: FactorFormat, head: int = 0) -> StoredFactors:
-        """These factors in storage form ``fmt`` (``self`` for ``"model"``); ``head``: int8 directions of int4."""
+    def stored(self, fmt: FactorFormat, head: int = 0, dtype: torch.dtype | None = None) -> StoredFactors:
+        """These factors in storage form ``fmt`` (``self`` for ``"model"``); ``head``: int8 directions of int4.
+
+        ``dtype``: the quantized form's dtype (default: these factors'; see :meth:`QuantizedFactors.from_float`).
+        """
         if fmt.form == "model":
             return self
-        return QuantizedFactors.from_float(self.token_basis, self.reconstruction, fmt, head)
+        return QuantizedFactors.from_float(self.token_basis, self.reconstruction, fmt, head, dtype)
 
 
 def _randomized_svd(

@@ -349,7 +349,12 @@ class QuantizedFactors(StoredFactors):
 
     @classmethod
     def from_float(
-        cls, basis: torch.Tensor, matrices: torch.Tensor, fmt: FactorFormat, head: int = 0
+        cls,
+        basis: torch.Tensor,
+        matrices: torch.Tensor,
+        fmt: FactorFormat,
+        head: int = 0,
+        dtype: torch.dtype | None = None,
     ) -> QuantizedFactors:
         """Quantize float factors ``basis`` ``(b, T, r)`` and ``matrices`` ``(b, G, r, D)`` (any split of S).
 
@@ -361,6 +366,8 @@ class QuantizedFactors(StoredFactors):
             matrices: the reconstruction matrices.
             fmt: a quantized form.
             head: for ``"int4"``, the first ``head`` directions are stored in int8.
+            dtype: the dtype reads return and the cache's (default: ``basis``'s); factors folded or trimmed in
+                float32 for a 16-bit model pass the model's, so they get its ``balance`` and load as its cache.
         """
         bits = fmt.bits
         if bits is None:
@@ -381,8 +388,9 @@ class QuantizedFactors(StoredFactors):
             for lo, hi in zip(cuts, cuts[1:], strict=False)
             if hi > lo
         ]
-        factors = cls(fmt, bands, matrices.shape[-1], basis.dtype)
-        if basis.element_size() == 2:
+        out = dtype or basis.dtype
+        factors = cls(fmt, bands, matrices.shape[-1], out)
+        if torch.empty((), dtype=out).element_size() == 2:
             rows = torch.stack([factors.matrix(s, torch.float32) for s in range(factors.num_layers)], dim=1)
             norms = rows.pow(2).sum(dim=(1, 3)).sqrt()  # (b, r): ~s_i
             factors.balance = norms.clamp_min(torch.finfo(torch.float32).tiny).sqrt().contiguous()

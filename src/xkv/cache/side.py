@@ -458,7 +458,7 @@ class StoredSide(Side):
         config, frame = self.frame.config, self.frame
         fmt, head = config.factor_format, config.factor_head
         if fmt.form != "int4":
-            return factors.stored(fmt)
+            return factors.stored(fmt, dtype=dtype)
         if frame.setting.kind == "factor":
             itemsize = torch.empty((), dtype=dtype).element_size()
             rank = budget_rank or factors.rank
@@ -468,8 +468,8 @@ class StoredSide(Side):
             heads = None if head == "auto" else [int(head)]
             extra = 4 if itemsize == 2 else 0  # QuantizedFactors.balance
             chosen, rank = choose_head(factors.token_basis, factors.reconstruction, fmt, spend, heads, extra)
-            return (factors.truncate(rank) if rank < factors.rank else factors).stored(fmt, chosen)
-        return factors.stored(fmt, 0 if head == "auto" else min(int(head), factors.rank))
+            return (factors.truncate(rank) if rank < factors.rank else factors).stored(fmt, chosen, dtype)
+        return factors.stored(fmt, 0 if head == "auto" else min(int(head), factors.rank), dtype)
 
     @staticmethod
     def _in_dtype(factors: LowRankFactors, dtype: torch.dtype) -> LowRankFactors:
