@@ -245,28 +245,35 @@ class XKVConfig:
     # default") Selective Reconstruction lost 3 of the 22 answers "absorb" kept with the same int8 factors (and, with
     # the former float32 factors, 4 of 10 prose_needle answers); "absorb" decodes slower (benchmarks/decode/README.md).
     # On report seeds (benchmarks/heldout/README.md, "Report", report-2k) selective lost 5 of 40 where absorb lost 0.
+    # Selective Reconstruction in chunks of 2 (the sr_* below) answers as many of the five tasks' calibration samples
+    # as "absorb" but lost 4 UUIDs "absorb" kept and gained 2, on 2k niah_single_3 seeds 1005-1064 (benchmarks/heldout/
+    # README.md, "Chunks of 2"; calib-c2), so "absorb" stays, and "selective" is the fast setting.
     decode: Literal["rebuild", "absorb", "selective"] = "absorb"
-    # The sr_* settings serve decode="selective" (not the default). They were chosen before the calibration/report
-    # split, on needle prompts that the reports also use; they are kept as they were, not re-chosen.
-    # Chunks of 4: with chunks of 8 the 4k demo lost the needle's last digits on all 4 seeds at budgets of 128 and
-    # 256 (a 7-digit needle straddles chunks); chunks of 4 answered seeds 0, 1 and 3 at 128 tokens, as often as the
-    # exact path (benchmarks/decode/README.md, sr_demo_seeds.txt).
-    sr_chunk_size: int = 4
-    # 128 tokens: on SmolLM2 (r_k ~ 186 > head_dim 64) rebuilding a token costs ~3x reading a dense one, so a
-    # budget of 128 keeps the step at 1.00-1.13x the dense step at 4k over four runs (median 1.06x) and 0.85-0.95x
-    # at 7k (benchmarks/decode/README.md); 256 rebuilds twice the rows.
+    # The sr_* settings serve decode="selective" (the fast setting, not the default). Re-chosen on calibration seeds
+    # on 2026-12-03 (benchmarks/heldout/README.md, "Chunks of 2"), except sr_budget and sr_min_tokens.
+    # Chunks of 2: with chunks of 4 the mean key of a chunk ranks it worse than its tokens' own scores (on two
+    # calibration samples the answer's KL divergence from the full cache was 0.073 and 0.057 with chunks of 4, 0.007
+    # and 0.005 with chunks of 2; "absorb" 0.001: benchmarks/heldout/answer_kl.py, answer-kl/). Chunks of 8 had lost
+    # the 4k demo's needle digits (benchmarks/decode/README.md, sr_demo_seeds.txt).
+    sr_chunk_size: int = 2
+    # 128 tokens: rebuilding a token costs several times reading a dense one (r_k > head_dim), so the budget sets the
+    # step's cost; 128 kept the step near the dense one at 4k and 7k (benchmarks/decode/README.md). Not re-chosen on
+    # calibration seeds with chunks of 2.
     sr_budget: int | float = 128
     # 4 budgets: below it SR rebuilds a quarter of the prefix or more while its tables cost ~5% of the dense bytes.
     sr_min_tokens: int = 1024
-    sr_sink_chunks: int = 1
-    sr_local_chunks: int = 1
-    sr_outlier_chunks: int = 2
-    # 1/8: at 2k on SmolLM2 (float32) the index takes 10% of the 4x budget, where SR stayed within 2 points of the
-    # exact path; at 8x about 20%, where it lost 16.5 (ranks starved: benchmarks/ruler_lite/README.md, "Decode paths").
-    sr_max_share: float = 0.125
+    # The exact tokens of the former chunks of 4 (4 sink, 4 local, 8 outlier tokens), in chunks of 2.
+    sr_sink_chunks: int = 2
+    sr_local_chunks: int = 2
+    sr_outlier_chunks: int = 4
+    # 1/4: chunks of 2 double the landmarks; on SmolLM2 in float32 the index takes 17% of the 4x budget at 2k and 16%
+    # at 4k (23-26% at 6x, 30-34% at 8x, where groups hold none and decode with "absorb"). Chunks of 4 under 1/8 lost
+    # more answers (above).
+    sr_max_share: float = 0.25
     # "head": on calibration seeds (benchmarks/heldout/README.md, "Selective Reconstruction on the default's
-    # factors", calib-shared-4x/8x) shared picks lost two more answers at 8x (19 against 21 of 23); they decode faster
-    # (0.90-1.06x against 1.15-1.24x the dense step at 4k: benchmarks/decode/README.md).
+    # factors", calib-shared-4x/8x) shared picks lost two more answers at 8x (19 against 21 of 23); with chunks of 2
+    # they lost 3 UUIDs the full cache answered on seeds 1005-1027 where per-head picks lost 2 ("Chunks of 2"). They
+    # decode faster (0.90-1.06x against 1.15-1.24x the dense step at 4k with chunks of 4: benchmarks/decode/README.md).
     sr_select: Literal["head", "shared"] = "head"
     # "mean": bound landmarks answered 10 of the 23 calibration samples the full cache answered (calib-bounds-4x).
     sr_landmarks: Literal["mean", "bounds"] = "mean"
