@@ -158,10 +158,10 @@ def expected_store_bytes(name, tokens):
         return 2 * F32 * (tokens * rank + layers * rank * D)
     if name == "xkv-absorb-int8":  # int8 values; one float32 scale per row of at most 64 values (r = 4, D = 16)
         return 2 * (tokens * rank + F32 * tokens + layers * rank * D + F32 * layers * rank)
-    if name == "xkv-selective":  # the factors, and per layer and KV head the index of 4-token chunks:
-        chunks, exact = tokens // 4, 1 + 1 + 2  # 4 chunks held exact: sink, local and 2 outliers
+    if name == "xkv-selective":  # the factors, and per layer and KV head the index of 2-token chunks:
+        chunks, exact = tokens // 2, 2 + 2 + 4  # 8 chunks held exact: 2 sink, 2 local and 4 outliers
         landmarks = chunks * (HEAD_DIM // 2 + F32)  # int4 (two a byte) and one float32 scale each
-        exact_rows = exact * 8 + 2 * (exact * 4) * HEAD_DIM * F32  # int64 chunk ids; their keys and values
+        exact_rows = exact * 8 + 2 * (exact * 2) * HEAD_DIM * F32  # int64 chunk ids; their keys and values
         return expected_store_bytes("xkv", tokens) + layers * HEADS * (landmarks + exact_rows)
     assert name == "minicache"  # per side: directions, 2 magnitudes, 2 x retained states, their int32 indices
     kept = int(0.05 * tokens)

@@ -467,7 +467,8 @@ def test_config_files_with_other_index_settings_each_decode_with_their_own_index
     model = build_tiny("llama")
     ctx = shared_prefill_context(model, context_tokens=96, question_tokens=4, max_new_tokens=2, seed=0)
     base = dict(min_tokens=0, group_size=2, svd="exact", decode="selective", sr_min_tokens=0, sr_budget=8,
-                sr_max_share=1.0, factor_form="model")  # fmt: skip
+                sr_sink_chunks=1, sr_local_chunks=1, sr_outlier_chunks=2, sr_max_share=1.0,
+                factor_form="model")  # fmt: skip
     configs = {
         "c4": XKVConfig(**base, sr_chunk_size=4),
         "c8-bounds": XKVConfig(**base, sr_chunk_size=8, sr_landmarks="bounds"),
