@@ -267,8 +267,8 @@ class XKVConfig:
     sr_local_chunks: int = 2
     sr_outlier_chunks: int = 4
     # 1/4: chunks of 2 double the landmarks; on SmolLM2 in float32 the index takes 17% of the 4x budget at 2k and 16%
-    # at 4k (23-26% at 6x, 30-34% at 8x, where groups hold none and decode with "absorb"). Chunks of 4 under 1/8 lost
-    # more answers (above).
+    # at 4k (26% and 23% at 6x; 30-35% at 8x, where groups hold none and decode with "absorb"). Chunks of 4 under 1/8
+    # lost more answers (above).
     sr_max_share: float = 0.25
     # "head": on calibration seeds (benchmarks/heldout/README.md, "Selective Reconstruction on the default's
     # factors", calib-shared-4x/8x) shared picks lost two more answers at 8x (19 against 21 of 23); with chunks of 2
