@@ -254,7 +254,9 @@ class XKVConfig:
     # Chunks of 2: with chunks of 4 the mean key of a chunk ranks it worse than its tokens' own scores (on two
     # calibration samples the answer's KL divergence from the full cache was 0.073 and 0.057 with chunks of 4, 0.007
     # and 0.005 with chunks of 2; "absorb" 0.001: benchmarks/heldout/answer_kl.py, answer-kl/). Chunks of 8 had lost
-    # the 4k demo's needle digits (benchmarks/decode/README.md, sr_demo_seeds.txt).
+    # the 4k demo's needle digits (benchmarks/decode/README.md, sr_demo_seeds.txt). Report seeds, after the choice
+    # ("The fast setting on report seeds": report-2k-c2, report-4k-c2-*): decode="selective" keeps 88.0 on five 2k
+    # tasks (the default 88.0; chunks of 4 lost 5 of the 40 real-text samples) and 70.0 on 4k real text (72.5).
     sr_chunk_size: int = 2
     # 128 tokens: rebuilding a token costs several times reading a dense one (r_k > head_dim), so the budget sets the
     # step's cost; 128 kept the step near the dense one at 4k and 7k (benchmarks/decode/README.md). Not re-chosen on
