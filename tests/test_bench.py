@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.conftest import build_tiny
-from xkv.bench import BENCH_METHODS, run_bench, write_report
+from xkv.bench import BENCH_METHODS, bench_method, make_cache, run_bench, write_report
 from xkv.config import XKVConfig
 
 
@@ -36,6 +36,35 @@ def test_bench_measures_every_method_side_by_side(tmp_path):
     row = rows[0]  # the median and the range of the runs
     assert f"{row.prefill_s:.2f} ({min(row.prefill_runs):.2f}-{max(row.prefill_runs):.2f})" in text
     assert len(json.loads((tmp_path / "results.json").read_text())) == len(rows)
+
+
+def test_a_config_file_runs_as_written_beside_a_named_method(tmp_path):
+    model = build_tiny("llama", max_position_embeddings=1024)
+    base = XKVConfig(group_size=2, min_tokens=0, sr_min_tokens=0, sr_budget=32, sr_chunk_size=8)
+    wide = tmp_path / "wide.yaml"
+    XKVConfig.from_dict({**base.to_dict(), "decode": "selective", "sr_budget": 64, "sr_select": "shared"}).save(wide)
+    named = make_cache(model, "xkv-selective", base)
+    from_file = make_cache(model, f"wide={wide}", base)
+    assert (named.config.sr_budget, named.config.sr_select) == (32, "head")
+    settings = (from_file.config.sr_budget, from_file.config.sr_select, from_file.config.decode)
+    assert settings == (64, "shared", "selective")
+    rows = run_bench(model, [128], ["xkv-selective", f"wide={wide}"], steps=1, config=base, prefill_repeats=1)
+    assert [r.method for r in rows] == ["dense", "xkv-selective", "wide"]
+    assert rows[2].kv_bytes < rows[0].kv_bytes
+
+
+def test_bench_rejects_bad_config_methods(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        bench_method(f"mine={tmp_path / 'missing.yaml'}")
+    with pytest.raises(ValueError, match="new label"):
+        bench_method(f"dense={tmp_path / 'x.yaml'}")
+    with pytest.raises(ValueError, match="new label"):
+        bench_method("mine=")
+    path = tmp_path / "a.yaml"
+    XKVConfig().save(path)
+    assert bench_method(f"a={path}").method == "xkv-absorb"  # the shipped default decodes with absorb
+    with pytest.raises(ValueError, match="more than once"):
+        run_bench(build_tiny("llama"), [64], [f"a={path}", f"a={path}"])
 
 
 def test_bench_rejects_bad_arguments():

@@ -86,7 +86,7 @@ class BenchRow:
     """One method at one context length.
 
     Attributes:
-        method: a name from :data:`BENCH_METHODS`.
+        method: a name from :data:`BENCH_METHODS`, or the label of ``label=config.yaml``.
         context: prompt tokens.
         decode_ms: median wall time of one decode step.
         decode_vs_dense: ``decode_ms`` over the dense cache's in the same run.
@@ -157,34 +157,66 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
+#: The registry method that runs a config file's ``decode`` path (``--methods label=config.yaml``).
+_FILE_METHODS = {"rebuild": "xkv", "absorb": "xkv-absorb", "selective": "xkv-selective"}
+
+
+def bench_method(name: str) -> BenchMethod:
+    """The setting a ``--methods`` entry names: one of :data:`BENCH_METHODS`, or ``label=config.yaml``.
+
+    A config file runs as written (ranks, form, decode path and ``sr_*`` fields), over the bench's config: so two
+    settings of one decode path (say two ``sr_budget`` values) can be timed side by side.
+
+    Raises:
+        ValueError: for a name that is neither, or a ``label`` that is empty or a known name.
+        FileNotFoundError: for a config file that does not exist.
+    """
+    if name in BENCH_METHODS:
+        return BENCH_METHODS[name]
+    label, sep, path = name.partition("=")
+    if not sep:
+        raise ValueError(f"unknown bench method {name!r}; known: {list(BENCH_METHODS)} or label=config.yaml")
+    if not label or label in BENCH_METHODS or not path:
+        raise ValueError(f"bench method {name!r}: want label=config.yaml with a new label and a file")
+    config = XKVConfig.load(path)
+    return BenchMethod(_FILE_METHODS[config.decode], config.to_dict())
+
+
+def method_label(name: str) -> str:
+    """What a method's rows are called: its name, or the label of ``label=config.yaml``."""
+    return name.partition("=")[0]
+
+
 def _check_methods(methods: list[str]) -> list[str]:
-    """``methods`` with ``"dense"`` first (the reference), each checked against :data:`BENCH_METHODS`."""
+    """``methods`` with ``"dense"`` first (the reference), each resolved by :func:`bench_method`, labels unique."""
     methods = ["dense", *[m for m in methods if m != "dense"]]
     for method in methods:
-        if method not in BENCH_METHODS:
-            raise ValueError(f"unknown bench method {method!r}; known: {list(BENCH_METHODS)}")
+        bench_method(method)
+    labels = [method_label(m) for m in methods]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"bench methods named more than once: {repeated}")
     return methods
 
 
 def _registry_method(method: str) -> Method:
-    _check_methods([method])
-    return METHODS[BENCH_METHODS[method].method]()
+    return METHODS[bench_method(method).method]()
 
 
 def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -> Any:
     """An empty cache of ``method`` for ``model`` (xKV methods take ``config``'s fields, then their own).
 
     Raises:
-        ValueError: for a method not in :data:`BENCH_METHODS`.
+        ValueError: for a method :func:`bench_method` does not know.
     """
-    fields = BENCH_METHODS[method].config if method in BENCH_METHODS else {}
+    fields = bench_method(method).config
     base = XKVConfig.from_dict({**(config or XKVConfig()).to_dict(), **fields}) if fields else config
     return _registry_method(method).new_cache(model, base)
 
 
 def _prefill(model: nn.Module, method: str, prompt: torch.Tensor, cache: Any) -> None:
     """The prompt through ``cache`` the way the registry's method prefills (chunks: xKV then folds the last)."""
-    _registry_method(method).prefill(model, prompt, cache, BENCH_METHODS[method].prefill_chunk)
+    _registry_method(method).prefill(model, prompt, cache, bench_method(method).prefill_chunk)
 
 
 def _prompt(model: nn.Module, length: int, seed: int) -> torch.Tensor:
@@ -218,7 +250,8 @@ def run_bench(
     Args:
         model: a causal LM (the embedded SmolLM2-135M in the README's tables).
         lengths: context lengths in tokens.
-        methods: names from :data:`BENCH_METHODS`; ``"dense"`` is added first if missing (the reference).
+        methods: names from :data:`BENCH_METHODS` or ``label=config.yaml`` (:func:`bench_method`); ``"dense"``
+            is added first if missing (the reference).
         steps: decode steps timed per method (two more are run first as warm-up).
         seed: seed of the random prompt tokens.
         config: base xKV settings (ranks, groups, SR settings); the method picks ``decode``.
@@ -293,7 +326,7 @@ def _prefill_rounds(
             cache = make_cache(model, method, config)
             with _PeakSampler() as sampler:
                 start = time.perf_counter()
-                registry[method].prefill(model, prompt, cache, BENCH_METHODS[method].prefill_chunk)
+                registry[method].prefill(model, prompt, cache, bench_method(method).prefill_chunk)
                 done.runs[method].append(time.perf_counter() - start)
             done.caches[method] = cache
             del cache  # only `caches` holds it: the next round's pop frees it
@@ -345,7 +378,7 @@ def _rows(
         prefill_s = statistics.median(prefilled.runs[method])
         rows.append(
             BenchRow(
-                method=method,
+                method=method_label(method),
                 context=length,
                 decode_ms=ms,
                 decode_vs_dense=ms / dense_ms,
@@ -424,7 +457,7 @@ class PeakRow:
     """Peak resident memory of one method at one context length, measured in a fresh process.
 
     Attributes:
-        method: a name from :data:`BENCH_METHODS`.
+        method: a name from :data:`BENCH_METHODS`, or the label of ``label=config.yaml``.
         context: prompt tokens.
         start_mb: resident memory after the model was loaded and before the prefill (MiB).
         prefill_peak_mb: the process's peak resident memory up to the end of the prefill (MiB).
@@ -493,7 +526,8 @@ def measure_peak(
     for _ in range(decode_steps):
         decode_one_token(model, token, cache)
     # The kernel's RSS counters are batched per thread: a later read can come out a few hundred KiB lower.
-    return PeakRow(method, length, start, prefill_peak, max(prefill_peak, _high_water_mb()), kv, decode_steps)
+    peak = max(prefill_peak, _high_water_mb())
+    return PeakRow(method_label(method), length, start, prefill_peak, peak, kv, decode_steps)
 
 
 def run_peak_bench(
@@ -510,7 +544,8 @@ def run_peak_bench(
     Args:
         model_name: what :func:`xkv.models.load` takes (the child loads it).
         lengths: context lengths in tokens.
-        methods: names from :data:`BENCH_METHODS`; ``"dense"`` is added first if missing (the reference).
+        methods: names from :data:`BENCH_METHODS` or ``label=config.yaml`` (:func:`bench_method`); ``"dense"``
+            is added first if missing (the reference).
         seed: seed of the random prompt tokens.
         config_path: xKV config file for the xKV methods.
         threads: torch threads in each child (0: torch's default).
@@ -584,7 +619,7 @@ def _main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m xkv.bench", description=_main.__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--method", required=True, choices=BENCH_METHODS)
+    parser.add_argument("--method", required=True, help="a bench method or label=config.yaml")
     parser.add_argument("--length", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
