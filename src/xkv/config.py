@@ -217,14 +217,17 @@ class XKVConfig:
 
     # 8 adjacent layers: the largest group measured, and the best at 4x (benchmarks/defaults). On calibration seeds
     # (benchmarks/heldout/README.md, "Choosing the default") groups of 4 lost one answer (of the 22 the full cache
-    # gave) that groups of 8 kept.
+    # gave) that groups of 8 kept; at equal bytes, with keys 3x as hard as values ("Groups of 4 at equal bytes",
+    # calib-tuned-4x*), they lost 2 and gained 1 of 60 UUID samples where groups of 8 lost none.
     group_size: int = 8
     grouping: Literal["contiguous", "stride", "auto"] = "contiguous"
     groups: list[list[int]] | None = None
     first_layer: int = 0
     last_layer: int | None = None
     dense_layers: list[int] = field(default_factory=list)
-    # Keys at 6x, values at 3x: 4x overall (2 / (1/6 + 1/3) = 4); the best 4x split in benchmarks/defaults.
+    # Keys at 6x, values at 3x: 4x overall (2 / (1/6 + 1/3) = 4); the best 4x split in benchmarks/defaults. On
+    # calibration samples at 6.5x, splits of 1.5 to 3 were within noise of it by answer KL, 1 and 4 twice as far
+    # (benchmarks/heldout/README.md, "The K/V split on calibration samples").
     rank_k: RankSpec = "6x"
     rank_v: RankSpec = "3x"
     compress_keys: bool = True
