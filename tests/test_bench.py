@@ -54,17 +54,23 @@ def test_a_config_file_runs_as_written_beside_a_named_method(tmp_path):
 
 
 def test_bench_rejects_bad_config_methods(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="bench method 'mine': no config file"):
         bench_method(f"mine={tmp_path / 'missing.yaml'}")
     with pytest.raises(ValueError, match="new label"):
         bench_method(f"dense={tmp_path / 'x.yaml'}")
     with pytest.raises(ValueError, match="new label"):
         bench_method("mine=")
+    with pytest.raises(ValueError, match="new label"):
+        bench_method(f"my|label={tmp_path / 'x.yaml'}")  # would break the Markdown table
     path = tmp_path / "a.yaml"
     XKVConfig().save(path)
     assert bench_method(f"a={path}").method == "xkv-absorb"  # the shipped default decodes with absorb
+    assert bench_method(f" a = {path} ").config == XKVConfig().to_dict()
+    rebuild = tmp_path / "b.yaml"
+    XKVConfig(decode="rebuild").save(rebuild)
+    assert bench_method(f"b={rebuild}").method == "xkv"
     with pytest.raises(ValueError, match="more than once"):
-        run_bench(build_tiny("llama"), [64], [f"a={path}", f"a={path}"])
+        run_bench(build_tiny("llama"), [64], [f"a={path}", f"a={rebuild}"])
 
 
 def test_bench_rejects_bad_arguments():

@@ -112,6 +112,8 @@ BAD_INPUTS = [
     (["analyze", "--allocate", "0.5"], "`--allocate` takes compression factors > 1"),
     (["analyze", "--group-size", "0"], "`--group-size` must be >= 1"),
     (["bench", "--out", "doc.txt"], "`--out` 'doc.txt' is a file"),
+    (["bench", "--methods", "mine=missing.yaml"], "bench method 'mine': no config file at 'missing.yaml'"),
+    (["bench", "--methods", "dense=doc.txt"], "want label=config.yaml with a new label"),
     (["report", "folder", "--out", "doc.txt"], "`--out` 'doc.txt' is a file"),
     (["ask", "missing.xkv", "what?"], "no prefix file at 'missing.xkv'"),
     (["ask", "doc.txt", "what?"], "'doc.txt' is not"),

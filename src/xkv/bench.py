@@ -21,6 +21,7 @@ import ctypes
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -159,35 +160,42 @@ class _PeakSampler:
 
 #: The registry method that runs a config file's ``decode`` path (``--methods label=config.yaml``).
 _FILE_METHODS = {"rebuild": "xkv", "absorb": "xkv-absorb", "selective": "xkv-selective"}
+_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def bench_method(name: str) -> BenchMethod:
     """The setting a ``--methods`` entry names: one of :data:`BENCH_METHODS`, or ``label=config.yaml``.
 
-    A config file runs as written (ranks, form, decode path and ``sr_*`` fields), over the bench's config: so two
-    settings of one decode path (say two ``sr_budget`` values) can be timed side by side.
+    A config file is a whole configuration and runs as written (ranks, form, decode path, ``sr_*`` fields; the
+    bench's own config does not apply to it), so two settings of one decode path (say two ``sr_budget`` values) can
+    be timed side by side. Its prefill is one forward pass, as for the named methods other than ``*-chunked``.
 
     Raises:
-        ValueError: for a name that is neither, or a ``label`` that is empty or a known name.
+        ValueError: for a name that is neither, or a label that is empty, a known name or not ``[A-Za-z0-9_.-]+``.
         FileNotFoundError: for a config file that does not exist.
     """
     if name in BENCH_METHODS:
         return BENCH_METHODS[name]
-    label, sep, path = name.partition("=")
+    label, sep, path = (part.strip() for part in name.partition("="))
     if not sep:
         raise ValueError(f"unknown bench method {name!r}; known: {list(BENCH_METHODS)} or label=config.yaml")
-    if not label or label in BENCH_METHODS or not path:
-        raise ValueError(f"bench method {name!r}: want label=config.yaml with a new label and a file")
+    if not _LABEL.fullmatch(label) or label in BENCH_METHODS or not path:
+        raise ValueError(
+            f"bench method {name!r}: want label=config.yaml with a new label of letters, digits, '_', '.' or '-' "
+            "and a file"
+        )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"bench method {label!r}: no config file at {path!r}")
     config = XKVConfig.load(path)
     return BenchMethod(_FILE_METHODS[config.decode], config.to_dict())
 
 
 def method_label(name: str) -> str:
     """What a method's rows are called: its name, or the label of ``label=config.yaml``."""
-    return name.partition("=")[0]
+    return name.partition("=")[0].strip()
 
 
-def _check_methods(methods: list[str]) -> list[str]:
+def check_methods(methods: list[str]) -> list[str]:
     """``methods`` with ``"dense"`` first (the reference), each resolved by :func:`bench_method`, labels unique."""
     methods = ["dense", *[m for m in methods if m != "dense"]]
     for method in methods:
@@ -208,15 +216,11 @@ def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -
 
     Raises:
         ValueError: for a method :func:`bench_method` does not know.
+        FileNotFoundError: for a ``label=config.yaml`` method whose file does not exist.
     """
     fields = bench_method(method).config
     base = XKVConfig.from_dict({**(config or XKVConfig()).to_dict(), **fields}) if fields else config
     return _registry_method(method).new_cache(model, base)
-
-
-def _prefill(model: nn.Module, method: str, prompt: torch.Tensor, cache: Any) -> None:
-    """The prompt through ``cache`` the way the registry's method prefills (chunks: xKV then folds the last)."""
-    _registry_method(method).prefill(model, prompt, cache, bench_method(method).prefill_chunk)
 
 
 def _prompt(model: nn.Module, length: int, seed: int) -> torch.Tensor:
@@ -262,7 +266,9 @@ def run_bench(
             are the highest over the rounds: from the second round on, every other method's cache is alive.
 
     Raises:
-        ValueError: for an unknown method, a length below 1, ``steps < 1`` or ``prefill_repeats < 1``.
+        ValueError: for an unknown method, a label named twice, a length below 1, ``steps < 1`` or
+            ``prefill_repeats < 1``.
+        FileNotFoundError: for a ``label=config.yaml`` method whose file does not exist.
     """
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1 but got {steps}")
@@ -270,7 +276,7 @@ def run_bench(
         raise ValueError(f"`prefill_repeats` must be >= 1 but got {prefill_repeats}")
     if any(length < 1 for length in lengths):
         raise ValueError(f"context lengths must be >= 1 but got {lengths}")
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     report = on_progress or (lambda label: None)
     rows: list[BenchRow] = []
     for length in lengths:
@@ -316,6 +322,7 @@ def _prefill_rounds(
     """
     length = prompt.shape[1]
     registry = {method: _registry_method(method) for method in methods}
+    chunks = {method: bench_method(method).prefill_chunk for method in methods}  # files read once, not timed
     done = _Prefilled({}, {method: [] for method in methods}, {method: (0.0, float("-inf")) for method in methods})
     for round_ in range(repeats):
         shift = round_ % len(methods)
@@ -326,13 +333,13 @@ def _prefill_rounds(
             cache = make_cache(model, method, config)
             with _PeakSampler() as sampler:
                 start = time.perf_counter()
-                registry[method].prefill(model, prompt, cache, bench_method(method).prefill_chunk)
+                registry[method].prefill(model, prompt, cache, chunks[method])
                 done.runs[method].append(time.perf_counter() - start)
             done.caches[method] = cache
             del cache  # only `caches` holds it: the next round's pop frees it
             peak, delta = done.peaks[method]
             done.peaks[method] = (max(peak, sampler.peak), max(delta, sampler.peak - before))
-            report(f"{length} tokens: {method} prefill {round_ + 1}/{repeats}")
+            report(f"{length} tokens: {method_label(method)} prefill {round_ + 1}/{repeats}")
     return done
 
 
@@ -508,6 +515,7 @@ def measure_peak(
 
     Raises:
         ValueError: for an unknown method or a length below 1.
+        FileNotFoundError: for a ``label=config.yaml`` method whose file does not exist.
         RuntimeError: where ``/proc/self/clear_refs`` cannot be written.
     """
     if length < 1:
@@ -516,10 +524,11 @@ def measure_peak(
     # Touch every weight first (a loaded model may be paged in lazily at its first forward pass).
     prefill(model, prompt[:, :16], DynamicCache())
     cache = make_cache(model, method, config)
+    registered, chunk = _registry_method(method), bench_method(method).prefill_chunk  # before the peak is reset
     _release_memory()
     _reset_high_water()
     start = _rss_mb()
-    _prefill(model, method, prompt, cache)
+    registered.prefill(model, prompt, cache, chunk)
     prefill_peak = _high_water_mb()
     kv = cache_bytes(cache)
     token = prompt[:, -1:]
@@ -552,10 +561,11 @@ def run_peak_bench(
         on_progress: called with a short label after each measurement.
 
     Raises:
-        ValueError: for an unknown method or a length below 1.
+        ValueError: for an unknown method, a label named twice or a length below 1.
+        FileNotFoundError: for a ``label=config.yaml`` method whose file does not exist.
         RuntimeError: if a child process fails (its error output is in the message).
     """
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     if any(length < 1 for length in lengths):
         raise ValueError(f"context lengths must be >= 1 but got {lengths}")
     rows = []
@@ -569,10 +579,10 @@ def run_peak_bench(
                 command += ["--config", config_path]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"{method} at {length} tokens failed:\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"{method_label(method)} at {length} tokens failed:\n{done.stderr[-2000:]}")
             rows.append(PeakRow(**json.loads(done.stdout.strip().splitlines()[-1])))
             if on_progress:
-                on_progress(f"{length} tokens: {method}")
+                on_progress(f"{length} tokens: {method_label(method)}")
     return rows
 
 

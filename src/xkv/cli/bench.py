@@ -25,7 +25,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
         "xkv-int4 (int4 factors), xkv-former (the default until 2026-12-03: "
         "factors in the model's dtype, randomized SVD, selective), xkv-chunked (512-token prefill chunks, folded), "
         "dense-chunked (a dense cache fed the same chunks), or label=config.yaml (an xKV config file run as written, "
-        "its decode path included)",
+        "its decode path included; --config does not apply to it)",
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
@@ -51,14 +51,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from xkv.bench import bench_method, run_bench, run_peak_bench, write_peak_report, write_report
+    from xkv.bench import check_methods, run_bench, run_peak_bench, write_peak_report, write_report
     from xkv.evaluation.runner import parse_lengths
     from xkv.models import load
 
     lengths = parse_lengths(args.lengths)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:  # names and config files checked before the model loads
-        bench_method(method)
+    methods = check_methods(methods)  # names, config files and labels checked before the model loads
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1 but got {args.steps}")
     if args.prefill_repeats < 1:
@@ -72,7 +71,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory:  # one fresh process per method and length
         out = args.out or "benchmarks/memory"
         with Progress(*columns, console=console, disable=args.quiet) as progress:
-            bar = progress.add_task("peak memory", total=len(set(methods) | {"dense"}) * len(lengths))
+            bar = progress.add_task("peak memory", total=len(methods) * len(lengths))
             peaks = run_peak_bench(
                 args.model, lengths, methods, seed=args.seed, config_path=args.config, threads=args.threads,
                 on_progress=lambda label: progress.update(bar, advance=1, description=label),
@@ -83,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     quiet_library_output(args.threads)
     model, _ = load(args.model)
-    per_length = len(set(methods) | {"dense"}) * args.prefill_repeats + args.steps + 2
+    per_length = len(methods) * args.prefill_repeats + args.steps + 2
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         bar = progress.add_task("bench", total=per_length * len(lengths))
         rows = run_bench(
