@@ -263,9 +263,9 @@ class XKVConfig:
     sr_chunk_size: int = 2
     # 128 tokens: rebuilding a token costs several times reading a dense one (r_k > head_dim), so the budget sets the
     # step's cost; 128 kept the step near the dense one at 4k and 7k (benchmarks/decode/README.md). On calibration
-    # seeds one shared pick of 384 tokens (as many rows gathered as per-head picks of 128) answered 51 of the 52 UUID
-    # samples the full cache answered against 50 (absorb 52), at about a sixth more per step (benchmarks/heldout/
-    # README.md, "Shared picks with a wider budget"): not taken.
+    # seeds one shared pick of 384 tokens (as many rows gathered as per-head picks of 128) answered 51 UUID samples
+    # (3 of the full cache's 52 lost, 2 gained) against per-head picks' 50 and absorb's 52, at about a sixth more
+    # per step (benchmarks/heldout/README.md, "Shared picks with a wider budget"): not taken.
     sr_budget: int | float = 128
     # 4 budgets: below it SR rebuilds a quarter of the prefix or more while its tables cost ~5% of the dense bytes.
     sr_min_tokens: int = 1024
