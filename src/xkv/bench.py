@@ -218,9 +218,10 @@ def make_cache(model: nn.Module, method: str, config: XKVConfig | None = None) -
         ValueError: for a method :func:`bench_method` does not know.
         FileNotFoundError: for a ``label=config.yaml`` method whose file does not exist.
     """
-    fields = bench_method(method).config
+    setting = bench_method(method)  # a config file is read once
+    fields = setting.config
     base = XKVConfig.from_dict({**(config or XKVConfig()).to_dict(), **fields}) if fields else config
-    return _registry_method(method).new_cache(model, base)
+    return METHODS[setting.method]().new_cache(model, base)
 
 
 def _prompt(model: nn.Module, length: int, seed: int) -> torch.Tensor:
