@@ -12,7 +12,13 @@ from xkv import XKVCache, XKVConfig
 from xkv.attention import IMPLEMENTATION
 from xkv.cache.decoding import PATHS
 from xkv.compat import cache_kwargs
-from xkv.decode import build_selective_index, select_chunks, select_shared_chunks, selective_index_bytes
+from xkv.decode import (
+    build_selective_index,
+    select_chunks,
+    select_shared_chunks,
+    selective_index_bytes,
+    widened_count,
+)
 from xkv.forms import dequantize
 from xkv.memory import tensor_bytes
 
@@ -84,6 +90,39 @@ def test_selective_with_a_budget_covering_the_prefix_equals_rebuild(family, sele
     selective, cache = logits_after(model, cfg, prompt, TURNS)
     torch.testing.assert_close(selective, rebuilt, atol=1e-4, rtol=1e-4)
     assert all(store.decode_path(0) == "selective" for store in cache.group_stores)
+
+
+def test_a_widened_step_rebuilds_the_widened_budget():
+    model = build_tiny("llama")
+    prompt = ids(1, 64)
+    exact_free = dict(sr_sink_chunks=0, sr_local_chunks=0, sr_outlier_chunks=0)
+    rebuilt, _ = logits_after(model, config("rebuild"), prompt, TURNS)
+    # A budget of 4 of the 16 chunks, widened 4x wherever its chunks hold less than all of the landmark mass (every
+    # step on random weights): every chunk is rebuilt, as with rebuild.
+    widened, cache = logits_after(
+        model, config("selective", sr_budget=16, sr_widen_below=1.0, sr_widen=4, **exact_free), prompt, TURNS
+    )
+    torch.testing.assert_close(widened, rebuilt, atol=1e-4, rtol=1e-4)
+    assert all(store.decode_path(0) == "selective" for store in cache.group_stores)
+    # Unwidened (or widened only below a mass no step falls under), the same budget attends a quarter of the prefix.
+    for never in (dict(sr_widen=1), dict(sr_widen_below=0.0)):
+        narrow, _ = logits_after(
+            model, config("selective", sr_budget=16, **{"sr_widen_below": 1.0, "sr_widen": 4, **never}, **exact_free),
+            prompt, TURNS,
+        )  # fmt: skip
+        assert (narrow - rebuilt).abs().max() > 1e-3
+
+
+def test_widened_count_follows_the_landmark_mass_of_the_budget():
+    sure = torch.tensor([0.7, 0.1, 0.1, 0.05, 0.05]).expand(1, 2, 3, 5)  # (b, H, M, C): 2 chunks hold 0.8
+    spread = sure.clone()
+    spread[0, 1, 2] = torch.full((5,), 0.2)  # one query row of one head: 2 chunks hold 0.4
+    assert widened_count(sure, 2, below=0.5, factor=4) == 2
+    assert widened_count(spread, 2, below=0.5, factor=4) == 8
+    assert widened_count(spread, 2, below=0.3, factor=4) == 2
+    assert widened_count(spread, 2, below=0.0, factor=4) == 2  # 0: never
+    assert widened_count(spread, 2, below=0.5, factor=1) == 2
+    assert widened_count(spread, 5, below=1.0, factor=4) == 5  # the budget already holds every chunk
 
 
 def test_selective_at_a_small_budget_still_attends_every_exact_token():
@@ -397,6 +436,12 @@ def test_bad_decode_settings_name_the_field():
             XKVConfig(sr_max_share=bad)
     with pytest.raises(ValueError, match="`sr_outlier_chunks`"):
         XKVConfig(sr_outlier_chunks=-1)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match="`sr_widen_below`"):
+            XKVConfig(sr_widen_below=bad)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="`sr_widen`"):
+            XKVConfig(sr_widen=bad)
     with pytest.raises(ValueError, match="`sr_select`"):
         XKVConfig(sr_select="layer")
     with pytest.raises(ValueError, match="`sr_landmarks`"):

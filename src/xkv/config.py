@@ -186,6 +186,10 @@ class XKVConfig:
         sr_select: ``"head"``: each KV head picks its own chunks (as ShadowKV does); ``"shared"``: the layer's KV
             heads pick one set together (a chunk ranks by its best score over the heads), so each picked row of the
             token basis is gathered, unpacked and multiplied once for all heads instead of once per head.
+        sr_widen_below: where, at a decode step of a layer, the ``sr_budget`` chunks the landmarks rank first hold
+            less than this share of some query row's softmax over the landmarks (the attention is spread, or the
+            landmarks are unsure), that layer's step rebuilds ``sr_widen`` times the budget; 0 never widens.
+        sr_widen: the budget's multiple on a widened step (an int >= 1).
         sr_landmarks: what ranks a chunk: ``"mean"`` (its mean post-RoPE key, scored ``q . mean``) or ``"bounds"``
             (the per-channel box of its keys, scored by the largest ``q . k`` the box allows, as Quest does: a
             single key that stands out is not averaged away). Bounds take twice the landmark bytes.
@@ -282,6 +286,8 @@ class XKVConfig:
     # they lost 3 UUIDs the full cache answered on seeds 1005-1027 where per-head picks lost 2 ("Chunks of 2"). They
     # decode faster (0.90-1.06x against 1.15-1.24x the dense step at 4k with chunks of 4: benchmarks/decode/README.md).
     sr_select: Literal["head", "shared"] = "head"
+    sr_widen_below: float = 0.0
+    sr_widen: int = 4
     # "mean": bound landmarks answered 10 of the 23 calibration samples the full cache answered (calib-bounds-4x).
     sr_landmarks: Literal["mean", "bounds"] = "mean"
     # int4 (int8 for the leading directions, factor_head="auto"): at 4x it answered every calibration sample the full
@@ -419,6 +425,7 @@ def _check_layout(config: XKVConfig) -> None:
     for name in (
         "group_size", "first_layer", "svd_oversample", "svd_seed", "min_tokens", "sr_chunk_size",
         "sr_min_tokens", "sr_sink_chunks", "sr_local_chunks", "sr_outlier_chunks", "fold_tokens", "fold_keep",
+        "sr_widen",
     ):  # fmt: skip
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -503,6 +510,11 @@ def _check_decoding(config: XKVConfig) -> None:
     share = config.sr_max_share
     if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= float(share) <= 1.0:
         raise ValueError(f"`sr_max_share` must be a number in [0, 1] but got {share!r}")
+    below = config.sr_widen_below
+    if isinstance(below, bool) or not isinstance(below, numbers.Real) or not 0.0 <= float(below) <= 1.0:
+        raise ValueError(f"`sr_widen_below` must be a number in [0, 1] but got {below!r}")
+    if config.sr_widen < 1:
+        raise ValueError(f"`sr_widen` must be >= 1 but got {config.sr_widen}")
     if config.sr_select not in ("head", "shared"):
         raise ValueError(f"`sr_select` must be one of ['head', 'shared'] but got {config.sr_select!r}")
     if config.sr_landmarks not in ("mean", "bounds"):

@@ -360,20 +360,49 @@ def selective_index_bytes(
     return key_bytes, heads * rows * head_dim * itemsize
 
 
-def select_chunks(grouped_query: torch.Tensor, index: SelectiveIndex, count: int, scaling: float) -> torch.Tensor:
+def landmark_probs(grouped_query: torch.Tensor, index: SelectiveIndex, scaling: float) -> torch.Tensor:
+    """``(b, H, M, C)``: each query row's softmax over the chunks' landmark scores (what ranks the chunks)."""
+    return torch.softmax(index.landmark_scores(grouped_query) * scaling, dim=-1)
+
+
+def widened_count(probs: torch.Tensor, count: int, below: float, factor: int) -> int:
+    """``count``, or ``count * factor`` where the landmarks are unsure of their picks.
+
+    Where some query row's ``count`` most likely chunks hold less than ``below`` of its landmark softmax mass
+    ``probs`` ``(b, H, M, C)``, the attention is spread (or the landmarks rank badly), and a step that rebuilds only
+    ``count`` chunks misses much of it: the step rebuilds ``factor`` times as many. One host sync per call.
+    """
+    if below <= 0.0 or factor <= 1 or count >= probs.shape[-1]:
+        return count
+    held = probs.topk(count, dim=-1).values.sum(dim=-1)  # (b, H, M)
+    return count * factor if bool(held.min() < below) else count
+
+
+def select_chunks(
+    grouped_query: torch.Tensor,
+    index: SelectiveIndex,
+    count: int,
+    scaling: float,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The ``count`` compressed chunks each KV head attends most, ``(b, H, count)`` (in no particular order).
 
-    A chunk scores ``softmax(q . landmarks * scaling)`` maxed over the query heads of its KV head and the query
-    tokens; exact chunks are never picked (they are attended anyway).
+    A chunk scores ``softmax(q . landmarks * scaling)`` (``probs``, computed here if not given) maxed over the query
+    heads of its KV head and the query tokens; exact chunks are never picked (they are attended anyway).
     """
-    scores = index.landmark_scores(grouped_query) * scaling  # (b, H, M, C)
-    best = torch.softmax(scores, dim=-1).amax(dim=2)  # (b, H, C)
+    if probs is None:
+        probs = landmark_probs(grouped_query, index, scaling)
+    best = probs.amax(dim=2)  # (b, H, C)
     best.scatter_(-1, index.exact_chunks, -1.0)
     return best.topk(count, dim=-1).indices
 
 
 def select_shared_chunks(
-    grouped_query: torch.Tensor, index: SelectiveIndex, count: int, scaling: float
+    grouped_query: torch.Tensor,
+    index: SelectiveIndex,
+    count: int,
+    scaling: float,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``count`` compressed chunks the layer's KV heads attend most together, for one shared rebuild.
 
@@ -386,8 +415,9 @@ def select_shared_chunks(
         ``(chunks, exact)``: chunk ids ``(b, k)`` and ``(b, H, k)`` bool, ``True`` where a picked chunk is exact for
         that head (its rebuilt copy must be hidden there, or the head would attend it twice).
     """
-    scores = index.landmark_scores(grouped_query) * scaling  # (b, H, M, C)
-    best = torch.softmax(scores, dim=-1).amax(dim=2)  # (b, H, C)
+    if probs is None:
+        probs = landmark_probs(grouped_query, index, scaling)
+    best = probs.amax(dim=2)  # (b, H, C)
     best.scatter_(-1, index.exact_chunks, -1.0)
     chunks = best.amax(dim=1).topk(count, dim=-1).indices  # (b, k); -1 where every head keeps the chunk exact
     exact = best.gather(-1, chunks.unsqueeze(1).expand(-1, best.shape[1], -1)) < 0
@@ -403,8 +433,9 @@ def _rebuild_chunks(
     count: int,
     scaling: float,
     shared: bool,
+    probs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick ``count`` chunks, rebuild their post-RoPE keys and score them.
+    """Pick ``count`` chunks by their landmark ``probs`` ``(b, H, M, C)``, rebuild their post-RoPE keys, score them.
 
     Returns:
         ``(chunks, scores)``: chunk ids ``(b, H, k)`` per head or ``(b, 1, k)`` shared; scores ``(b, H, M, k*c)``,
@@ -413,7 +444,7 @@ def _rebuild_chunks(
     c, heads = index.chunk_size, grouped_query.shape[1]
     hidden: torch.Tensor | None = None
     if shared:
-        picked, exact = select_shared_chunks(grouped_query, index, count, scaling)
+        picked, exact = select_shared_chunks(grouped_query, index, count, scaling, probs)
         chunks = picked.unsqueeze(1)  # (b, 1, k): one gather and one product serve every head
         rows = key_factors.chunk_rows(chunks, c)[:, 0]  # (b, n, r_k)
         keys = torch.matmul(rows, key_factors.matrix(slot))  # (b, n, D)
@@ -422,7 +453,7 @@ def _rebuild_chunks(
         hidden = torch.zeros(blocked.shape, dtype=torch.float32, device=blocked.device)
         hidden = hidden.masked_fill(blocked, -math.inf)
     else:
-        chunks = select_chunks(grouped_query, index, count, scaling)  # (b, H, k)
+        chunks = select_chunks(grouped_query, index, count, scaling, probs)  # (b, H, k)
         rows = key_factors.chunk_rows(chunks, c)  # (b, H, n, r_k)
         keys = torch.matmul(rows, per_head(key_factors.matrix(slot), heads))  # (b, H, n, hd) pre-RoPE
     if angles is not None:
@@ -446,6 +477,8 @@ def attend_selective(
     scaling: float,
     mask: torch.Tensor | None,
     shared: bool = False,
+    widen_below: float = 0.0,
+    widen: int = 1,
 ) -> torch.Tensor:
     """Selective Reconstruction: attention over the top chunks (rebuilt), the exact chunks and the tail.
 
@@ -464,19 +497,29 @@ def attend_selective(
         shared: pick the chunks once for all KV heads of the layer (:func:`select_shared_chunks`): each picked
             row of ``U`` is gathered and unpacked once instead of once per head, and the keys are rebuilt in one
             product; each head attends the same number of chunks. ``False``: each head picks its own.
+        widen_below: where the landmarks of the budget's chunks hold less than this share of some query row's
+            landmark mass, the call rebuilds ``widen`` times the budget (:func:`widened_count`); 0 never widens.
+        widen: the budget's multiple on a widened call.
 
     Returns:
         ``(b, H, M, hd)``.
     """
     heads = grouped_query.shape[1]
     # Shared picks may take chunks some heads keep exact (hidden from those heads).
-    count = min(budget_chunks, index.num_chunks - (0 if shared else index.exact_chunks.shape[-1]))
+    free = index.num_chunks - (0 if shared else index.exact_chunks.shape[-1])
+    probs = landmark_probs(grouped_query, index, scaling) if min(budget_chunks, free) > 0 else None
+    if probs is not None:
+        budget_chunks = widened_count(probs, min(budget_chunks, index.num_chunks), widen_below, widen)
+    count = min(budget_chunks, free)
     blocks_k, blocks_v = [index.exact_keys, tail_keys], [index.exact_values, tail_values]
     scores = [torch.matmul(grouped_query, k.transpose(-1, -2)) * scaling for k in blocks_k]
     if mask is not None:
         scores[-1] = scores[-1] + mask
     if count > 0:
-        chunks, chunk_scores = _rebuild_chunks(grouped_query, index, key_factors, slot, angles, count, scaling, shared)
+        assert probs is not None
+        chunks, chunk_scores = _rebuild_chunks(
+            grouped_query, index, key_factors, slot, angles, count, scaling, shared, probs
+        )
         scores.insert(0, chunk_scores)
     probs = softmax_blocks(scores)
     out = torch.matmul(probs[-2].to(blocks_v[0].dtype), blocks_v[0])

@@ -153,6 +153,7 @@ class Selective(FastPath):
             request.grouped, index, group.keys.factors, group.values.factors, slot, angles,
             group.config.budget_chunks(tokens, index.chunk_size), request.tail_keys, request.tail_values,
             request.scaling, request.mask, shared=group.config.sr_select == "shared",
+            widen_below=group.config.sr_widen_below, widen=group.config.sr_widen,
         )  # fmt: skip
 
 
