@@ -507,18 +507,18 @@ def attend_selective(
     heads = grouped_query.shape[1]
     # Shared picks may take chunks some heads keep exact (hidden from those heads).
     free = index.num_chunks - (0 if shared else index.exact_chunks.shape[-1])
-    probs = landmark_probs(grouped_query, index, scaling) if min(budget_chunks, free) > 0 else None
-    if probs is not None:
-        budget_chunks = widened_count(probs, min(budget_chunks, index.num_chunks), widen_below, widen)
+    ranked = landmark_probs(grouped_query, index, scaling) if min(budget_chunks, free) > 0 else None
+    if ranked is not None:
+        budget_chunks = widened_count(ranked, min(budget_chunks, index.num_chunks), widen_below, widen)
     count = min(budget_chunks, free)
     blocks_k, blocks_v = [index.exact_keys, tail_keys], [index.exact_values, tail_values]
     scores = [torch.matmul(grouped_query, k.transpose(-1, -2)) * scaling for k in blocks_k]
     if mask is not None:
         scores[-1] = scores[-1] + mask
     if count > 0:
-        assert probs is not None
+        assert ranked is not None
         chunks, chunk_scores = _rebuild_chunks(
-            grouped_query, index, key_factors, slot, angles, count, scaling, shared, probs
+            grouped_query, index, key_factors, slot, angles, count, scaling, shared, ranked
         )
         scores.insert(0, chunk_scores)
     probs = softmax_blocks(scores)
