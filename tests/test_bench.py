@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.conftest import build_tiny
-from xkv.bench import BENCH_METHODS, bench_method, make_cache, run_bench, write_report
+from xkv.bench import BENCH_METHODS, bench_method, make_cache, run_bench, text_prompt, write_report
 from xkv.config import XKVConfig
 
 
@@ -51,6 +51,50 @@ def test_a_config_file_runs_as_written_beside_a_named_method(tmp_path):
     rows = run_bench(model, [128], ["xkv-selective", f"wide={wide}"], steps=1, config=base, prefill_repeats=1)
     assert [r.method for r in rows] == ["dense", "xkv-selective", "wide"]
     assert rows[2].kv_bytes < rows[0].kv_bytes
+
+
+def test_a_text_prompt_is_benched_and_widened_steps_are_counted(tmp_path):
+    model = build_tiny("llama", max_position_embeddings=1024)
+    tokenizer = _WordTokenizer()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(200)))
+    prompt = text_prompt(tokenizer, text, 160)
+    assert prompt.tolist() == [[i % 90 for i in range(160)]]
+    with pytest.raises(ValueError, match="holds 200 tokens, fewer than the longest length 256"):
+        text_prompt(tokenizer, text, 256)
+    # Ranks as fractions: the index is not paid out of a factor's bytes, so it fits a tiny model.
+    base = dict(
+        group_size=2,
+        min_tokens=0,
+        sr_min_tokens=0,
+        sr_budget=16,
+        sr_chunk_size=8,
+        decode="selective",
+        rank_k=0.5,
+        rank_v=0.6,
+        sr_sink_chunks=1,
+        sr_local_chunks=1,
+        sr_outlier_chunks=1,
+    )  # fmt: skip
+    always = tmp_path / "always.yaml"
+    XKVConfig(**base, sr_widen_below=1.0).save(always)  # every step widens on random weights
+    never = tmp_path / "never.yaml"
+    XKVConfig(**base).save(never)
+    rows = run_bench(model, [128, 160], ["xkv-absorb", f"always={always}", f"never={never}"], steps=1,
+                     prefill_repeats=1, prompt=prompt)  # fmt: skip
+    share = {(r.context, r.method): r.widened_share for r in rows}
+    assert share == {(t, m): s for t in (128, 160) for m, s in [("dense", None), ("xkv-absorb", None),
+                                                                   ("always", 1.0), ("never", 0.0)]}  # fmt: skip
+    assert "| 100% |" in write_report(rows, tmp_path / "out", "xkv bench --text text.txt").read_text()
+    with pytest.raises(ValueError, match="fewer than the longest length 256"):
+        run_bench(model, [256], ["dense"], prompt=prompt)
+
+
+class _WordTokenizer:
+    """``"w3 w7"`` -> ids ``[3, 7]``: enough of a tokenizer for :func:`text_prompt`."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [int(word[1:]) for word in text.split()]}
 
 
 def test_bench_rejects_bad_config_methods(tmp_path):

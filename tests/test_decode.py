@@ -104,13 +104,19 @@ def test_a_widened_step_rebuilds_the_widened_budget():
     )
     torch.testing.assert_close(widened, rebuilt, atol=1e-4, rtol=1e-4)
     assert all(store.decode_path(0) == "selective" for store in cache.group_stores)
+    # Each turn (up to 16 tokens take the fast path) is one step on each compressed layer, every one widened.
+    steps = len(TURNS) * sum(len(store.layers) for store in cache.group_stores)
+    assert (cache.selective_counts.steps, cache.selective_counts.widened) == (steps, steps)
+    cache.reset()
+    assert cache.selective_counts.steps == 0
     # Unwidened (or widened only below a mass no step falls under), the same budget attends a quarter of the prefix.
     for never in (dict(sr_widen=1), dict(sr_widen_below=0.0)):
-        narrow, _ = logits_after(
+        narrow, cache = logits_after(
             model, config("selective", sr_budget=16, **{"sr_widen_below": 1.0, "sr_widen": 4, **never}, **exact_free),
             prompt, TURNS,
         )  # fmt: skip
         assert (narrow - rebuilt).abs().max() > 1e-3
+        assert (cache.selective_counts.steps, cache.selective_counts.widened) == (steps, 0)
 
 
 def test_widened_count_follows_the_landmark_mass_of_the_budget():

@@ -2,12 +2,13 @@
 
 Speed (:func:`run_bench`) is measured side by side in one process.
 
-For each context length every method prefills the same random-token prompt, in rounds (each round runs every
-method once, the order rotated from round to round), then the decode steps are interleaved (one step of each method
-in turn), so a noisy machine slows every method alike. Reported per method and length: the median decode step, the
-median prefill time, the KV bytes held after the prefill (measured from the tensors) and the process's resident
-memory: its peak while that method prefilled, and that peak above the resident memory just before (the prefill's
-transients plus the cache it keeps).
+For each context length every method prefills the same prompt (random tokens, or the first tokens of a text file:
+:func:`text_prompt`), in rounds (each round runs every method once, the order rotated from round to round), then the
+decode steps are interleaved (one step of each method in turn), so a noisy machine slows every method alike.
+Reported per method and length: the median decode step, the median prefill time, the KV bytes held after the prefill
+(measured from the tensors), the process's resident memory (its peak while that method prefilled, and that peak
+above the resident memory just before: the prefill's transients plus the cache it keeps) and, for Selective
+Reconstruction, the share of its layer steps that widened their budget.
 
 Peak memory (:func:`run_peak_bench`, ``xkv bench --memory``) is measured in one fresh process per method and length:
 the kernel's high-water mark of resident memory (``VmHWM``, reset after the model is loaded), so no other method's
@@ -98,6 +99,8 @@ class BenchRow:
         peak_rss_mb: the process's peak resident memory while this method prefilled (the highest of its prefills).
         peak_delta_mb: that peak above the resident memory just before the prefill (the highest of its prefills).
         prefill_runs: wall time of each of the method's prefills, in the order they ran.
+        widened_share: of the layer steps the selective decode path served, the share that rebuilt a widened budget
+            (``sr_widen_below``); ``None`` where the method never decoded selectively.
     """
 
     method: str
@@ -111,6 +114,7 @@ class BenchRow:
     peak_rss_mb: float
     peak_delta_mb: float
     prefill_runs: list[float] = field(default_factory=list)
+    widened_share: float | None = None
 
 
 def _rss_mb() -> float:
@@ -230,6 +234,25 @@ def _prompt(model: nn.Module, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed + length))
 
 
+def text_prompt(tokenizer: Any, path: str | Path, length: int) -> torch.Tensor:
+    """``(1, length)``: the first ``length`` tokens of a text file, a real-text prompt instead of random tokens.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: if the file holds fewer than ``length`` tokens.
+    """
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise ValueError(f"text file {str(path)!r} holds {len(ids)} tokens, fewer than the longest length {length}")
+    return torch.tensor([ids[:length]])
+
+
+def _selective_share(cache: Any) -> float | None:
+    counts = cache.selective_counts if isinstance(cache, XKVCache) else None
+    return counts.widened_share if counts is not None and counts.steps else None
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes a cache of any bench method holds, from its tensors."""
     if isinstance(cache, XKVCache):
@@ -249,6 +272,7 @@ def run_bench(
     config: XKVConfig | None = None,
     on_progress: Callable[[str], None] | None = None,
     prefill_repeats: int = 3,
+    prompt: torch.Tensor | None = None,
 ) -> list[BenchRow]:
     """Measure every method at every length (see the module docstring).
 
@@ -265,10 +289,12 @@ def run_bench(
             order rotated by ``i``, each method's previous cache dropped first); the median is reported (an odd
             count keeps it one measured run) and the last round's caches are decoded. The peak memory columns
             are the highest over the rounds: from the second round on, every other method's cache is alive.
+        prompt: ``(1, n)`` token ids whose first ``length`` tokens are each length's prompt (real text,
+            :func:`text_prompt`); random tokens if ``None``.
 
     Raises:
-        ValueError: for an unknown method, a label named twice, a length below 1, ``steps < 1`` or
-            ``prefill_repeats < 1``.
+        ValueError: for an unknown method, a label named twice, a length below 1 or above the ``prompt``'s,
+            ``steps < 1`` or ``prefill_repeats < 1``.
         FileNotFoundError: for a ``label=config.yaml`` method whose file does not exist.
     """
     if steps < 1:
@@ -277,14 +303,16 @@ def run_bench(
         raise ValueError(f"`prefill_repeats` must be >= 1 but got {prefill_repeats}")
     if any(length < 1 for length in lengths):
         raise ValueError(f"context lengths must be >= 1 but got {lengths}")
+    if prompt is not None and max(lengths) > prompt.shape[-1]:
+        raise ValueError(f"the prompt holds {prompt.shape[-1]} tokens, fewer than the longest length {max(lengths)}")
     methods = check_methods(methods)
     report = on_progress or (lambda label: None)
     rows: list[BenchRow] = []
     for length in lengths:
-        prompt = _prompt(model, length, seed)
-        prefilled = _prefill_rounds(model, prompt, methods, config, prefill_repeats, report)
+        ids = _prompt(model, length, seed) if prompt is None else prompt[:, :length]
+        prefilled = _prefill_rounds(model, ids, methods, config, prefill_repeats, report)
         kv = {method: cache_bytes(cache) for method, cache in prefilled.caches.items()}
-        token = torch.tensor([[int(prompt[0, -1])]])
+        token = torch.tensor([[int(ids[0, -1])]])
         times = _decode_rounds(model, methods, prefilled.caches, token, steps, report, f"{length} tokens")
         kv_decoded = {method: cache_bytes(cache) for method, cache in prefilled.caches.items()}
         rows += _rows(length, methods, prefilled, times, kv, kv_decoded)
@@ -397,6 +425,7 @@ def _rows(
                 peak_rss_mb=prefilled.peaks[method][0],
                 peak_delta_mb=prefilled.peaks[method][1],
                 prefill_runs=prefilled.runs[method],
+                widened_share=_selective_share(prefilled.caches[method]),
             )
         )
     return rows
@@ -413,14 +442,15 @@ def write_report(rows: list[BenchRow], out_dir: str | Path, command: str) -> Pat
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     lines = [
         "| context | method | decode ms/step | vs dense | prefill s (median, range) | vs dense | KV MiB after prefill "
-        "| KV MiB after decode | prefill peak RSS MiB | peak above start MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| KV MiB after decode | prefill peak RSS MiB | peak above start MiB | widened steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        widened = "-" if r.widened_share is None else f"{100 * r.widened_share:.0f}%"
         lines.append(
             f"| {r.context} | {r.method} | {r.decode_ms:.1f} | {r.decode_vs_dense:.2f}x | {_prefill_cell(r)} | "
             f"{r.prefill_vs_dense:.2f}x | {r.kv_bytes / 2**20:.1f} | {r.kv_bytes_decoded / 2**20:.1f} | "
-            f"{r.peak_rss_mb:.0f} | {r.peak_delta_mb:.0f} |"
+            f"{r.peak_rss_mb:.0f} | {r.peak_delta_mb:.0f} | {widened} |"
         )
     lines += ["", f"Command: `{command}`", ""]
     path = out / "results.md"

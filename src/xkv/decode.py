@@ -477,8 +477,7 @@ def attend_selective(
     scaling: float,
     mask: torch.Tensor | None,
     shared: bool = False,
-    widen_below: float = 0.0,
-    widen: int = 1,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selective Reconstruction: attention over the top chunks (rebuilt), the exact chunks and the tail.
 
@@ -497,35 +496,30 @@ def attend_selective(
         shared: pick the chunks once for all KV heads of the layer (:func:`select_shared_chunks`): each picked
             row of ``U`` is gathered and unpacked once instead of once per head, and the keys are rebuilt in one
             product; each head attends the same number of chunks. ``False``: each head picks its own.
-        widen_below: where the landmarks of the budget's chunks hold less than this share of some query row's
-            landmark mass, the call rebuilds ``widen`` times the budget (:func:`widened_count`); 0 never widens.
-        widen: the budget's multiple on a widened call.
+        probs: the landmark softmax :func:`landmark_probs` ``(b, H, M, C)`` if the caller has it (it chose the
+            budget from it, :func:`widened_count`); computed here otherwise.
 
     Returns:
         ``(b, H, M, hd)``.
     """
     heads = grouped_query.shape[1]
     # Shared picks may take chunks some heads keep exact (hidden from those heads).
-    free = index.num_chunks - (0 if shared else index.exact_chunks.shape[-1])
-    ranked = landmark_probs(grouped_query, index, scaling) if min(budget_chunks, free) > 0 else None
-    if ranked is not None:
-        budget_chunks = widened_count(ranked, min(budget_chunks, index.num_chunks), widen_below, widen)
-    count = min(budget_chunks, free)
+    count = min(budget_chunks, index.num_chunks - (0 if shared else index.exact_chunks.shape[-1]))
     blocks_k, blocks_v = [index.exact_keys, tail_keys], [index.exact_values, tail_values]
     scores = [torch.matmul(grouped_query, k.transpose(-1, -2)) * scaling for k in blocks_k]
     if mask is not None:
         scores[-1] = scores[-1] + mask
     if count > 0:
-        assert ranked is not None
+        ranked = landmark_probs(grouped_query, index, scaling) if probs is None else probs
         chunks, chunk_scores = _rebuild_chunks(
             grouped_query, index, key_factors, slot, angles, count, scaling, shared, ranked
         )
         scores.insert(0, chunk_scores)
-    probs = softmax_blocks(scores)
-    out = torch.matmul(probs[-2].to(blocks_v[0].dtype), blocks_v[0])
-    out = out + torch.matmul(probs[-1].to(blocks_v[1].dtype), blocks_v[1])
+    weights = softmax_blocks(scores)
+    out = torch.matmul(weights[-2].to(blocks_v[0].dtype), blocks_v[0])
+    out = out + torch.matmul(weights[-1].to(blocks_v[1].dtype), blocks_v[1])
     if count > 0:
         basis_v = value_factors.chunk_rows(chunks, index.chunk_size)  # (b, H or 1, n, r_v)
-        mixed = torch.matmul(probs[0].to(basis_v.dtype), basis_v)  # (b, H, M, r_v)
+        mixed = torch.matmul(weights[0].to(basis_v.dtype), basis_v)  # (b, H, M, r_v)
         out = out + torch.matmul(mixed, per_head(value_factors.matrix(slot), heads))
     return out

@@ -31,7 +31,7 @@ from xkv.cache.base import (
     XKVLayer,
     check_finite,
 )
-from xkv.cache.runtime import FAST_PATH_MAX_QUERIES, DecodeRuntime, Workspace
+from xkv.cache.runtime import FAST_PATH_MAX_QUERIES, DecodeRuntime, SelectiveCounts, Workspace
 from xkv.cache.store import XKVGroupStore, effective_config, groups_for
 from xkv.cache.xkv import XKVCache
 
@@ -42,6 +42,7 @@ __all__ = [
     "DecodeRuntime",
     "GroupedCache",
     "NonFiniteStatesError",
+    "SelectiveCounts",
     "Workspace",
     "XKVCache",
     "XKVGroupStore",

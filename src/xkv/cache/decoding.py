@@ -28,9 +28,11 @@ from xkv.decode import (
     attend_selective,
     check_prefix_visible,
     group_queries,
+    landmark_probs,
     prefix_mask,
     tail_mask,
     ungroup_output,
+    widened_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -147,13 +149,16 @@ class Selective(FastPath):
         check_prefix_visible(request.attention_mask, tokens)
         table = group.runtime.table
         angles = table.joint_table(tokens, request.grouped.device) if table is not None else None
-        index = group.selective[slot]
+        index, config = group.selective[slot], group.config
         assert group.keys.factors is not None and group.values.factors is not None
+        budget = min(config.budget_chunks(tokens, index.chunk_size), index.num_chunks)
+        probs = landmark_probs(request.grouped, index, request.scaling)
+        widened = widened_count(probs, budget, config.sr_widen_below, config.sr_widen)
+        group.runtime.counts.add(widened > budget)
         return attend_selective(
-            request.grouped, index, group.keys.factors, group.values.factors, slot, angles,
-            group.config.budget_chunks(tokens, index.chunk_size), request.tail_keys, request.tail_values,
-            request.scaling, request.mask, shared=group.config.sr_select == "shared",
-            widen_below=group.config.sr_widen_below, widen=group.config.sr_widen,
+            request.grouped, index, group.keys.factors, group.values.factors, slot, angles, widened,
+            request.tail_keys, request.tail_values, request.scaling, request.mask, shared=config.sr_select == "shared",
+            probs=probs,
         )  # fmt: skip
 
 

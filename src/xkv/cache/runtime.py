@@ -75,6 +75,29 @@ class Workspace:
 
 
 @dataclass
+class SelectiveCounts:
+    """Layer steps Selective Reconstruction served, and how many rebuilt a widened budget (``sr_widen_below``).
+
+    Attributes:
+        steps: calls of the selective path (one per layer and decode step it served).
+        widened: those that rebuilt ``sr_widen`` times the budget.
+    """
+
+    steps: int = 0
+    widened: int = 0
+
+    def add(self, widened: bool) -> None:
+        """Count one layer step."""
+        self.steps += 1
+        self.widened += int(widened)
+
+    @property
+    def widened_share(self) -> float:
+        """``widened / steps`` (0 before any step)."""
+        return self.widened / self.steps if self.steps else 0.0
+
+
+@dataclass
 class DecodeRuntime:
     """What the groups of one cache share at decode.
 
@@ -83,6 +106,7 @@ class DecodeRuntime:
             paths can see the query; if ``False`` every layer uses the rebuild path.
         table: RoPE angles of the prefix positions (``None`` for a model without RoPE).
         workspace: the rebuild path's buffers.
+        counts: the selective path's layer steps, and how many of them widened their budget.
         pads: ``(batch,)`` left-padding tokens per sequence of a padded batch, else ``None``: sequence ``b``'s token
             at index ``i`` sits at RoPE position ``i - pads[b]``, and its first ``pads[b]`` rows are zero in the
             factors (padding never enters a basis).
@@ -91,6 +115,7 @@ class DecodeRuntime:
     fast: bool
     table: PrefixAngles | None
     workspace: Workspace = field(default_factory=Workspace)
+    counts: SelectiveCounts = field(default_factory=SelectiveCounts)
     pads: torch.Tensor | None = None
     # The prefix's per-sequence cos/sin for ``pads``, built at the first decode step, not at every one:
     # (pads it was built for, tokens, cos, sin). Counted with the RoPE table.

@@ -36,7 +36,7 @@ from xkv.adapters import describe_model, layer_devices
 from xkv.budget import full_rank
 from xkv.cache import io
 from xkv.cache.base import CompressedLayer, GroupedCache, held_states
-from xkv.cache.runtime import DecodeRuntime
+from xkv.cache.runtime import DecodeRuntime, SelectiveCounts
 from xkv.cache.store import XKVGroupStore, effective_config, groups_for
 from xkv.compat import UpdateInputs
 from xkv.config import XKVConfig
@@ -323,6 +323,12 @@ class XKVCache(GroupedCache):
         if self.runtime.table is not None:
             self.runtime.table.reset()
         self.runtime.workspace.reset()
+        self.runtime.counts = SelectiveCounts()
+
+    @property
+    def selective_counts(self) -> SelectiveCounts:
+        """Layer steps the selective decode path served since the prefill, and how many widened their budget."""
+        return self.runtime.counts
 
     @property
     def group_stores(self) -> list[XKVGroupStore]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from xkv.cli.common import check_model, check_output_folder, load_config, quiet_library_output, thread_count
 
@@ -12,7 +13,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     bench = commands.add_parser(
         "bench",
         help="decode speed, prefill time, KV bytes and peak memory of every cache, side by side",
-        description="Prefill one random-token prompt per length with every method, interleave their decode steps, "
+        description="Prefill one random-token prompt (or the first tokens of --text) per length with every method, "
+        "interleave their decode steps, "
         "and write results.json, results.md and decode_ms.png to --out.",
     )
     bench.add_argument("--model", default="smollm2-135m", help="embedded model name, hub id or local path")
@@ -29,6 +31,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     bench.add_argument("--steps", type=int, default=20, help="decode steps timed per method (median reported)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    bench.add_argument(
+        "--text",
+        help="a text file whose first tokens are each length's prompt, instead of random tokens (attention over "
+        "real text differs; it sets how often Selective Reconstruction widens its budget); not with --memory",
+    )
     bench.add_argument(
         "--prefill-repeats", type=int, default=3,
         help="prefills per method and length, interleaved in rounds (median reported; not with --memory, which "
@@ -51,7 +58,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from xkv.bench import check_methods, run_bench, run_peak_bench, write_peak_report, write_report
+    from xkv.bench import (
+        check_methods,
+        run_bench,
+        run_peak_bench,
+        text_prompt,
+        write_peak_report,
+        write_report,
+    )
     from xkv.evaluation.runner import parse_lengths
     from xkv.models import load
 
@@ -63,6 +77,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prefill_repeats < 1:
         raise ValueError(f"--prefill-repeats must be >= 1 but got {args.prefill_repeats}")
     config = load_config(args.config)
+    if args.text is not None and args.memory:
+        raise ValueError("--text applies to the timed bench, not to --memory (its prompts are random tokens)")
+    if args.text is not None and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text: no file at {args.text!r}")
     check_model(args.model)
     if args.out:
         check_output_folder(args.out, "--out")
@@ -81,14 +99,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         console.print(f"wrote results.json, results.md and peak_mb.png in {out}")
         return 0
     quiet_library_output(args.threads)
-    model, _ = load(args.model)
+    model, tokenizer = load(args.model)
+    prompt = text_prompt(tokenizer, args.text, max(lengths)) if args.text is not None else None
     per_length = len(methods) * args.prefill_repeats + args.steps + 2
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         bar = progress.add_task("bench", total=per_length * len(lengths))
         rows = run_bench(
             model, lengths, methods, steps=args.steps, seed=args.seed, config=config,
             on_progress=lambda label: progress.update(bar, advance=1, description=label),
-            prefill_repeats=args.prefill_repeats,
+            prefill_repeats=args.prefill_repeats, prompt=prompt,
         )  # fmt: skip
     out = args.out or "benchmarks/decode"
     path = write_report(rows, out, args.command_line)
